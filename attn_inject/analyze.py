@@ -1,0 +1,321 @@
+"""One example forward that traces every module on the way and records what matching needs.
+
+Each module met during the forward is traced on its own (children as leaves) and its graph is
+run by an fx Interpreter with the real arguments it was called with; a child call recurses into
+the child. That gives, for every node, the shape and dtype it produced, and for every module the
+convs and norms on its main path (what its parent sees through it). A module whose forward cannot
+be traced runs eagerly while its children's calls are recorded, so they are analysed anyway.
+
+Nothing here changes the model: tracing works on detached copies, and the model runs in eval
+mode under no_grad (the caller sets and restores the mode).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+from .ops import LearnedOp, function_op, is_primitive, is_scaling, module_kind, module_op
+from .patched import patched_forward
+from .trace import TraceFailure, trace_module
+
+
+@dataclass(eq=False)
+class ModuleRecord:
+    """One module as called with one pattern of None arguments."""
+
+    path: str
+    module: nn.Module
+    method: str
+    fixed: frozenset  # (name, value) arguments baked into the graph: the Nones, and scalars if needed
+    graph: fx.Graph | None = None  # eval-mode graph; nodes carry meta "shape", "dtype", "device", "ops"
+    train_graph: fx.Graph | None = None  # set only when the train-mode trace differs
+    train_reason: str | None = None  # why the train-mode trace failed
+    reason: str | None = None  # why the module could not be traced
+    constants: dict = field(default_factory=dict)  # tensors fx stowed as attributes during tracing
+    ops: tuple[LearnedOp, ...] = ()  # learned ops on its main path, gates excluded
+    bits: GraphBits | None = None
+
+    @property
+    def traced(self) -> bool:
+        return self.graph is not None
+
+
+@dataclass
+class Analysis:
+    model: nn.Module
+    records: list[ModuleRecord] = field(default_factory=list)
+
+    def traced(self) -> list[ModuleRecord]:
+        return [r for r in self.records if r.traced]
+
+    def untraced(self) -> list[ModuleRecord]:
+        return [r for r in self.records if not r.traced]
+
+
+_SCALARS = (int, float, bool, str)
+
+
+def root_method(model: nn.Module) -> str:
+    """The method analysed and patched on the top-level model: timm's forward_features if present.
+
+    timm's forward() calls self.forward_features(), so patching that keeps both entry points
+    consistent; for other models it is forward().
+    """
+    return "forward_features" if callable(getattr(type(model), "forward_features", None)) else "forward"
+
+
+def analyze(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Analysis:
+    """Run the example forward through the model, tracing and recording as it goes."""
+    analysis = Analysis(model)
+    with torch.no_grad():
+        _Analyzer(analysis).run(model, "", args, kwargs or {}, root_method(model))
+    return analysis
+
+
+def call_method(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Any:
+    return module(*args, **kwargs) if method == "forward" else getattr(module, method)(*args, **kwargs)
+
+
+def forward_signature(module: nn.Module, method: str) -> inspect.Signature:
+    installed = patched_forward(module, method)
+    if installed is not None:
+        return installed.__signature__
+    params = list(inspect.signature(getattr(type(module), method)).parameters.values())[1:]
+    return inspect.Signature(params)
+
+
+class _Analyzer:
+    def __init__(self, analysis: Analysis):
+        self.analysis = analysis
+        self.seen: dict[tuple, ModuleRecord] = {}
+
+    def run(self, module: nn.Module, path: str, args: tuple, kwargs: dict, method: str = "forward") -> Any:
+        out, _ = self.run_recorded(module, path, args, kwargs, method)
+        return out
+
+    def run_recorded(self, module, path, args, kwargs, method="forward") -> tuple[Any, ModuleRecord | None]:
+        if is_primitive(module):
+            return call_method(module, method, args, kwargs), None
+        try:
+            bound = forward_signature(module, method).bind(*args, **kwargs)
+        except TypeError:
+            return call_method(module, method, args, kwargs), None
+        bound.apply_defaults()
+        nones = frozenset((k, None) for k, v in bound.arguments.items() if v is None)
+        key = (id(module), method, nones)
+        if key in self.seen:
+            return call_method(module, method, args, kwargs), self.seen[key]
+        record = self.seen[key] = ModuleRecord(path, module, method, nones)
+        self.analysis.records.append(record)
+        try:
+            graph = self._trace(record, bound)
+        except TraceFailure as exc:
+            record.reason = str(exc)
+            return self._run_opaque(record, args, kwargs), record
+        self._trace_train_mode(record, graph)
+        record.graph = graph
+        out = _RecordingInterpreter(self, record).run(*_placeholder_values(graph, bound))
+        record.bits = GraphBits(graph)
+        record.ops = record.bits.main_path_ops()
+        return out, record
+
+    def _trace(self, record: ModuleRecord, bound: inspect.BoundArguments) -> fx.Graph:
+        """Trace with the None arguments fixed; failing that, with the scalar arguments fixed too."""
+        try:
+            graph, record.constants = trace_module(record.module, record.method, record.fixed, training=False)
+            return graph
+        except TraceFailure:
+            scalars = frozenset((k, v) for k, v in bound.arguments.items() if type(v) in _SCALARS)
+            if not scalars - record.fixed:
+                raise
+            graph, record.constants = trace_module(record.module, record.method, record.fixed | scalars, training=False)
+            record.fixed = record.fixed | scalars
+            return graph
+
+    def _trace_train_mode(self, record: ModuleRecord, eval_graph: fx.Graph) -> None:
+        try:
+            train_graph, constants = trace_module(record.module, record.method, record.fixed, training=True)
+        except TraceFailure as exc:
+            record.train_reason = str(exc)
+            return
+        if train_graph.python_code("self").src != eval_graph.python_code("self").src:
+            for node in train_graph.find_nodes(op="get_attr"):
+                if node.target in constants:  # keep apart from the eval graph's constants
+                    record.constants[f"{node.target}_train"] = constants[node.target]
+                    node.target = f"{node.target}_train"
+            record.train_graph = train_graph
+
+    def _run_opaque(self, record: ModuleRecord, args: tuple, kwargs: dict) -> Any:
+        """Run an untraceable module eagerly, then analyse the child calls it made."""
+        calls: list[tuple[str, nn.Module, tuple, dict]] = []
+        handles = [
+            sub.register_forward_pre_hook(
+                lambda m, a, k, _p=sub_path: calls.append((_p, m, a, k)), with_kwargs=True
+            )
+            for sub_path, sub in record.module.named_modules()
+            if sub is not record.module and not is_primitive(sub)
+        ]
+        try:
+            out = call_method(record.module, record.method, args, kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for sub_path, sub, sub_args, sub_kwargs in calls:
+            self.run(sub, _join(record.path, sub_path), sub_args, sub_kwargs)
+        record.ops = tuple(
+            op for sub_path, sub in record.module.named_modules()
+            if (op := module_op(sub, _join(record.path, sub_path), None)) is not None
+        )  # fmt: skip
+        return out
+
+
+def _placeholder_values(graph: fx.Graph, bound: inspect.BoundArguments) -> list[Any]:
+    values: list[Any] = []
+    params = bound.signature.parameters
+    for node in graph.find_nodes(op="placeholder"):
+        name = node.target.lstrip("*")
+        param = params.get(name)
+        if param is None or param.kind is param.VAR_KEYWORD:
+            continue
+        value = bound.arguments.get(name, ())
+        values.extend(value) if param.kind is param.VAR_POSITIONAL else values.append(value)
+    return values
+
+
+class _RecordingInterpreter(fx.Interpreter):
+    def __init__(self, analyzer: _Analyzer, record: ModuleRecord):
+        super().__init__(record.module, garbage_collect_values=True, graph=record.graph)
+        self.analyzer = analyzer
+        self.record = record
+        self.child_record: ModuleRecord | None = None
+
+    def call_module(self, target, args, kwargs):
+        child = self.fetch_attr(target)
+        args, kwargs = _mutable(args), _mutable(kwargs)  # children may update list arguments in place
+        out, self.child_record = self.analyzer.run_recorded(child, _join(self.record.path, target), args, kwargs)
+        return out
+
+    def fetch_attr(self, target: str) -> Any:
+        if target in self.record.constants:
+            return self.record.constants[target]
+        return super().fetch_attr(target)
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.child_record = None
+        result = super().run_node(n)
+        tensor = result if isinstance(result, torch.Tensor) else None
+        n.meta["shape"] = tuple(tensor.shape) if tensor is not None else None
+        n.meta["dtype"] = tensor.dtype if tensor is not None else None
+        n.meta["device"] = tensor.device if tensor is not None else None
+        n.meta["ops"] = self._ops_of(n)
+        return result
+
+    def _ops_of(self, n: fx.Node) -> tuple[LearnedOp, ...]:
+        if n.op == "call_module":
+            child = self.fetch_attr(n.target)
+            if module_kind(child) in ("conv", "norm"):
+                return (module_op(child, _join(self.record.path, n.target), n.meta["shape"]),)
+            return self.child_record.ops if self.child_record is not None else ()
+        op = function_op(n, self.record.path, n.meta["shape"], _arg_shape(self))
+        return (op,) if op is not None else ()
+
+
+def _mutable(value: Any) -> Any:
+    """fx hands node arguments over as immutable lists/dicts; give the child plain ones."""
+    if isinstance(value, immutable_list) or type(value) is list:
+        return [_mutable(v) for v in value]
+    if isinstance(value, immutable_dict) or type(value) is dict:
+        return {k: _mutable(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
+def _arg_shape(interp: fx.Interpreter):
+    def shape(arg: Any) -> tuple[int, ...] | None:
+        if isinstance(arg, fx.Node):
+            if arg.op == "get_attr":
+                value = interp.fetch_attr(arg.target)
+                return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            return arg.meta.get("shape")
+        return None
+
+    return shape
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class GraphBits:
+    """Ancestor sets of a graph's nodes as int bitsets, for fast region arithmetic."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.nodes = list(graph.nodes)
+        self.index = {node: i for i, node in enumerate(self.nodes)}
+        self.anc: dict[fx.Node, int] = {}
+        for node in self.nodes:
+            bits = 0
+            for parent in node.all_input_nodes:
+                bits |= self.anc[parent] | (1 << self.index[parent])
+            self.anc[node] = bits
+        self.gates = self._gate_bits()
+        self.inputs = sum(1 << self.index[n] for n in graph.find_nodes(op="placeholder") if n.meta.get("shape"))
+
+    def upto(self, node: fx.Node) -> int:
+        """The node and all its ancestors."""
+        return self.anc[node] | (1 << self.index[node])
+
+    def nodes_in(self, bits: int) -> list[fx.Node]:
+        return [n for i, n in enumerate(self.nodes) if bits >> i & 1]
+
+    def ops_in(self, bits: int) -> tuple[LearnedOp, ...]:
+        """Learned ops of the nodes in a region, in graph order, gate paths excluded."""
+        return tuple(op for n in self.nodes_in(bits & ~self.gates) for op in n.meta.get("ops", ()))
+
+    def main_path_ops(self) -> tuple[LearnedOp, ...]:
+        """Ops on paths from a tensor input to the output."""
+        from_input = self.inputs
+        for i, node in enumerate(self.nodes):
+            if self.anc[node] & from_input:
+                from_input |= 1 << i
+        output = self.nodes[-1]
+        return self.ops_in(from_input & self.anc[output])
+
+    def _gate_bits(self) -> int:
+        """Nodes that only compute a broadcast multiplier (SE/ECA-style gates, spatial attention)."""
+        gates = 0
+        for node in self.nodes:
+            if not is_scaling(node) or len(node.args) < 2:
+                continue
+            a, b = node.args[0], node.args[1]
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                continue
+            size_a, size_b = _numel(_unexpanded_shape(a)), _numel(_unexpanded_shape(b))
+            if size_a is None or size_b is None or size_a == size_b:
+                continue
+            small, big = (a, b) if size_a < size_b else (b, a)
+            gates |= self.upto(small) & ~self.upto(big)
+        return gates
+
+
+def _unexpanded_shape(node: fx.Node) -> tuple[int, ...] | None:
+    while node.op == "call_method" and node.target in ("expand", "expand_as") and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node.meta.get("shape")
+
+
+def _numel(shape: tuple[int, ...] | None) -> int | None:
+    if shape is None:
+        return None
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,86 @@
+"""Reading weights safely, and fitting a state_dict from another implementation by order and shape.
+
+A checkpoint is read with timm's ``load_state_dict`` (``torch.load(weights_only=True)`` for
+.pth/.pt/.bin, safetensors for .safetensors; it unwraps ``state_dict``/``model``/``state_dict_ema``
+and strips ``module.``/``_orig_mod.`` prefixes), so no pickled code is ever run.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from timm.models import load_state_dict, remap_state_dict
+from torch import nn
+
+from .errors import AttnInjectError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file; anything else (code, a whole pickled model) is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise AttnInjectError("no such checkpoint file", where=str(path), hint="Check the path.")
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise AttnInjectError(
+            f"unsupported checkpoint type {path.suffix or '(no suffix)'}",
+            where=str(path), hint=f"Use one of: {', '.join(WEIGHT_SUFFIXES)}.",
+        )  # fmt: skip
+    try:
+        state = load_state_dict(str(path), use_ema=True, weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: torch, zipfile and safetensors raise many kinds
+        text = str(exc)
+        globals_named = re.search(r"Unsupported globals?: ?([^\s.]+(?:\.[^\s.]+)*)", text, re.IGNORECASE)
+        if globals_named:
+            raise AttnInjectError(
+                f"the checkpoint holds pickled code or objects ({globals_named.group(1)}), which are never unpickled",
+                where=str(path), hint="Save model.state_dict() (tensors only) and pass that file.",
+            ) from None  # fmt: skip
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
+            raise AttnInjectError("not a valid checkpoint: torch.load cannot parse it", where=str(path)) from None
+        first_line = text.splitlines()[0] if text else ""
+        raise AttnInjectError(f"cannot read checkpoint: {type(exc).__name__}: {first_line}", where=str(path)) from None
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise AttnInjectError("the checkpoint holds no tensors", where=str(path))
+    return tensors
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """``state`` keyed for ``model``; True in the result when keys were mapped by order and shape.
+
+    Keys that already match (every key and shape) are used as they are. Otherwise, when both hold
+    the same number of tensors and every shape agrees in order (weights of another implementation
+    of the same architecture), keys are mapped by position with timm's ``remap_state_dict``.
+    """
+    target = model.state_dict()
+    if set(state) == set(target) and all(state[k].shape == target[k].shape for k in target):
+        return state, False
+    problem = _first_mismatch(target, state)
+    if problem is None and source.endswith(".safetensors"):
+        problem = "the keys differ and a .safetensors file does not keep the tensors' original order"
+    if problem is not None:
+        raise AttnInjectError(
+            f"the checkpoint does not fit {type(model).__name__}: {problem}",
+            where=source, hint="Check --arch (and --num-classes if the head differs).",
+        )  # fmt: skip
+    log.warning("%s: keys differ from %s; mapped all %d tensors by order and shape", source, type(model).__name__, len(state))
+    return remap_state_dict(state, model, allow_reshape=False), True
+
+
+def _first_mismatch(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` cannot be mapped onto ``target`` by position, or None if it can."""
+    if len(state) != len(target):
+        missing = [k for k in target if k not in state][:3]
+        return f"{len(state)} tensors for {len(target)} (missing e.g. {missing})"
+    for (key, want), (theirs, got) in zip(target.items(), state.items()):
+        if want.shape != got.shape:
+            return f"{theirs} has shape {list(got.shape)} where {key} needs {list(want.shape)}"
+    return None

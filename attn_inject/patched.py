@@ -1,0 +1,122 @@
+"""The forward of a patched module: an edited fx graph run with the module itself as ``self``.
+
+Splicing never swaps a module for a GraphModule. The edited graph's Python code is compiled into
+a plain function and stored on the same module object as the instance attribute ``forward``
+(``forward_features`` for a timm model's own features), so the module keeps its class, attributes,
+methods and state_dict keys, and there are no hooks. The object below is that attribute: it
+survives ``copy.deepcopy`` and pickling (it is rebuilt from its source, as fx's GraphModule is),
+``torch.compile``, ``torch.export`` and ``torch.jit.trace`` (they see ordinary Python).
+
+A module traced with some arguments fixed to ``None`` (DLA passes ``shortcut=None`` on some
+calls) or whose forward differs between train and eval keeps one compiled graph per case and
+picks by the call; a call it was never traced for falls back to the forward it replaced.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from torch import fx, nn
+from torch.fx.graph_module import _format_import_block, _forward_from_src
+from torch.package import sys_importer
+
+# A traced case: the arguments fixed at trace time, as (name, value) pairs, and the training flag
+# the graph is for (None: the same graph serves both modes).
+Variant = tuple[frozenset, "bool | None"]
+
+
+class GraphCode:
+    """Python source of one fx graph, compiled to ``forward(self, ...)``; picklable by source."""
+
+    def __init__(self, src: str, globals_: dict[str, Any]):
+        self.src = src
+        self.globals = globals_
+        self.fn: Callable[..., Any] = _forward_from_src(src, globals_)
+
+    @classmethod
+    def from_graph(cls, graph: fx.Graph) -> GraphCode:
+        code = graph.python_code(root_module="self")
+        return cls(code.src, code.globals)
+
+    def __reduce__(self):
+        return (_graph_code_from_imports, (self.src, _format_import_block(self.globals, sys_importer)))
+
+
+def _graph_code_from_imports(src: str, import_block: str) -> GraphCode:
+    globals_: dict[str, Any] = {}
+    exec(import_block, globals_)
+    return GraphCode(src, globals_)
+
+
+class PatchedForward:
+    """Callable stored as ``module.<method>``: runs the edited graph for this call's variant."""
+
+    def __init__(self, module: nn.Module, method: str, variants: dict[Variant, GraphCode], previous: Any = None):
+        self.module = module
+        self.method = method
+        self.variants = variants
+        self.previous = previous  # the instance attribute this replaced, or None for the class method
+        first = next(iter(variants.values()))
+        params = list(inspect.signature(first.fn).parameters.values())[1:]
+        self.__signature__ = inspect.Signature(params)
+        fixed = {name for items, _ in variants for name, _ in items}
+        # Arguments a variant fixes, or that may be None: read from each call to pick the variant.
+        self._slots = [
+            (p.name, i if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) else None, p.default)
+            for i, p in enumerate(params)
+            if p.name in fixed or (p.default is None and p.kind is not p.VAR_KEYWORD)
+        ]
+        by_mode = any(mode is not None for _, mode in variants)
+        self._single = first.fn if len(variants) == 1 and not self._slots and not by_mode else None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._single is not None:
+            return self._single(self.module, *args, **kwargs)
+        code = self.code_for_call(args, kwargs)
+        if code is None:
+            return self.call_previous(*args, **kwargs)
+        return code.fn(self.module, *args, **kwargs)
+
+    def code_for_call(self, args: tuple, kwargs: dict) -> GraphCode | None:
+        """The graph traced for this call's fixed arguments and mode, if there is one."""
+        values = {
+            name: args[index] if index is not None and index < len(args) else kwargs.get(name, default)
+            for name, index, default in self._slots
+        }
+        for (items, mode), code in self.variants.items():
+            if mode is not None and mode != self.module.training:
+                continue
+            fixed = dict(items)
+            if all(_same(values[name], value) for name, value in items) and all(
+                values[name] is not None for name in values if name not in fixed
+            ):
+                return code
+        return None
+
+    def call_previous(self, *args: Any, **kwargs: Any) -> Any:
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return getattr(type(self.module), self.method)(self.module, *args, **kwargs)
+
+    def code_for(self, fixed: frozenset, training: bool) -> GraphCode | None:
+        """The graph traced for exactly these fixed arguments, in this mode."""
+        return self.variants.get((fixed, training)) or self.variants.get((fixed, None))
+
+    def __reduce__(self):
+        return (PatchedForward, (self.module, self.method, self.variants, self.previous))
+
+    def __repr__(self) -> str:
+        return f"<attn_inject patched {type(self.module).__name__}.{self.method}: {len(self.variants)} graph(s)>"
+
+
+def _same(value: Any, fixed: Any) -> bool:
+    if fixed is None:
+        return value is None
+    return type(value) is type(fixed) and value == fixed
+
+
+def patched_forward(module: nn.Module, method: str) -> PatchedForward | None:
+    """The PatchedForward installed on ``module.<method>``, if any."""
+    value = module.__dict__.get(method)
+    return value if isinstance(value, PatchedForward) else None

@@ -1,0 +1,227 @@
+"""The plan: frozen records of every splice, built and checked before anything is changed.
+
+A Site says where one block goes (module, rule, position, channels), what it is called and how
+many parameters it adds. Candidates claimed by an earlier rule in ``after=`` are not claimed again
+at the same place. Every check that can fail (names, options, train-mode graphs) runs here.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterator
+
+import torch
+
+from .analyze import Analysis, ModuleRecord
+from .blocks import get_block
+from .errors import AttnInjectError
+from .match import Candidate, Miss, find_candidates, rule_matches
+from .rules import Rule, glob_selects, list_rules
+
+
+@dataclass(frozen=True)
+class Site:
+    """One block to splice in."""
+
+    path: str  # the block (residual) or conv (unit) it belongs to; "" is the model itself
+    rule: str
+    position: str  # branch_end | block_output | unit_output
+    owner: str  # module whose forward is edited
+    name: str  # the new submodule's name inside ``owner``
+    channels: int
+    shape: tuple[int, ...]  # the feature map at the site, for the example input
+    params: int
+    anchor: str  # graph node whose value the block takes (in the eval-mode graph)
+    consumer: str | None  # branch_end: the add that takes the block's output; else every user
+    consumer_arg: int | None = None  # branch_end: which argument of the add is the branch
+
+    @property
+    def module_name(self) -> str:
+        """Qualified name of the new submodule (the prefix of its state_dict keys)."""
+        return f"{self.owner}.{self.name}" if self.owner else self.name
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path or '<model>'}: {self.rule} at {self.position}, {self.channels} channels, "
+            f"+{self.params} params as {self.module_name}"
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``inject`` would do; iterate it for the sites."""
+
+    model_class: str
+    block: str
+    options: tuple[tuple[str, Any], ...]
+    rules: tuple[Rule, ...]
+    sites: tuple[Site, ...]
+    params_before: int
+    misses: tuple[Miss, ...] = ()
+    untraced: tuple[tuple[str, str], ...] = ()  # (module path, reason) of modules fx could not trace
+    analysis: Analysis | None = field(default=None, repr=False, compare=False)
+    site_records: tuple[tuple[Site, tuple[ModuleRecord, ...]], ...] = field(default=(), repr=False, compare=False)
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.sites)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    @property
+    def params_added(self) -> int:
+        return sum(s.params for s in self.sites)
+
+    @property
+    def params_after(self) -> int:
+        return self.params_before + self.params_added
+
+    @property
+    def percent_added(self) -> float:
+        return 100.0 * self.params_added / self.params_before if self.params_before else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Totals and sites as plain data (what ``--json`` prints)."""
+        return {
+            "model": self.model_class,
+            "block": self.block,
+            "options": dict(self.options),
+            "rules": [r.name for r in self.rules],
+            "sites": [
+                {"path": s.path, "rule": s.rule, "position": s.position, "channels": s.channels,
+                 "params": s.params, "module": s.module_name}
+                for s in self.sites
+            ],
+            "params_before": self.params_before,
+            "params_added": self.params_added,
+            "params_after": self.params_after,
+            "percent_added": round(self.percent_added, 4),
+            "untraced": [{"path": p, "reason": r} for p, r in self.untraced],
+        }  # fmt: skip
+
+
+def build_plan(analysis: Analysis, block: str, options: dict[str, Any], rules: list[Rule],
+               include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Plan:  # fmt: skip
+    """Match ``rules`` on an analysed model and lay out the sites; raises if nothing matches."""
+    candidates, misses = find_candidates(analysis)
+    params_of = _param_counter(block, tuple(sorted(options.items())))
+    claimed: dict[tuple, Site] = {}
+    records_of: dict[tuple, list[ModuleRecord]] = {}
+    names = _Names(block)
+    for rule in rules:
+        for cand in candidates:
+            if not rule_matches(rule, cand) or not glob_selects(cand.path, include, exclude):
+                continue
+            anchor, consumer, consumer_arg = _anchor(rule.insert, cand)
+            key = (id(cand.record.module), rule.insert, anchor)
+            if key in claimed:
+                if cand.record not in records_of[key] and claimed[key].rule == rule.name:
+                    records_of[key].append(cand.record)  # the same place, reached with other arguments
+                continue
+            problem = _train_mode_problem(cand.record, anchor, consumer, consumer_arg)
+            if problem:
+                misses.append(Miss(cand.path or "<model>", problem))
+                continue
+            name = names.claim(cand.record, rule.insert, cand)
+            claimed[key] = Site(cand.path, rule.name, rule.insert, cand.record.path, name, cand.channels,
+                                cand.shape, params_of(cand.channels), anchor, consumer, consumer_arg)  # fmt: skip
+            records_of[key] = [cand.record]
+    sites = tuple(claimed.values())
+    plan = Plan(
+        type(analysis.model).__name__, block, tuple(sorted(options.items())), tuple(rules), sites,
+        sum(p.numel() for p in analysis.model.parameters()), tuple(misses),
+        tuple((r.path or "<model>", r.reason) for r in analysis.untraced()), analysis,
+        tuple((claimed[k], tuple(records_of[k])) for k in claimed),
+    )  # fmt: skip
+    if not sites:
+        raise AttnInjectError(_nothing_matched(plan, candidates, include, exclude))
+    return plan
+
+
+def _anchor(position: str, cand: Candidate) -> tuple[str, str | None, int | None]:
+    if position == "branch_end":
+        return cand.branch, cand.node, cand.branch_arg
+    if position == "block_output":
+        return cand.block_output, None, None
+    return cand.node, None, None
+
+
+def _train_mode_problem(record: ModuleRecord, anchor: str, consumer: str | None, consumer_arg: int | None) -> str | None:
+    """A site must be found in the train-mode graph too, when the forward differs between modes.
+
+    At a branch end the add must be there with the same shortcut (the branch may differ, e.g. a
+    dropout in train mode only); elsewhere the anchor must be there with the same inputs.
+    """
+    if record.train_reason:
+        return f"its forward traces in eval mode but not in train mode ({record.train_reason})"
+    if record.train_graph is None:
+        return None
+    eval_nodes = {n.name: n for n in record.graph.nodes}
+    train_nodes = {n.name: n for n in record.train_graph.nodes}
+    name = consumer or anchor
+    a, b = eval_nodes[name], train_nodes.get(name)
+    if b is None or (a.op, a.target, len(a.args)) != (b.op, b.target, len(b.args)):
+        return f"its forward differs between train and eval mode at {name}"
+    same_inputs = [str(x) == str(y) for x, y in zip(a.args, b.args)]
+    if consumer is not None:
+        del same_inputs[consumer_arg]  # the branch itself may differ between modes
+    if not all(same_inputs):
+        return f"its forward differs between train and eval mode at {name}"
+    return None
+
+
+class _Names:
+    """Stable, readable names for new submodules: eca, eca_out, conv1_eca; numbered on collision."""
+
+    def __init__(self, block: str):
+        self.block = block
+        self.taken: dict[int, set[str]] = {}
+
+    def claim(self, record: ModuleRecord, position: str, cand: Candidate) -> str:
+        owner = record.module
+        taken = self.taken.setdefault(id(owner), set())
+        base = "{block}"
+        if position == "block_output":
+            base = "{block}_out"
+        elif position == "unit_output":
+            local = cand.ops[0].path[len(record.path) + 1 if record.path else 0:]
+            base = local.replace(".", "_").replace(":", "") + "_{block}"
+        base = base.format(block=self.block)
+        name, i = base, 0
+        while name in taken or hasattr(owner, name):
+            i += 1
+            name = f"{base}_{i}"
+        taken.add(name)
+        return name
+
+
+@lru_cache(maxsize=64)
+def _param_counter(block: str, options: tuple):
+    cls = get_block(block)
+
+    @lru_cache(maxsize=None)
+    def params(channels: int) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in cls(channels, **dict(options)).parameters())
+
+    return params
+
+
+def _nothing_matched(plan: Plan, candidates: list[Candidate], include, exclude) -> str:
+    names = ", ".join(repr(r.name) for r in plan.rules)
+    found = Counter()
+    for rule in list_rules():
+        found[rule.name] = sum(rule_matches(rule, c) for c in candidates)
+    contains = ", ".join(f"{name} x{n}" for name, n in sorted(found.items()) if n) or "no residual blocks or conv units"
+    msg = f"rule {names} matched nothing in {plan.model_class}; the model contains: {contains}"
+    if include or exclude:
+        msg += f" (before include={list(include)} exclude={list(exclude)})"
+    if plan.misses:
+        first = plan.misses[0]
+        msg += f"; {len(plan.misses)} residual add(s) were not usable (e.g. {first.path}: {first.reason})"
+    if plan.untraced:
+        paths = ", ".join(p for p, _ in plan.untraced[:3])
+        msg += f"; {len(plan.untraced)} module(s) could not be traced ({paths}{', ...' if len(plan.untraced) > 3 else ''})"
+    return msg

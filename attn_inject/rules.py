@@ -1,0 +1,271 @@
+"""Rules: which patterns in a model get a block, and where the block goes.
+
+A rule is a small YAML document (see rules/*.yaml and the README):
+
+    name: bottleneck
+    description: ResNet bottleneck - 1x1 reduce, kxk, 1x1 expand on the residual branch
+    match:
+      kind: residual              # residual: the learned branch of a residual add
+      convs:                      # the branch's convolutions in order (omit: any branch)
+        - {kernel: 1}
+        - {kernel: any, depthwise: false}
+        - {kernel: 1}
+    insert: branch_end            # branch_end (before the add) | block_output (after add + act)
+    include: ["layer*"]           # optional globs on module paths
+    exclude: []
+
+``kind: unit`` matches conv -> norm (-> act) units and inserts after the unit (``unit_output``).
+Loading checks every field and names the file, line and field of any mistake.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import AttnInjectError
+from .located_yaml import LocatedDict, LocatedList, load_located_yaml
+
+POSITIONS = {"residual": ("branch_end", "block_output"), "unit": ("unit_output",)}
+WIDTHS = ("expand", "reduce", "same")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One convolution in a rule's pattern; ``None`` fields match anything."""
+
+    kernel: tuple[int, int] | None = None
+    depthwise: bool | None = None
+    width: frozenset[str] | None = None  # subset of WIDTHS: out vs in channels
+    optional: bool = False
+
+    def matches(self, kernel: tuple[int, int], depthwise: bool, in_channels: int, out_channels: int) -> bool:
+        if self.kernel is not None and self.kernel != kernel:
+            return False
+        if self.depthwise is not None and self.depthwise != depthwise:
+            return False
+        if self.width is not None:
+            width = "expand" if out_channels > in_channels else "reduce" if out_channels < in_channels else "same"
+            if width not in self.width:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    description: str
+    kind: str  # "residual" | "unit"
+    insert: str  # one of POSITIONS[kind]
+    convs: tuple[ConvSpec, ...] | None = None  # residual: the branch's convs; unit: a one-spec filter
+    norm: bool = True  # unit: a norm must follow the conv
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    source: str = "built-in"
+
+    def selects(self, path: str) -> bool:
+        """Whether the include/exclude globs admit a module path."""
+        return glob_selects(path, self.include, self.exclude)
+
+    def with_position(self, position: str) -> Rule:
+        """This rule with another insert position (checked against its kind)."""
+        if position not in POSITIONS[self.kind]:
+            raise AttnInjectError(
+                f"position {position!r} does not apply to rule {self.name!r} (kind {self.kind})",
+                hint=f"Valid positions for {self.kind} rules: {', '.join(POSITIONS[self.kind])}.",
+            )
+        return Rule(**{**self.__dict__, "insert": position})
+
+
+def glob_selects(path: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if include and not any(fnmatch.fnmatchcase(path, g) for g in include):
+        return False
+    return not any(fnmatch.fnmatchcase(path, g) for g in exclude)
+
+
+# ---------------------------------------------------------------------------------------------
+# lookup
+
+
+def builtin_rule_files() -> dict[str, Path]:
+    """Built-in rule name -> its YAML file (shipped in the wheel as ``attn_inject.builtin_rules``)."""
+    folder = resources.files("attn_inject.builtin_rules")
+    return {Path(str(f)).stem: Path(str(f)) for f in folder.iterdir() if str(f).endswith(".yaml")}
+
+
+def list_rules() -> list[Rule]:
+    """The built-in rules, sorted by name."""
+    return [r for _, f in sorted(builtin_rule_files().items()) for r in load_rule_file(f, builtin=True)]
+
+
+def resolve_rules(after: str | Path | Rule | Iterable[str | Path | Rule]) -> list[Rule]:
+    """Turn ``after=`` (a built-in name, a YAML path, a Rule, or a list of these) into rules."""
+    items = [after] if isinstance(after, (str, Path, Rule)) else list(after)
+    if not items:
+        raise AttnInjectError("after= is empty", hint=f"Give a rule: {', '.join(builtin_rule_files())}.")
+    rules: list[Rule] = []
+    for item in items:
+        if isinstance(item, Rule):
+            rules.append(item)
+        elif isinstance(item, (str, Path)) and _looks_like_path(item):
+            rules.extend(load_rule_file(Path(item)))
+        elif isinstance(item, str) and item in builtin_rule_files():
+            rules.extend(load_rule_file(builtin_rule_files()[item], builtin=True))
+        else:
+            raise AttnInjectError(
+                f"unknown rule {item!r}",
+                hint=f"Valid built-in rules: {', '.join(sorted(builtin_rule_files()))}; or pass a path to a YAML rule file.",
+            )
+    names = [r.name for r in rules]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise AttnInjectError(f"rule {dupes[0]!r} is given more than once", hint="Name each rule once in after=.")
+    return rules
+
+
+def _looks_like_path(item: str | Path) -> bool:
+    text = str(item)
+    return isinstance(item, Path) or text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text
+
+
+def load_rule_file(path: Path, builtin: bool = False) -> list[Rule]:
+    """Read and check one YAML file holding a rule (a mapping) or several (a list of mappings)."""
+    source = f"built-in rule {path.stem}" if builtin else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise AttnInjectError(f"cannot read rule file: {exc.strerror}", where=str(path)) from None
+    doc = load_located_yaml(text, source)
+    if isinstance(doc, LocatedDict):
+        return [parse_rule(doc, source)]
+    if isinstance(doc, LocatedList) and doc and all(isinstance(d, LocatedDict) for d in doc):
+        return [parse_rule(d, source) for d in doc]
+    raise AttnInjectError(
+        "a rule file holds one rule (a mapping with name, match, insert) or a list of them",
+        where=f"{source}:{getattr(doc, 'line', 1)}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# schema
+
+
+class _Fields:
+    """Reads fields of one YAML mapping, reporting the file, line and dotted field on error."""
+
+    def __init__(self, mapping: LocatedDict, source: str, prefix: str, rule: str | None):
+        self.mapping, self.source, self.prefix, self.rule = mapping, source, prefix, rule
+
+    def fail(self, key: str, what: str) -> AttnInjectError:
+        line = self.mapping.lines.get(key, self.mapping.line)
+        field = f"{self.prefix}{key}"
+        rule = f"rule {self.rule!r}: " if self.rule else ""
+        return AttnInjectError(f"{rule}field '{field}' {what}", where=f"{self.source}:{line}")
+
+    def only(self, allowed: Iterable[str]) -> None:
+        allowed = list(allowed)
+        for key in self.mapping:
+            if key not in allowed:
+                raise self.fail(key, f"is not a known field; expected one of: {', '.join(allowed)}")
+
+    def get(self, key: str, default: Any = ..., kind: type | tuple[type, ...] | None = None) -> Any:
+        if key not in self.mapping:
+            if default is ...:
+                rule = f"rule {self.rule!r}: " if self.rule else ""
+                raise AttnInjectError(f"{rule}missing field '{self.prefix}{key}'", where=f"{self.source}:{self.mapping.line}")
+            return default
+        value = self.mapping[key]
+        if kind is not None and (not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind)):
+            names = " or ".join(t.__name__.replace("Located", "").replace("str", "string") for t in _as_tuple(kind))
+            raise self.fail(key, f"must be a {names}, not {value!r}")
+        return value
+
+    def sub(self, key: str, value: LocatedDict) -> _Fields:
+        return _Fields(value, self.source, f"{self.prefix}{key}.", self.rule)
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def parse_rule(doc: LocatedDict, source: str) -> Rule:
+    """Check one rule mapping against the schema and build the Rule."""
+    top = _Fields(doc, source, "", None)
+    name = top.get("name", kind=str)
+    if not _NAME.match(name):
+        raise top.fail("name", f"must start with a letter and hold only letters, digits, '_' and '-', not {name!r}")
+    top.rule = name
+    top.only(["name", "description", "match", "insert", "include", "exclude"])
+    description = top.get("description", "", kind=str)
+    match = top.sub("match", top.get("match", kind=LocatedDict))
+    kind = match.get("kind", "residual", kind=str)
+    if kind not in POSITIONS:
+        raise match.fail("kind", f"must be one of {', '.join(POSITIONS)}, not {kind!r}")
+    if kind == "residual":
+        match.only(["kind", "convs"])
+        specs = match.get("convs", None, kind=LocatedList)
+        convs = None if specs is None else tuple(_conv_spec(match, f"convs[{i}]", s, i, specs) for i, s in enumerate(specs))
+        norm = True
+    else:
+        match.only(["kind", "conv", "norm"])
+        conv = match.get("conv", None, kind=LocatedDict)
+        convs = None if conv is None else (_parse_conv(match.sub("conv", conv), allow_optional=False),)
+        norm = match.get("norm", True, kind=bool)
+    insert = top.get("insert", POSITIONS[kind][0], kind=str)
+    if insert not in POSITIONS[kind]:
+        raise top.fail("insert", f"must be one of {', '.join(POSITIONS[kind])} for a {kind} rule, not {insert!r}")
+    include = _globs(top, "include")
+    exclude = _globs(top, "exclude")
+    return Rule(name, description, kind, insert, convs, norm, include, exclude, source)
+
+
+def _globs(fields: _Fields, key: str) -> tuple[str, ...]:
+    value = fields.get(key, LocatedList(), kind=(LocatedList, str))
+    values = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(v, str) for v in values):
+        raise fields.fail(key, "must be a glob or a list of globs on module paths")
+    return tuple(values)
+
+
+def _conv_spec(match: _Fields, key: str, spec: Any, index: int, specs: LocatedList) -> ConvSpec:
+    if not isinstance(spec, LocatedDict):
+        line = specs.lines[index]
+        raise AttnInjectError(
+            f"rule {match.rule!r}: field 'match.{key}' must be a mapping such as {{kernel: 1}}, not {spec!r}",
+            where=f"{match.source}:{line}",
+        )
+    return _parse_conv(match.sub(key, spec), allow_optional=True)
+
+
+def _parse_conv(fields: _Fields, allow_optional: bool) -> ConvSpec:
+    allowed = ["kernel", "depthwise", "width"] + (["optional"] if allow_optional else [])
+    fields.only(allowed)
+    kernel = fields.get("kernel", "any", kind=(int, str, LocatedList))
+    if kernel == "any":
+        kernel = None
+    elif isinstance(kernel, int) and kernel > 0:
+        kernel = (kernel, kernel)
+    elif isinstance(kernel, LocatedList) and len(kernel) == 2 and all(isinstance(k, int) and k > 0 for k in kernel):
+        kernel = (kernel[0], kernel[1])
+    else:
+        raise fields.fail("kernel", f"must be a positive int, a [h, w] pair or 'any', not {kernel!r}")
+    depthwise = fields.get("depthwise", "any", kind=(bool, str))
+    if depthwise == "any":
+        depthwise = None
+    elif not isinstance(depthwise, bool):
+        raise fields.fail("depthwise", f"must be true, false or 'any', not {depthwise!r}")
+    width = fields.get("width", "any", kind=(str, LocatedList))
+    widths = [width] if isinstance(width, str) else list(width)
+    if widths == ["any"]:
+        width = None
+    elif widths and all(w in WIDTHS for w in widths):
+        width = frozenset(widths)
+    else:
+        raise fields.fail("width", f"must be 'any' or one or more of {', '.join(WIDTHS)}, not {width!r}")
+    optional = fields.get("optional", False, kind=bool)
+    return ConvSpec(kernel, depthwise, width, optional)

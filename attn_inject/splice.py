@@ -1,0 +1,97 @@
+"""The only code that changes the user's model: register the blocks and install edited forwards.
+
+Every module that gets a block keeps its identity: the block is registered on it under the
+site's name and its forward becomes a PatchedForward running the edited graph. ``splice`` returns
+an Undo that restores the model exactly (used when verification fails).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from .analyze import ModuleRecord
+from .patched import GraphCode, PatchedForward, Variant
+from .plan import Plan, Site
+
+_MISSING = object()
+
+
+@dataclass
+class Undo:
+    """What splice did, in order, so that it can be taken back."""
+
+    added: list[tuple[nn.Module, str]] = field(default_factory=list)
+    forwards: list[tuple[nn.Module, str, object]] = field(default_factory=list)
+    constants: list[tuple[nn.Module, str]] = field(default_factory=list)
+
+    def __call__(self) -> None:
+        for module, method, previous in reversed(self.forwards):
+            if previous is _MISSING:
+                module.__dict__.pop(method, None)
+            else:
+                module.__dict__[method] = previous
+        for module, name in reversed(self.constants):
+            module.__dict__.pop(name, None)
+        for module, name in reversed(self.added):
+            delattr(module, name)
+
+
+def splice(plan: Plan, blocks: dict[str, nn.Module]) -> Undo:
+    """Apply ``plan``; ``blocks`` maps each site's module_name to its (ready) block."""
+    by_record: dict[ModuleRecord, list[Site]] = defaultdict(list)
+    for site, records in plan.site_records:
+        for record in records:
+            by_record[record].append(site)
+    by_target: dict[tuple[int, str], list[ModuleRecord]] = defaultdict(list)
+    for record in by_record:
+        by_target[(id(record.module), record.method)].append(record)
+
+    undo = Undo()
+    try:
+        for records in by_target.values():
+            module, method = records[0].module, records[0].method
+            variants: dict[Variant, GraphCode] = {}
+            for record in records:
+                sites = by_record[record]
+                if record.train_graph is None:
+                    variants[(record.fixed, None)] = GraphCode.from_graph(_edited(record.graph, sites))
+                else:
+                    variants[(record.fixed, False)] = GraphCode.from_graph(_edited(record.graph, sites))
+                    variants[(record.fixed, True)] = GraphCode.from_graph(_edited(record.train_graph, sites))
+            for site in {s.name: s for r in records for s in by_record[r]}.values():
+                module.add_module(site.name, blocks[site.module_name])
+                undo.added.append((module, site.name))
+            for name, value in {k: v for r in records for k, v in r.constants.items()}.items():
+                module.__dict__[name] = value  # tensors fx stowed away while tracing
+                undo.constants.append((module, name))
+            previous = module.__dict__.get(method, _MISSING)
+            undo.forwards.append((module, method, previous))
+            module.__dict__[method] = PatchedForward(module, method, variants, None if previous is _MISSING else previous)
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def _edited(graph: fx.Graph, sites: list[Site]) -> fx.Graph:
+    """A copy of ``graph`` with a call to each site's block spliced in."""
+    graph = copy.deepcopy(graph)
+    nodes = {n.name: n for n in graph.nodes}
+    for site in sites:
+        if site.consumer is not None:  # branch end: only the add sees the block's output
+            consumer = nodes[site.consumer]
+            anchor = consumer.args[site.consumer_arg]
+            with graph.inserting_before(consumer):
+                call = graph.call_module(site.name, (anchor,))
+            consumer.replace_input_with(anchor, call)
+        else:  # after the anchor: every later use sees the block's output
+            anchor = nodes[site.anchor]
+            with graph.inserting_after(anchor):
+                call = graph.call_module(site.name, (anchor,))
+            anchor.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+    graph.lint()
+    return graph

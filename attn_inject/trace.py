@@ -1,0 +1,112 @@
+"""Per-module torch.fx tracing: one module's own forward, with every child module as a leaf.
+
+Many whole models cannot be traced (data-dependent control flow, shape-dependent Python), while
+their blocks trace fine; tracing module by module patches what can be patched. A module is traced
+on a detached shallow copy, so tracing never writes into the user's model (some models cache
+tensors in dicts during forward, and a Proxy stored there would poison later calls). timm's notrace
+functions are traced as leaf calls, and its notrace modules stay leaves, as every child is.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from functools import lru_cache
+
+import torch
+from torch import fx, nn
+from torch.fx._symbolic_trace import _assert_is_none
+
+from .ops import is_inplace
+from .patched import patched_forward
+
+
+class TraceFailure(Exception):
+    """Raised inside the library when a module's own forward cannot be traced (becomes a reason)."""
+
+
+@lru_cache(maxsize=1)
+def _timm_notrace_functions() -> tuple:
+    from timm.layers import get_notrace_functions
+
+    return tuple(get_notrace_functions())
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    def __init__(self, method: str):
+        super().__init__(autowrap_modules=(math,), autowrap_functions=_timm_notrace_functions())
+        self.traced_func_name = method
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def trace_module(module: nn.Module, method: str, fixed: frozenset, training: bool) -> tuple[fx.Graph, dict]:
+    """Trace ``module.<method>`` with children as leaves and the ``fixed`` (name, value) arguments baked in.
+
+    A method already patched by attn_inject is traced from its patched code, so injections compose.
+    The placeholders of fixed arguments keep their names and fx's asserts on them are dropped (the
+    patched forward picks a graph by these values instead). In-place updates are made explicit.
+    Returns the graph and the constants fx stored on the traced copy (``_tensor_constant0``...),
+    which the graph reads with get_attr and which must be set on the module when it is patched.
+    """
+    clone = _detached_copy(module, training)
+    installed = patched_forward(module, method)
+    if installed is not None:
+        code = installed.code_for(fixed, training)
+        if code is None:
+            raise TraceFailure("called with arguments its previous patch was never traced for")
+        clone.__class__ = type(type(module).__name__, (type(module),), {method: code.fn})
+    try:
+        graph = _ChildrenAsLeaves(method).trace(clone, concrete_args=dict(fixed))
+    except Exception as exc:  # tracing user code can fail in any way; the reason is reported
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise TraceFailure(f"{type(exc).__name__}: {first_line}".rstrip(": ")) from None
+    _unspecialize(graph, {name for name, _ in fixed})
+    explicit_inplace(graph, module)
+    constants = {k: v for k, v in clone.__dict__.items() if k not in module.__dict__ and k != "__class__"}
+    return graph, constants
+
+
+def _unspecialize(graph: fx.Graph, fixed_names: set[str]) -> None:
+    """Give fixed-argument placeholders their parameter names back and drop fx's asserts on them."""
+    for node in graph.find_nodes(op="placeholder"):
+        base = node.target.rsplit("_", 1)[0]
+        if node.target not in fixed_names and base in fixed_names:
+            node.target = base
+    for node in list(graph.nodes):
+        is_check = node.target is _assert_is_none or (
+            node.target is torch._assert and "has been specialized" in str(node.args[1:2])
+        )
+        if node.op == "call_function" and is_check and not node.users:
+            inputs = [a for a in node.all_input_nodes if a.op != "placeholder"]
+            graph.erase_node(node)
+            for arg in inputs:
+                if not arg.users:
+                    graph.erase_node(arg)
+
+
+def _detached_copy(module: nn.Module, training: bool) -> nn.Module:
+    """A shallow copy whose containers (caches, hook and submodule dicts) are copies too."""
+    clone = copy.copy(module)
+    clone.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
+    clone.training = training
+    return clone
+
+
+def explicit_inplace(graph: fx.Graph, module: nn.Module) -> None:
+    """Make in-place updates explicit in the data flow.
+
+    ``out.add_(y); return out`` traces to a graph whose output is ``out``'s node, not the add's:
+    the update is only visible through mutation. Rewiring the later uses of a mutated value to the
+    in-place node (which returns that same tensor) keeps the semantics and lets a block be inserted
+    after the update instead of before it.
+    """
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if not node.args or not isinstance(node.args[0], fx.Node) or not is_inplace(node, module.get_submodule):
+            continue
+        target = node.args[0]
+        for user in list(target.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(target, node)

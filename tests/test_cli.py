@@ -1,0 +1,90 @@
+"""The attn-inject command line, run in-process (main(argv)) and once as a real subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from attn_inject.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_rules_lists_builtins(capsys):
+    code, out, _ = run(capsys, "rules")
+    assert code == 0
+    for name in ("bottleneck", "basic", "inverted_residual", "residual", "conv"):
+        assert name in out
+    code, out, _ = run(capsys, "rules", "--json")
+    assert [r["name"] for r in last_json(out)["rules"]] == ["basic", "bottleneck", "conv", "inverted_residual", "residual"]
+
+
+def test_plan_table(capsys):
+    code, out, err = run(capsys, "plan", "--arch", "resnet50", "--block", "eca", "--after", "bottleneck")
+    assert code == 0, err
+    assert "layer4.2" in out and "16 sites" in out
+    assert "parameters 25,557,032 -> 25,557,118 (+86, +0.000%)" in out
+
+
+def test_plan_json(capsys):
+    code, out, _ = run(capsys, "plan", "--arch", "torchvision:resnet18", "--block", "se", "--after", "basic",
+                       "--option", "reduction=8", "--img-size", "96", "--json")  # fmt: skip
+    summary = last_json(out)
+    assert code == 0 and summary["arch"] == "torchvision:resnet18" and summary["options"] == {"reduction": 8}
+    assert len(summary["sites"]) == 8 and summary["sites"][0] == {
+        "path": "layer1.0", "rule": "basic", "position": "branch_end", "channels": 64,
+        "params": 2 * 64 * 8 + 8 + 64, "module": "layer1.0.se",
+    }  # fmt: skip
+    assert summary["params_after"] - summary["params_before"] == summary["params_added"]
+
+
+def test_plan_with_rule_file_include_and_position(capsys, tmp_path):
+    rule = tmp_path / "late.yaml"
+    rule.write_text("name: late\nmatch: {kind: residual}\ninsert: block_output\ninclude: ['layer4.*']\n")
+    code, out, _ = run(capsys, "plan", "--arch", "resnet18", "--block", "eca", "--after", str(rule), "--img-size", "64", "--json")
+    summary = last_json(out)
+    assert code == 0 and [s["module"] for s in summary["sites"]] == ["layer4.0.eca_out", "layer4.1.eca_out"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "--arch", "resnet5", "--block", "eca", "--after", "bottleneck"], "error: unknown timm model 'resnet5' Did you mean"),
+    (["plan", "--arch", "torchvision:resnet", "--block", "eca", "--after", "bottleneck"], "error: unknown torchvision model 'resnet'"),
+    (["plan", "--arch", "nopackage.mod:make", "--block", "eca", "--after", "bottleneck"], "error: cannot import 'nopackage.mod:make'"),
+    (["plan", "--arch", "resnet18", "--block", "cbam", "--after", "basic"], "error: unknown block 'cbam' Valid blocks: eca, se."),
+    (["plan", "--arch", "resnet18", "--block", "eca", "--after", "bottleneck", "--img-size", "64"],
+     "error: rule 'bottleneck' matched nothing in ResNet; the model contains: basic x8, conv x20, residual x8"),
+    (["plan", "--arch", "resnet18", "--block", "se", "--after", "basic", "--option", "reduction"], "error: --option 'reduction' is not KEY=VALUE"),
+])  # fmt: skip
+def test_errors_are_one_line_exit_1_no_traceback(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 1
+    assert message in " ".join(err.split())
+    assert "Traceback" not in err and out == ""
+
+
+def test_console_script_runs_and_reports_errors_cleanly():
+    ok = subprocess.run([sys.executable, "-m", "attn_inject.cli", "rules"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "inverted_residual" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "attn_inject.cli", "plan", "--arch", "resnet18", "--block", "se",
+                          "--after", "nope.yaml"], capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "nope.yaml: cannot read rule file" in bad.stderr
+
+
+def test_demo_on_real_efficientnet_lite0_weights(capsys):
+    code, out, _ = run(capsys, "demo", "--json")
+    report = last_json(out)
+    assert code == 0 and report["identical"] is True and report["max_abs_logit_diff"] == 0.0
+    assert report["sites"] == 9 and report["params_added"] == 33
+    labels = {row["photo"]: row["label_after"] for row in report["predictions"]}
+    assert labels["chelsea"].startswith("tabby") and labels["coffee"] == "espresso"
+    assert all(row["label_before"] == row["label_after"] and row["prob_before"] == row["prob_after"] for row in report["predictions"])

@@ -1,0 +1,226 @@
+"""inject / plan on small hand-written models: identity, what is kept, failures, composition."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from tiny_models import BranchyNet, InplaceBasic, MethodAddInverted, TrainModeBlock, TwoCallNet, sequential_resnet
+
+from attn_inject import AttnInjectError, inject, plan
+from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite
+from attn_inject.patched import PatchedForward
+
+X = torch.randn(4, 3, 32, 32)
+EXAMPLE = torch.randn(1, 3, 32, 32)
+
+
+def outputs(model, x=X):
+    with torch.no_grad():
+        return model(x)
+
+
+def attention_blocks(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, (SqueezeExcite, EfficientChannelAttention))}
+
+
+@pytest.mark.parametrize("block", ["se", "eca"])
+def test_branchy_model_untraceable_at_top_is_patched_per_block(block):
+    model = BranchyNet().eval()
+    before, state = outputs(model), {k: v.clone() for k, v in model.state_dict().items()}
+    report = plan(model, block, after="residual", example_input=EXAMPLE)
+    assert [(s.path, s.module_name, s.channels) for s in report] == [
+        ("block1", f"block1.{block}", 16), ("block2", f"block2.{block}", 16),
+        ("block3", f"block3.{block}", 16), ("block4", f"block4.{block}", 32),
+    ]  # fmt: skip
+    assert report.untraced == (("<model>", "TraceError: symbolically traced variables cannot be used as inputs to control flow"),)
+    patched = inject(model, block, after="residual", example_input=EXAMPLE)
+    assert patched is model and type(patched) is BranchyNet
+    assert torch.equal(outputs(patched), before)
+    assert patched.answer == 42 and torch.equal(patched.features(X), patched.features(X))
+    new_state = patched.state_dict()
+    assert all(torch.equal(new_state[k], v) for k, v in state.items())  # every original key, same value
+    assert sorted(set(new_state) - set(state)) == sorted(
+        f"block{i}.{block}.{p}" for i in range(1, 5) for p in (["conv.weight"] if block == "eca" else ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"])
+    )  # fmt: skip
+    assert sum(p.numel() for p in patched.parameters()) - sum(v.numel() for v in state.values() if v.dtype.is_floating_point) + sum(
+        v.numel() for k, v in state.items() if "running" in k) == report.params_added  # fmt: skip
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in patched.modules())
+
+
+def test_original_checkpoint_still_loads_strictly_except_new_keys():
+    model = BranchyNet().eval()
+    state = copy.deepcopy(model.state_dict())
+    inject(model, "eca", after="residual", example_input=EXAMPLE)
+    result = model.load_state_dict(state, strict=False)
+    assert result.unexpected_keys == [] and sorted(result.missing_keys) == [f"block{i}.eca.conv.weight" for i in range(1, 5)]
+
+
+def test_inplace_method_add_gets_its_block_before_the_add():
+    model = MethodAddInverted(8).eval()
+    x = torch.randn(2, 8, 10, 10)
+    before = outputs(model, x)
+    inject(model, "eca", after="inverted_residual", example_input=x[:1])
+    assert torch.equal(outputs(model, x), before)
+    with torch.no_grad():  # the block sees the branch, not the sum: make it non-identity to check
+        model.eca.conv.weight.fill_(1.0)
+        branch = model.conv(x)
+        expected = model.eca(branch) + x
+    assert torch.equal(outputs(model, x), expected)
+
+
+def test_block_goes_on_the_branch_not_the_shortcut():
+    model = InplaceBasic(16, stride=2).eval()  # projection shortcut: 1 conv vs 2 on the branch
+    x = torch.randn(2, 8, 16, 16)
+    inject(model, "se", after="basic", example_input=x[:1])
+    with torch.no_grad():
+        model.se.fc2.bias.fill_(-30.0)  # gate ~ 0: the output must become relu(shortcut)
+        expected = torch.relu(model.downsample(x))
+    assert torch.allclose(outputs(model, x), expected, atol=1e-6)
+
+
+def test_block_output_position_is_after_add_and_activation():
+    model = InplaceBasic(16).eval()
+    x = torch.randn(2, 16, 8, 8)
+    report = inject(model, "se", after="basic", position="block_output", example_input=x[:1])
+    assert "se_out" in dict(model.named_children())
+    with torch.no_grad():
+        model.se_out.fc2.bias.fill_(-30.0)
+    assert outputs(model, x).abs().max() < 1e-6  # everything after the block is gated to ~0
+
+
+def test_sequential_model_and_conv_units():
+    model = sequential_resnet().eval()
+    before = outputs(model)
+    report = plan(model, "eca", after=["basic", "conv"], example_input=EXAMPLE)
+    assert [(s.path, s.rule, s.module_name) for s in report] == [
+        ("3", "basic", "3.eca"), ("4", "basic", "4.eca"),
+        ("0", "conv", "0_eca"), ("3.conv1", "conv", "3.conv1_eca"), ("3.conv2", "conv", "3.conv2_eca"),
+        ("4.conv1", "conv", "4.conv1_eca"), ("4.conv2", "conv", "4.conv2_eca"),
+    ]  # fmt: skip
+    inject(model, "eca", after=["basic", "conv"], example_input=EXAMPLE)
+    assert type(model) is nn.Sequential and isinstance(model[0], nn.Conv2d) and isinstance(model[7], nn.Linear)
+    assert len(model) == 9 and model[8] is model.get_submodule("0_eca")  # appended; existing indices unchanged
+    assert torch.equal(outputs(model), before)
+
+
+def test_block_called_with_and_without_a_shortcut_argument():
+    model = TwoCallNet().eval()
+    before = outputs(model)
+    report = inject(model, "eca", after="basic", example_input=EXAMPLE)
+    assert sorted(attention_blocks(model)) == ["a.eca", "b.eca"]
+    assert torch.equal(outputs(model), before)
+    with torch.no_grad():
+        model.b.eca.conv.weight.fill_(1.0)
+    assert not torch.equal(outputs(model), before)  # the call with shortcut= runs the block too
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_mode_is_restored_and_train_mode_runs_the_block(mode):
+    model = TrainModeBlock(8)
+    model.train(mode == "train")
+    model.bn.eval()  # a mixed-mode model: each module's flag must come back as it was
+    inject(model, "se", after="residual", example_input=torch.randn(1, 8, 6, 6))
+    assert model.training == (mode == "train") and model.bn.training is False
+    assert model.se.training == (mode == "train")
+    assert isinstance(model.forward, PatchedForward) and len(model.forward.variants) == 2
+    model.train()
+    with torch.no_grad():
+        model.se.fc2.bias.fill_(-30.0)
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.allclose(model(x), x, atol=1e-5)  # train graph: branch gated off, dropout or not
+
+
+def test_gradients_at_step_zero_equal_the_original_model():
+    original = BranchyNet()
+    patched = copy.deepcopy(original)
+    inject(patched, "se", after="residual", example_input=EXAMPLE)
+    assert patched.training
+    x, target = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for model in (original, patched):
+        nn.functional.cross_entropy(model(x), target).backward()
+    grads = dict(patched.named_parameters())
+    for name, p in original.named_parameters():
+        assert torch.equal(grads[name].grad, p.grad), name
+    for name, block in attention_blocks(patched).items():
+        assert block.fc2.weight.grad.abs().sum() > 0, name
+        assert block.fc1.weight.grad is not None
+
+
+def test_failed_verification_leaves_the_model_untouched(monkeypatch):
+    model = BranchyNet().eval()
+    before, keys = outputs(model), list(model.state_dict())
+    monkeypatch.setattr(EfficientChannelAttention, "forward", lambda self, x: x * 1.5)
+    with pytest.raises(AttnInjectError, match=r"after injecting eca into BranchyNet: output 0 differs .*the model was left unchanged"):
+        inject(model, "eca", after="residual", example_input=EXAMPLE)
+    assert list(model.state_dict()) == keys and not attention_blocks(model)
+    assert not any(isinstance(m.__dict__.get("forward"), PatchedForward) for m in model.modules())
+    assert torch.equal(outputs(model), before)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m: inject(m, "cbam", after="residual"), r"unknown block 'cbam'"),
+    (lambda m: inject(m, "eca", after="basic_block"), r"unknown rule 'basic_block'"),
+    (lambda m: inject(m, "se", after="residual", reduction=-1), r"SE needs reduction > 0"),
+    (lambda m: inject(m, "eca", after="residual", rd=2), r"block 'eca' has no option 'rd'"),
+    (lambda m: inject(m, "eca", after="residual", include="nothing.*"), r"rule 'residual' matched nothing in BranchyNet; the model contains: basic x2, bottleneck x1, conv x12, inverted_residual x1, residual x4 \(before include=\['nothing\.\*'\]"),
+    (lambda m: inject(m, "eca", after="conv", position="block_output"), r"position 'block_output' does not apply to rule 'conv'"),
+    (lambda m: inject("resnet50", "eca", after="residual"), r"model must be a torch.nn.Module, not str"),
+])  # fmt: skip
+def test_bad_input_raises_one_clear_error_and_changes_nothing(call, message):
+    model = BranchyNet().eval()
+    keys = list(model.state_dict())
+    with pytest.raises(AttnInjectError, match=message):
+        call(model)
+    assert list(model.state_dict()) == keys and not attention_blocks(model)
+
+
+def test_rule_matching_nothing_names_the_rule_and_what_the_model_has():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    with pytest.raises(AttnInjectError, match=r"^rule 'bottleneck', 'basic' matched nothing in Sequential; the model contains: no residual blocks or conv units$"):
+        inject(model, "eca", after=["bottleneck", "basic"], example_input=EXAMPLE)
+
+
+def test_injections_compose_and_names_do_not_collide():
+    model = BranchyNet().eval()
+    before = outputs(model)
+    inject(model, "eca", after="residual", example_input=EXAMPLE)
+    inject(model, "se", after="residual", position="block_output", example_input=EXAMPLE)
+    inject(model, "eca", after="basic", example_input=EXAMPLE)
+    assert {n for n in attention_blocks(model) if n.startswith("block1.")} == {"block1.eca", "block1.se_out", "block1.eca_1"}
+    assert torch.equal(outputs(model), before)
+    with torch.no_grad():
+        model.block1.eca.conv.weight.fill_(1.0)  # the first injection is still live
+    assert not torch.equal(outputs(model), before)
+
+
+def test_patched_model_survives_deepcopy_pickle_and_jit_trace():
+    model = inject(BranchyNet().eval(), "se", after="residual", example_input=EXAMPLE)
+    with torch.no_grad():
+        for block in attention_blocks(model).values():
+            block.fc2.bias.normal_()  # not the identity any more
+    expected = outputs(model)
+    clone = copy.deepcopy(model)
+    assert clone.block1.forward.module is clone.block1
+    restored = pickle.loads(pickle.dumps(model))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    traced = torch.jit.trace(model, EXAMPLE, check_trace=False)
+    for other in (clone, restored, loaded):
+        assert torch.equal(outputs(other), expected)
+    assert torch.equal(outputs(traced, X[:1]), outputs(model, X[:1]))
+
+
+def test_plan_is_a_dry_run():
+    model = BranchyNet().eval()
+    keys = list(model.state_dict())
+    report = plan(model, "se", after="residual", reduction=4, example_input=EXAMPLE)
+    assert list(model.state_dict()) == keys and not attention_blocks(model)
+    assert report.options == (("reduction", 4),)
+    assert report.params_added == sum(s.params for s in report) == 3 * (2 * 16 * 8 + 8 + 16) + (2 * 32 * 8 + 8 + 32)
+    assert report.params_after == report.params_before + report.params_added
+    assert str(report.sites[0]) == "block1: residual at branch_end, 16 channels, +280 params as block1.se"
