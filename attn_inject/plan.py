@@ -222,6 +222,6 @@ def _nothing_matched(plan: Plan, candidates: list[Candidate], include, exclude) 
         first = plan.misses[0]
         msg += f"; {len(plan.misses)} residual add(s) were not usable (e.g. {first.path}: {first.reason})"
     if plan.untraced:
-        paths = ", ".join(p for p, _ in plan.untraced[:3])
-        msg += f"; {len(plan.untraced)} module(s) could not be traced ({paths}{', ...' if len(plan.untraced) > 3 else ''})"
+        path, reason = plan.untraced[0]
+        msg += f"; {len(plan.untraced)} module(s) could not be traced by torch.fx (e.g. {path}: {reason})"
     return msg

@@ -224,3 +224,41 @@ def test_plan_is_a_dry_run():
     assert report.params_added == sum(s.params for s in report) == 3 * (2 * 16 * 8 + 8 + 16) + (2 * 32 * 8 + 8 + 32)
     assert report.params_after == report.params_before + report.params_added
     assert str(report.sites[0]) == "block1: residual at branch_end, 16 channels, +280 params as block1.se"
+
+
+def shape_dependent_pad(x, multiple: int):
+    """Python control flow on a shape: fx cannot trace this unless it is a leaf call."""
+    if x.shape[-1] % multiple:
+        x = nn.functional.pad(x, (0, multiple - x.shape[-1] % multiple, 0, multiple - x.shape[-2] % multiple))
+    return x
+
+
+class PaddedBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = shape_dependent_pad(x, 4)
+        return x + self.bn(self.conv(x))
+
+
+def test_timm_notrace_functions_are_honoured(monkeypatch):
+    from timm.layers import register_notrace_function
+    from timm.layers import _fx as timm_fx
+
+    from attn_inject import trace
+
+    x = torch.randn(1, 8, 10, 10)
+    with pytest.raises(AttnInjectError, match=r"1 module\(s\) could not be traced by torch.fx \(e.g. 0: TraceError: symbolically traced variables cannot be used as inputs to control flow\)"):
+        plan(nn.Sequential(PaddedBlock(8)), "eca", after="residual", example_input=x)
+    monkeypatch.setattr(timm_fx, "_autowrap_functions", set(timm_fx._autowrap_functions))
+    register_notrace_function(shape_dependent_pad)
+    trace._timm_notrace_functions.cache_clear()
+    try:
+        model = nn.Sequential(PaddedBlock(8)).eval()
+        before = outputs(model, x)
+        inject(model, "eca", after="residual", example_input=x)
+        assert [n for n in attention_blocks(model)] == ["0.eca"] and torch.equal(outputs(model, x), before)
+    finally:
+        trace._timm_notrace_functions.cache_clear()
