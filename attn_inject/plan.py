@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any, Iterator
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .analyze import Analysis, ModuleRecord
 from .blocks import get_block
@@ -33,6 +34,7 @@ class Site:
     channels: int
     shape: tuple[int, ...]  # the feature map at the site, for the example input
     params: int
+    flops: int  # the block's FLOPs per image at that shape, as torch's FlopCounterMode counts them
     anchor: str  # graph node whose value the block takes (in the eval-mode graph)
     consumer: str | None  # branch_end: the add that takes the block's output; else every user
     consumer_arg: int | None = None  # branch_end: which argument of the add is the branch
@@ -45,7 +47,7 @@ class Site:
     def __str__(self) -> str:
         return (
             f"{self.path or '<model>'}: {self.rule} at {self.position}, {self.channels} channels, "
-            f"+{self.params} params as {self.module_name}"
+            f"+{self.params} params, +{self.flops} FLOPs as {self.module_name}"
         )
 
 
@@ -75,6 +77,11 @@ class Plan:
         return sum(s.params for s in self.sites)
 
     @property
+    def flops_added(self) -> int:
+        """FLOPs the blocks add per image at the example size (torch's FlopCounterMode: 2 per MAC)."""
+        return sum(s.flops for s in self.sites)
+
+    @property
     def params_after(self) -> int:
         return self.params_before + self.params_added
 
@@ -91,13 +98,14 @@ class Plan:
             "rules": [r.name for r in self.rules],
             "sites": [
                 {"path": s.path, "rule": s.rule, "position": s.position, "channels": s.channels,
-                 "params": s.params, "module": s.module_name}
+                 "params": s.params, "flops": s.flops, "module": s.module_name}
                 for s in self.sites
             ],
             "params_before": self.params_before,
             "params_added": self.params_added,
             "params_after": self.params_after,
             "percent_added": round(self.percent_added, 4),
+            "flops_added": self.flops_added,
             "untraced": [{"path": p, "reason": r} for p, r in self.untraced],
         }  # fmt: skip
 
@@ -106,7 +114,7 @@ def build_plan(analysis: Analysis, block: str, options: dict[str, Any], rules: l
                include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Plan:  # fmt: skip
     """Match ``rules`` on an analysed model and lay out the sites; raises if nothing matches."""
     candidates, misses = find_candidates(analysis)
-    params_of = _param_counter(block, tuple(sorted(options.items())))
+    cost = _block_cost(block, tuple(sorted(options.items())))
     claimed: dict[tuple, Site] = {}
     records_of: dict[tuple, list[ModuleRecord]] = {}
     names = _Names(block)
@@ -125,8 +133,9 @@ def build_plan(analysis: Analysis, block: str, options: dict[str, Any], rules: l
                 misses.append(Miss(cand.path or "<model>", problem))
                 continue
             name = names.claim(cand.record, rule.insert, cand)
+            params, flops = cost(cand.shape[1:])
             claimed[key] = Site(cand.path, rule.name, rule.insert, cand.record.path, name, cand.channels,
-                                cand.shape, params_of(cand.channels), anchor, consumer, consumer_arg)  # fmt: skip
+                                cand.shape, params, flops, anchor, consumer, consumer_arg)  # fmt: skip
             records_of[key] = [cand.record]
     sites = tuple(claimed.values())
     plan = Plan(
@@ -198,15 +207,20 @@ class _Names:
 
 
 @lru_cache(maxsize=64)
-def _param_counter(block: str, options: tuple):
+def _block_cost(block: str, options: tuple):
+    """(parameters, FLOPs per image) of a block at a (C, H, W) site, measured on the meta device."""
     cls = get_block(block)
 
     @lru_cache(maxsize=None)
-    def params(channels: int) -> int:
+    def cost(chw: tuple[int, ...]) -> tuple[int, int]:
         with torch.device("meta"):
-            return sum(p.numel() for p in cls(channels, **dict(options)).parameters())
+            instance = cls(chw[0], **dict(options))
+            x = torch.empty(1, *chw)
+        with FlopCounterMode(display=False) as counter:
+            instance(x)
+        return sum(p.numel() for p in instance.parameters()), counter.get_total_flops()
 
-    return params
+    return cost
 
 
 def _nothing_matched(plan: Plan, candidates: list[Candidate], include, exclude) -> str:

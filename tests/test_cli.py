@@ -42,8 +42,9 @@ def test_plan_json(capsys):
     assert code == 0 and summary["arch"] == "torchvision:resnet18" and summary["options"] == {"reduction": 8}
     assert len(summary["sites"]) == 8 and summary["sites"][0] == {
         "path": "layer1.0", "rule": "basic", "position": "branch_end", "channels": 64,
-        "params": 2 * 64 * 8 + 8 + 64, "module": "layer1.0.se",
+        "params": 2 * 64 * 8 + 8 + 64, "flops": 2 * (2 * 64 * 8), "module": "layer1.0.se",
     }  # fmt: skip
+    assert summary["flops_added"] == sum(s["flops"] for s in summary["sites"])
     assert summary["params_after"] - summary["params_before"] == summary["params_added"]
 
 
