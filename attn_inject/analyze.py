@@ -13,6 +13,7 @@ mode under no_grad (the caller sets and restores the mode).
 from __future__ import annotations
 
 import inspect
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .ops import LearnedOp, function_op, is_primitive, is_scaling, module_kind, module_op
-from .patched import patched_forward
+from .patched import TensorSeq, patched_forward
 from .trace import TraceFailure, trace_module
 
 
@@ -61,6 +62,25 @@ class Analysis:
 _SCALARS = (int, float, bool, str)
 
 
+def _is_scalar(value: Any) -> bool:
+    """A hashable constant a graph may be specialised on: a scalar or a tuple of scalars (a size)."""
+    if type(value) is tuple:
+        return bool(value) and all(type(v) in _SCALARS for v in value)
+    return type(value) in _SCALARS
+
+
+def _structural_arguments(bound: inspect.BoundArguments) -> frozenset:
+    """Arguments every trace fixes: the Nones, and lists/tuples of tensors (by type and length),
+    so that ``if x is None`` / ``isinstance(x, list)`` take the branch the call takes."""
+    fixed = set()
+    for name, value in bound.arguments.items():
+        if value is None:
+            fixed.add((name, None))
+        elif type(value) in (list, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            fixed.add((name, TensorSeq(type(value), len(value))))
+    return frozenset(fixed)
+
+
 def root_method(model: nn.Module) -> str:
     """The method analysed and patched on the top-level model: timm's forward_features if present.
 
@@ -86,6 +106,9 @@ def forward_signature(module: nn.Module, method: str) -> inspect.Signature:
     installed = patched_forward(module, method)
     if installed is not None:
         return installed.__signature__
+    bound = module.__dict__.get(method)
+    if isinstance(bound, types.MethodType) and bound.__self__ is module:
+        return inspect.signature(bound)
     params = list(inspect.signature(getattr(type(module), method)).parameters.values())[1:]
     return inspect.Signature(params)
 
@@ -107,11 +130,11 @@ class _Analyzer:
         except TypeError:
             return call_method(module, method, args, kwargs), None
         bound.apply_defaults()
-        nones = frozenset((k, None) for k, v in bound.arguments.items() if v is None)
-        key = (id(module), method, nones)
+        fixed = _structural_arguments(bound)
+        key = (id(module), method, fixed)
         if key in self.seen:
             return call_method(module, method, args, kwargs), self.seen[key]
-        record = self.seen[key] = ModuleRecord(path, module, method, nones)
+        record = self.seen[key] = ModuleRecord(path, module, method, fixed)
         self.analysis.records.append(record)
         try:
             graph = self._trace(record, bound)
@@ -120,18 +143,19 @@ class _Analyzer:
             return self._run_opaque(record, args, kwargs), record
         self._trace_train_mode(record, graph)
         record.graph = graph
-        out = _RecordingInterpreter(self, record).run(*_placeholder_values(graph, bound))
+        leaves = _RecordingInterpreter(self, record).run(*_placeholder_values(record, graph, bound), enable_io_processing=False)
+        out = graph.process_outputs(leaves)
         record.bits = GraphBits(graph)
         record.ops = record.bits.main_path_ops()
         return out, record
 
     def _trace(self, record: ModuleRecord, bound: inspect.BoundArguments) -> fx.Graph:
-        """Trace with the None arguments fixed; failing that, with the scalar arguments fixed too."""
+        """Trace with the structural arguments fixed; failing that, with the scalar ones fixed too."""
         try:
             graph, record.constants = trace_module(record.module, record.method, record.fixed, training=False)
             return graph
         except TraceFailure:
-            scalars = frozenset((k, v) for k, v in bound.arguments.items() if type(v) in _SCALARS)
+            scalars = frozenset((k, v) for k, v in bound.arguments.items() if _is_scalar(v))
             if not scalars - record.fixed:
                 raise
             graph, record.constants = trace_module(record.module, record.method, record.fixed | scalars, training=False)
@@ -175,7 +199,12 @@ class _Analyzer:
         return out
 
 
-def _placeholder_values(graph: fx.Graph, bound: inspect.BoundArguments) -> list[Any]:
+def _placeholder_values(record: ModuleRecord, graph: fx.Graph, bound: inspect.BoundArguments) -> list[Any]:
+    """The call's arguments in the order of the graph's placeholders."""
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None:  # list arguments: fx flattens (self, *args) into leaves
+        values = [bound.arguments[name] for name in info.orig_args[1:]]
+        return list(graph._codegen.process_inputs(record.module, *values))[1:]
     values: list[Any] = []
     params = bound.signature.parameters
     for node in graph.find_nodes(op="placeholder"):

@@ -7,14 +7,16 @@ methods and state_dict keys, and there are no hooks. The object below is that at
 survives ``copy.deepcopy`` and pickling (it is rebuilt from its source, as fx's GraphModule is),
 ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` (they see ordinary Python).
 
-A module traced with some arguments fixed to ``None`` (DLA passes ``shortcut=None`` on some
-calls) or whose forward differs between train and eval keeps one compiled graph per case and
-picks by the call; a call it was never traced for falls back to the forward it replaced.
+A module traced with some arguments fixed (``None`` as DLA's ``shortcut=None``, a list of tensors
+as HRNet's branches, a size tuple as Twins' ``PosConv``) or whose forward differs between train
+and eval keeps one compiled graph per case and picks by the call; a call it was never traced for
+falls back to the forward it replaced.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import fx, nn
@@ -26,27 +28,50 @@ from torch.package import sys_importer
 Variant = tuple[frozenset, "bool | None"]
 
 
-class GraphCode:
-    """Python source of one fx graph, compiled to ``forward(self, ...)``; picklable by source."""
+@dataclass(frozen=True)
+class TensorSeq:
+    """A list or tuple of tensors, fixed at trace time by its type and length only."""
 
-    def __init__(self, src: str, globals_: dict[str, Any]):
+    kind: type
+    length: int
+
+    def placeholders(self) -> Any:
+        """What fx's ``concrete_args`` takes to trace one placeholder per element."""
+        return self.kind(fx.PH for _ in range(self.length))
+
+
+class GraphCode:
+    """Python source of one fx graph, compiled to ``forward(self, ...)``; picklable by source.
+
+    A graph traced with list arguments flattens and rebuilds them with pytree specs that fx's code
+    reads from ``self._in_spec``; here they are globals of the function, since ``self`` is the user's
+    module.
+    """
+
+    def __init__(self, src: str, globals_: dict[str, Any], specs: dict[str, Any] | None = None):
         self.src = src
         self.globals = globals_
-        self.fn: Callable[..., Any] = _forward_from_src(src, globals_)
+        self.specs = specs or {}
+        self.fn: Callable[..., Any] = _forward_from_src(src, {**globals_, **self.specs})
 
     @classmethod
     def from_graph(cls, graph: fx.Graph) -> GraphCode:
         code = graph.python_code(root_module="self")
-        return cls(code.src, code.globals)
+        src, specs = code.src, {}
+        info = getattr(graph._codegen, "pytree_info", None)
+        if info is not None:
+            src = src.replace("self._in_spec", "_attn_inject_in_spec").replace("self._out_spec", "_attn_inject_out_spec")
+            specs = {"_attn_inject_in_spec": info.in_spec, "_attn_inject_out_spec": info.out_spec}
+        return cls(src, code.globals, specs)
 
     def __reduce__(self):
-        return (_graph_code_from_imports, (self.src, _format_import_block(self.globals, sys_importer)))
+        return (_graph_code_from_imports, (self.src, _format_import_block(self.globals, sys_importer), self.specs))
 
 
-def _graph_code_from_imports(src: str, import_block: str) -> GraphCode:
+def _graph_code_from_imports(src: str, import_block: str, specs: dict[str, Any] | None = None) -> GraphCode:
     globals_: dict[str, Any] = {}
     exec(import_block, globals_)
-    return GraphCode(src, globals_)
+    return GraphCode(src, globals_, specs)
 
 
 class PatchedForward:
@@ -113,6 +138,8 @@ class PatchedForward:
 def _same(value: Any, fixed: Any) -> bool:
     if fixed is None:
         return value is None
+    if isinstance(fixed, TensorSeq):
+        return type(value) is fixed.kind and len(value) == fixed.length
     return type(value) is type(fixed) and value == fixed
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 from functools import lru_cache
 
 import torch
@@ -18,7 +19,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
 
 from .ops import is_inplace
-from .patched import patched_forward
+from .patched import TensorSeq, patched_forward
 
 
 class TraceFailure(Exception):
@@ -44,36 +45,57 @@ class _ChildrenAsLeaves(fx.Tracer):
 def trace_module(module: nn.Module, method: str, fixed: frozenset, training: bool) -> tuple[fx.Graph, dict]:
     """Trace ``module.<method>`` with children as leaves and the ``fixed`` (name, value) arguments baked in.
 
-    A method already patched by attn_inject is traced from its patched code, so injections compose.
-    The placeholders of fixed arguments keep their names and fx's asserts on them are dropped (the
-    patched forward picks a graph by these values instead). In-place updates are made explicit.
+    A method already patched by attn_inject, or bound on the instance at runtime, is traced from the
+    function the instance really runs, so injections compose. Lists/tuples of tensors are fixed by
+    their structure (one placeholder per element). The placeholders of fixed arguments keep their
+    names and fx's asserts on them are dropped (the patched forward picks a graph by these values
+    instead). In-place updates are made explicit.
     Returns the graph and the constants fx stored on the traced copy (``_tensor_constant0``...),
     which the graph reads with get_attr and which must be set on the module when it is patched.
     """
     clone = _detached_copy(module, training)
-    installed = patched_forward(module, method)
-    if installed is not None:
-        code = installed.code_for(fixed, training)
-        if code is None:
-            raise TraceFailure("called with arguments its previous patch was never traced for")
-        clone.__class__ = type(type(module).__name__, (type(module),), {method: code.fn})
+    function = _instance_function(module, method, fixed, training)
+    if function is not None:  # trace what the instance really runs, not the class's method
+        clone.__class__ = type(type(module).__name__, (type(module),), {method: function})
+    concrete = {name: value.placeholders() if isinstance(value, TensorSeq) else value for name, value in fixed}
     try:
-        graph = _ChildrenAsLeaves(method).trace(clone, concrete_args=dict(fixed))
+        graph = _ChildrenAsLeaves(method).trace(clone, concrete_args=concrete)
     except Exception as exc:  # tracing user code can fail in any way; the reason is reported
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise TraceFailure(f"{type(exc).__name__}: {first_line}".rstrip(": ")) from None
-    _unspecialize(graph, {name for name, _ in fixed})
+    if not hasattr(graph._codegen, "pytree_info"):  # list arguments keep fx's flattened names
+        _rename_fixed_placeholders(graph, {name for name, _ in fixed})
+    _drop_specialization_asserts(graph)
     explicit_inplace(graph, module)
     constants = {k: v for k, v in clone.__dict__.items() if k not in module.__dict__ and k != "__class__"}
     return graph, constants
 
 
-def _unspecialize(graph: fx.Graph, fixed_names: set[str]) -> None:
-    """Give fixed-argument placeholders their parameter names back and drop fx's asserts on them."""
+def _instance_function(module: nn.Module, method: str, fixed: frozenset, training: bool):
+    """The function behind an instance-level ``method``: a previous attn_inject patch, or a method
+    bound at runtime (``self.forward = self.forward_split_cat``). None when the class's runs."""
+    installed = patched_forward(module, method)
+    if installed is not None:
+        code = installed.code_for(fixed, training)
+        if code is None:
+            raise TraceFailure("called with arguments its previous patch was never traced for")
+        return code.fn
+    bound = module.__dict__.get(method)
+    if isinstance(bound, types.MethodType) and bound.__self__ is module:
+        return bound.__func__
+    return None
+
+
+def _rename_fixed_placeholders(graph: fx.Graph, fixed_names: set[str]) -> None:
+    """fx names the placeholder of a fixed argument ``<name>_1``: give it its parameter name back."""
     for node in graph.find_nodes(op="placeholder"):
         base = node.target.rsplit("_", 1)[0]
         if node.target not in fixed_names and base in fixed_names:
             node.target = base
+
+
+def _drop_specialization_asserts(graph: fx.Graph) -> None:
+    """Drop fx's asserts on fixed arguments: the patched forward picks a graph by their values."""
     for node in list(graph.nodes):
         is_check = node.target is _assert_is_none or (
             node.target is torch._assert and "has been specialized" in str(node.args[1:2])

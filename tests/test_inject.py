@@ -262,3 +262,24 @@ def test_timm_notrace_functions_are_honoured(monkeypatch):
         assert [n for n in attention_blocks(model)] == ["0.eca"] and torch.equal(outputs(model, x), before)
     finally:
         trace._timm_notrace_functions.cache_clear()
+
+
+def test_list_arguments_size_tuples_and_runtime_bound_forwards_are_patched():
+    from tiny_models import StructuredNet
+
+    model = StructuredNet().eval()
+    before = outputs(model)
+    report = inject(model, "eca", after="residual", example_input=EXAMPLE)
+    assert sorted(attention_blocks(model)) == ["bound.eca", "eca", "lists.eca", "lists.eca_1", "pos.eca"]
+    assert torch.equal(outputs(model), before)
+    with torch.no_grad():
+        for block in attention_blocks(model).values():
+            block.conv.weight.fill_(0.5)
+    changed = outputs(model)
+    assert not torch.equal(changed, before)  # every block is live
+    restored = pickle.loads(pickle.dumps(model))
+    assert torch.equal(outputs(restored), changed)
+    # a size never seen at inject time runs the forward it replaced, without the block
+    tokens = torch.randn(1, 20, 8)
+    with torch.no_grad():
+        assert torch.equal(model.pos(tokens, (4, 5)), type(model.pos).forward(model.pos, tokens, (4, 5)))

@@ -138,3 +138,58 @@ def sequential_resnet() -> nn.Sequential:
         InplaceBasic(16), InplaceBasic(16),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
     )  # fmt: skip
+
+
+class ListBranches(nn.Module):
+    """HRNet style: takes a list and updates it in place, a residual per branch."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Sequential(*conv_bn(c, c), nn.ReLU(), *conv_bn(c, c)) for _ in range(2))
+
+    def forward(self, xs: list):
+        for i, branch in enumerate(self.branches):
+            xs[i] = xs[i] + branch(xs[i])
+        return xs
+
+
+class SizedPosConv(nn.Module):
+    """Twins PosConv style: tokens and a size tuple in, a residual depthwise conv on the map."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c))
+
+    def forward(self, x, size):
+        b, _, c = x.shape
+        feat = x.transpose(1, 2).reshape(b, c, *size)
+        return (self.proj(feat) + feat).flatten(2).transpose(1, 2)
+
+
+class RuntimeBoundForward(nn.Module):
+    """FasterNet Partial_conv3 style: the forward is bound on the instance at construction."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.bn = conv_bn(c, c)
+        self.forward = self.forward_residual
+
+    def forward_residual(self, x):
+        return x + self.bn(self.conv(x))
+
+
+class StructuredNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, 8), nn.ReLU())
+        self.lists = ListBranches(8)
+        self.pos = SizedPosConv(8)
+        self.bound = RuntimeBoundForward(8)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = self.lists([x, x * 2])
+        h, w = a.shape[2:]
+        tokens = self.pos(a.flatten(2).transpose(1, 2), (h, w))
+        a = tokens.transpose(1, 2).reshape(a.shape)
+        return self.bound(a + b).mean((2, 3))
