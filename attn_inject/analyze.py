@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
+from .errors import AttnInjectError
 from .ops import LearnedOp, function_op, is_primitive, is_scaling, module_kind, module_op
 from .patched import TensorSeq, patched_forward
 from .trace import TraceFailure, trace_module
@@ -58,6 +59,17 @@ class Analysis:
     def untraced(self) -> list[ModuleRecord]:
         return [r for r in self.records if not r.traced]
 
+    def unreached(self) -> list[str]:
+        """Outermost modules holding convolutions that the analysis never saw called."""
+        seen = {id(r.module) for r in self.records}
+        missed: list[str] = []
+        for path, module in self.model.named_modules():
+            if id(module) in seen or is_primitive(module) or any(path.startswith(p + ".") for p in missed):
+                continue
+            if any(isinstance(m, nn.Conv2d) for m in module.modules()):
+                missed.append(path)
+        return missed
+
 
 _SCALARS = (int, float, bool, str)
 
@@ -93,8 +105,15 @@ def root_method(model: nn.Module) -> str:
 def analyze(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Analysis:
     """Run the example forward through the model, tracing and recording as it goes."""
     analysis = Analysis(model)
-    with torch.no_grad():
-        _Analyzer(analysis).run(model, "", args, kwargs or {}, root_method(model))
+    try:
+        with torch.no_grad():
+            _Analyzer(analysis).run(model, "", args, kwargs or {}, root_method(model))
+    except Exception as exc:  # the user's model failed on the example input
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise AttnInjectError(
+            f"the example forward of {type(model).__name__} failed: {type(exc).__name__}: {first_line}",
+            hint="Pass example_input= (a tensor or tuple of arguments) that the model accepts.",
+        ) from None
     return analysis
 
 
@@ -187,6 +206,12 @@ class _Analyzer:
         ]
         try:
             out = call_method(record.module, record.method, args, kwargs)
+        except Exception as exc:  # hooks inside torch.cond & co. are refused: run it unobserved
+            for handle in handles:
+                handle.remove()
+            calls.clear()
+            out = call_method(record.module, record.method, args, kwargs)
+            record.reason += f"; its children's calls cannot be observed ({type(exc).__name__})"
         finally:
             for handle in handles:
                 handle.remove()

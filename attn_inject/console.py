@@ -69,6 +69,9 @@ def plan_notes(plan: Plan) -> list[str]:
     if plan.untraced:
         paths = ", ".join(p for p, _ in plan.untraced[:3])
         notes.append(f"{len(plan.untraced)} module(s) could not be traced by torch.fx and were left as they are: {paths}")
+    if plan.unreached:
+        notes.append(f"{len(plan.unreached)} module(s) with convolutions were not reached by the example forward: "
+                     f"{', '.join(plan.unreached[:3])}")  # fmt: skip
     if plan.misses:
         notes.append(f"{len(plan.misses)} residual add(s) were not usable, e.g. {plan.misses[0].path}: {plan.misses[0].reason}")
     return notes

@@ -63,6 +63,7 @@ class Plan:
     params_before: int
     misses: tuple[Miss, ...] = ()
     untraced: tuple[tuple[str, str], ...] = ()  # (module path, reason) of modules fx could not trace
+    unreached: tuple[str, ...] = ()  # modules with convs the example forward did not reach (or could not see)
     analysis: Analysis | None = field(default=None, repr=False, compare=False)
     site_records: tuple[tuple[Site, tuple[ModuleRecord, ...]], ...] = field(default=(), repr=False, compare=False)
 
@@ -107,6 +108,7 @@ class Plan:
             "percent_added": round(self.percent_added, 4),
             "flops_added": self.flops_added,
             "untraced": [{"path": p, "reason": r} for p, r in self.untraced],
+            "unreached": list(self.unreached),
         }  # fmt: skip
 
 
@@ -141,7 +143,7 @@ def build_plan(analysis: Analysis, block: str, options: dict[str, Any], rules: l
     plan = Plan(
         type(analysis.model).__name__, block, tuple(sorted(options.items())), tuple(rules), sites,
         sum(p.numel() for p in analysis.model.parameters()), tuple(misses),
-        tuple((r.path or "<model>", r.reason) for r in analysis.untraced()), analysis,
+        tuple((r.path or "<model>", r.reason) for r in analysis.untraced()), tuple(analysis.unreached()), analysis,
         tuple((claimed[k], tuple(records_of[k])) for k in claimed),
     )  # fmt: skip
     if not sites:
@@ -235,6 +237,8 @@ def _nothing_matched(plan: Plan, candidates: list[Candidate], include, exclude) 
     if plan.misses:
         first = plan.misses[0]
         msg += f"; {len(plan.misses)} residual add(s) were not usable (e.g. {first.path}: {first.reason})"
+    if plan.unreached:
+        msg += f"; {len(plan.unreached)} module(s) with convolutions were not reached ({', '.join(plan.unreached[:3])})"
     if plan.untraced:
         path, reason = plan.untraced[0]
         msg += f"; {len(plan.untraced)} module(s) could not be traced by torch.fx (e.g. {path}: {reason})"

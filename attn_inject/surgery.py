@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -16,6 +17,8 @@ from .plan import Plan, build_plan
 from .rules import Rule, resolve_rules
 from .splice import splice
 from .verify import check_identical, example_args, run
+
+log = logging.getLogger(__name__)
 
 RuleSpec = str | Path | Rule | Iterable[str | Path | Rule]
 
@@ -80,6 +83,11 @@ def inject(
         except BaseException:
             undo()
             raise
+        if the_plan.unreached:
+            log.warning(
+                "%d module(s) with convolutions were not reached by the example forward and were left as they are: %s",
+                len(the_plan.unreached), ", ".join(the_plan.unreached),
+            )  # fmt: skip
         for site in the_plan.sites:  # new blocks follow their owner's mode
             owner = model.get_submodule(site.owner)
             blocks[site.module_name].train(modes.get(owner, owner.training))

@@ -283,3 +283,32 @@ def test_list_arguments_size_tuples_and_runtime_bound_forwards_are_patched():
     tokens = torch.randn(1, 20, 8)
     with torch.no_grad():
         assert torch.equal(model.pos(tokens, (4, 5)), type(model.pos).forward(model.pos, tokens, (4, 5)))
+
+
+class CondNet(nn.Module):
+    """Blocks called inside torch.cond: hooks cannot observe them there."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.block1, self.block2 = InplaceBasic(16), InplaceBasic(16)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cond(x.mean() > -1e9, lambda t: self.block1(t), lambda t: t.clone(), (x,))
+        return self.block2(x).mean((2, 3))
+
+
+def test_blocks_that_cannot_be_observed_are_reported_not_skipped_silently(caplog):
+    torch._dynamo.reset()  # torch.cond compiles its branches once per process: start cold
+    with pytest.raises(AttnInjectError, match=r"3 module\(s\) with convolutions were not reached \(stem, block1, block2\); 1 module\(s\) could not be traced by torch.fx \(e.g. <model>: .*its children's calls cannot be observed"):
+        plan(CondNet().eval(), "se", after="basic", example_input=torch.randn(1, 3, 16, 16))
+    model = CondNet().eval()  # now cond runs compiled code: the hook in block1 never fires
+    inject(model, "se", after="basic", example_input=torch.randn(1, 3, 16, 16))
+    assert list(attention_blocks(model)) == ["block2.se"]
+    assert "not reached by the example forward and were left as they are: block1" in caplog.text
+
+
+def test_a_model_failing_on_the_example_input_is_one_clear_error():
+    with pytest.raises(AttnInjectError, match=r"the example forward of BranchyNet failed: RuntimeError: .*Pass example_input="):
+        plan(BranchyNet(), "eca", after="residual", example_input=torch.randn(1, 5, 32, 32))

@@ -3,8 +3,8 @@
     s = gate(W2 · ReLU(W1 · GAP(x))),  y = x ⊙ s
 
 ``W1`` reduces C channels to C/r, ``W2`` restores C. The FC layers are 1x1 convolutions on the
-pooled map (the same maths, and the layout timm's ``SEModule`` uses, so the checkpoint keys
-``fc1``/``fc2`` match timm's SE-ResNets). The reduced width is ``C / reduction`` rounded to a
+pooled map (the same maths, and the layout and submodule names ``fc1``/``fc2`` of timm's
+``SEModule``). The reduced width is ``C / reduction`` rounded to a
 multiple of ``rd_divisor`` and at least ``rd_divisor`` (timm's ``make_divisible``).
 
 ``init="identity"`` zeroes ``fc2`` (weight and bias) and uses a gain-2 gate: the block is the
