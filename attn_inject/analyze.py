@@ -22,7 +22,8 @@ from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .errors import AttnInjectError
-from .ops import LearnedOp, function_op, is_primitive, is_scaling, module_kind, module_op
+from .ops import LearnedOp, function_op, is_primitive, module_kind, module_op
+from .regions import GraphBits
 from .patched import TensorSeq, patched_forward
 from .trace import TraceFailure, trace_module
 
@@ -305,71 +306,3 @@ def _arg_shape(interp: fx.Interpreter):
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-class GraphBits:
-    """Ancestor sets of a graph's nodes as int bitsets, for fast region arithmetic."""
-
-    def __init__(self, graph: fx.Graph):
-        self.graph = graph
-        self.nodes = list(graph.nodes)
-        self.index = {node: i for i, node in enumerate(self.nodes)}
-        self.anc: dict[fx.Node, int] = {}
-        for node in self.nodes:
-            bits = 0
-            for parent in node.all_input_nodes:
-                bits |= self.anc[parent] | (1 << self.index[parent])
-            self.anc[node] = bits
-        self.gates = self._gate_bits()
-        self.inputs = sum(1 << self.index[n] for n in graph.find_nodes(op="placeholder") if n.meta.get("shape"))
-
-    def upto(self, node: fx.Node) -> int:
-        """The node and all its ancestors."""
-        return self.anc[node] | (1 << self.index[node])
-
-    def nodes_in(self, bits: int) -> list[fx.Node]:
-        return [n for i, n in enumerate(self.nodes) if bits >> i & 1]
-
-    def ops_in(self, bits: int) -> tuple[LearnedOp, ...]:
-        """Learned ops of the nodes in a region, in graph order, gate paths excluded."""
-        return tuple(op for n in self.nodes_in(bits & ~self.gates) for op in n.meta.get("ops", ()))
-
-    def main_path_ops(self) -> tuple[LearnedOp, ...]:
-        """Ops on paths from a tensor input to the output."""
-        from_input = self.inputs
-        for i, node in enumerate(self.nodes):
-            if self.anc[node] & from_input:
-                from_input |= 1 << i
-        output = self.nodes[-1]
-        return self.ops_in(from_input & self.anc[output])
-
-    def _gate_bits(self) -> int:
-        """Nodes that only compute a broadcast multiplier (SE/ECA-style gates, spatial attention)."""
-        gates = 0
-        for node in self.nodes:
-            if not is_scaling(node) or len(node.args) < 2:
-                continue
-            a, b = node.args[0], node.args[1]
-            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-                continue
-            size_a, size_b = _numel(_unexpanded_shape(a)), _numel(_unexpanded_shape(b))
-            if size_a is None or size_b is None or size_a == size_b:
-                continue
-            small, big = (a, b) if size_a < size_b else (b, a)
-            gates |= self.upto(small) & ~self.upto(big)
-        return gates
-
-
-def _unexpanded_shape(node: fx.Node) -> tuple[int, ...] | None:
-    while node.op == "call_method" and node.target in ("expand", "expand_as") and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node.meta.get("shape")
-
-
-def _numel(shape: tuple[int, ...] | None) -> int | None:
-    if shape is None:
-        return None
-    n = 1
-    for s in shape:
-        n *= s
-    return n
