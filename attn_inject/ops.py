@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .blocks import is_attention_block
+from .patched import add_shortcut
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 _ACT_MODULES = ("torch.nn.modules.activation", "timm.layers.activations", "timm.layers.activations_me")
@@ -114,8 +115,9 @@ def is_activation_node(node: fx.Node, module_of) -> bool:
 
 
 def is_add(node: fx.Node) -> bool:
+    """A two-tensor add (attn_inject's own add_shortcut, left by an earlier injection, included)."""
     if node.op == "call_function":
-        return node.target in ADD_FUNCS and "out" not in node.kwargs
+        return (node.target in ADD_FUNCS and "out" not in node.kwargs) or node.target is add_shortcut
     return node.op == "call_method" and node.target in ("add", "add_")
 
 

@@ -19,6 +19,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import fx, nn
 from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
@@ -133,6 +134,19 @@ class PatchedForward:
 
     def __repr__(self) -> str:
         return f"<attn_inject patched {type(self.module).__name__}.{self.method}: {len(self.variants)} graph(s)>"
+
+
+def add_shortcut(branch: torch.Tensor, shortcut: torch.Tensor, branch_first: bool) -> torch.Tensor:
+    """The residual add after a spliced block, in place into the block's fresh output.
+
+    fx records ``out += shortcut`` as an out-of-place add; adding into the block's output (a new
+    tensor nothing else reads) saves a map per block and is bitwise the same sum. Where the two
+    layouts differ (they can change with the batch size), the out-of-place add in the original
+    order is kept: its result takes a layout of its own, and later kernels depend on it.
+    """
+    if branch.stride() == shortcut.stride() and branch.dtype == shortcut.dtype and branch.shape == shortcut.shape:
+        return branch.add_(shortcut)
+    return branch + shortcut if branch_first else shortcut + branch
 
 
 def _same(value: Any, fixed: Any) -> bool:

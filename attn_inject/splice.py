@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from .analyze import ModuleRecord
-from .patched import GraphCode, PatchedForward, Variant
+from .patched import GraphCode, PatchedForward, Variant, add_shortcut
 from .plan import Plan, Site
 
 _MISSING = object()
@@ -60,10 +60,10 @@ def splice(plan: Plan, blocks: dict[str, nn.Module]) -> Undo:
             for record in records:
                 sites = by_record[record]
                 if record.train_graph is None:
-                    variants[(record.fixed, None)] = GraphCode.from_graph(_edited(record.graph, sites, record.graph))
+                    variants[(record.fixed, None)] = GraphCode.from_graph(_edited(record.graph, sites))
                 else:
-                    variants[(record.fixed, False)] = GraphCode.from_graph(_edited(record.graph, sites, record.graph))
-                    variants[(record.fixed, True)] = GraphCode.from_graph(_edited(record.train_graph, sites, record.graph))
+                    variants[(record.fixed, False)] = GraphCode.from_graph(_edited(record.graph, sites))
+                    variants[(record.fixed, True)] = GraphCode.from_graph(_edited(record.train_graph, sites))
             for site in {s.name: s for r in records for s in by_record[r]}.values():
                 module.add_module(site.name, blocks[site.module_name])
                 undo.added.append((module, site.name))
@@ -79,11 +79,10 @@ def splice(plan: Plan, blocks: dict[str, nn.Module]) -> Undo:
     return undo
 
 
-def _edited(graph: fx.Graph, sites: list[Site], analysed: fx.Graph) -> fx.Graph:
-    """A copy of ``graph`` with a call to each site's block spliced in (``analysed`` has the shapes)."""
+def _edited(graph: fx.Graph, sites: list[Site]) -> fx.Graph:
+    """A copy of ``graph`` with a call to each site's block spliced in."""
     graph = copy.deepcopy(graph)
     nodes = {n.name: n for n in graph.nodes}
-    analysed_nodes = {n.name: n for n in analysed.nodes}
     for site in sites:
         if site.consumer is not None:  # branch end: only the add sees the block's output
             consumer = nodes[site.consumer]
@@ -91,7 +90,7 @@ def _edited(graph: fx.Graph, sites: list[Site], analysed: fx.Graph) -> fx.Graph:
             with graph.inserting_before(consumer):
                 call = graph.call_module(site.name, (anchor,))
             consumer.replace_input_with(anchor, call)
-            if _can_add_in_place(analysed_nodes[site.consumer]):
+            if _can_add_in_place(consumer):
                 _add_in_place(graph, consumer, call)
         else:  # after the anchor: every later use sees the block's output
             anchor = nodes[site.anchor]
@@ -103,22 +102,18 @@ def _edited(graph: fx.Graph, sites: list[Site], analysed: fx.Graph) -> fx.Graph:
 
 
 def _can_add_in_place(add: fx.Node) -> bool:
-    """A plain two-tensor add of one dtype (fx turns ``out += shortcut`` into one)."""
+    """A plain add of two tensors (fx turns ``out += shortcut`` into one)."""
     plain = (add.op == "call_function" and add.target in (operator.add, torch.add)) or (
         add.op == "call_method" and add.target == "add"
     )
-    dtypes = {a.meta.get("dtype") for a in add.args[:2] if isinstance(a, fx.Node)}
-    return plain and len(add.args) == 2 and not add.kwargs and len(dtypes) == 1 and None not in dtypes
+    return plain and len(add.args) == 2 and not add.kwargs and all(isinstance(a, fx.Node) for a in add.args)
 
 
 def _add_in_place(graph: fx.Graph, add: fx.Node, block_out: fx.Node) -> None:
-    """Add the shortcut into the block's fresh output in place, as the original ``+=`` did.
-
-    The block's output is a new tensor used by this add only, and float addition is commutative,
-    so the result is bitwise the same while one allocation per block is saved.
-    """
-    other = add.args[1] if add.args[0] is block_out else add.args[0]
+    """Replace the add by :func:`add_shortcut`, which adds into the block's output when it can."""
+    branch_first = add.args[0] is block_out
+    other = add.args[1] if branch_first else add.args[0]
     with graph.inserting_after(add):
-        in_place = graph.call_method("add_", (block_out, other))
-    add.replace_all_uses_with(in_place)
+        fused = graph.call_function(add_shortcut, (block_out, other, branch_first))
+    add.replace_all_uses_with(fused)
     graph.erase_node(add)

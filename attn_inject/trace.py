@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
 
 from .ops import is_inplace
-from .patched import TensorSeq, patched_forward
+from .patched import TensorSeq, add_shortcut, patched_forward
 
 
 class TraceFailure(Exception):
@@ -33,9 +33,14 @@ def _timm_notrace_functions() -> tuple:
     return tuple(get_notrace_functions())
 
 
+def _leaf_functions() -> tuple:
+    """Functions traced as single calls: timm's notrace registry and attn_inject's own helper."""
+    return _timm_notrace_functions() + (add_shortcut,)
+
+
 class _ChildrenAsLeaves(fx.Tracer):
     def __init__(self, method: str):
-        super().__init__(autowrap_modules=(math,), autowrap_functions=_timm_notrace_functions())
+        super().__init__(autowrap_modules=(math,), autowrap_functions=_leaf_functions())
         self.traced_func_name = method
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
