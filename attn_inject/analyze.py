@@ -61,13 +61,15 @@ class Analysis:
         return [r for r in self.records if not r.traced]
 
     def unreached(self) -> list[str]:
-        """Outermost modules holding convolutions that the analysis never saw called."""
+        """Outermost modules holding convolutions that the analysis never saw called, directly or
+        through a descendant (a ModuleList is reached through its members)."""
         seen = {id(r.module) for r in self.records}
         missed: list[str] = []
         for path, module in self.model.named_modules():
-            if id(module) in seen or is_primitive(module) or any(path.startswith(p + ".") for p in missed):
+            if is_primitive(module) or any(path.startswith(p + ".") for p in missed):
                 continue
-            if any(isinstance(m, nn.Conv2d) for m in module.modules()):
+            inside = list(module.modules())
+            if not any(id(m) in seen for m in inside) and any(isinstance(m, nn.Conv2d) for m in inside):
                 missed.append(path)
         return missed
 
