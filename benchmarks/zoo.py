@@ -1,0 +1,283 @@
+"""Zoo coverage: inject SE and ECA after "residual" into one model per timm family and every
+torchvision classifier; record sites, bitwise identity, inject time and the reason for each miss.
+
+    python benchmarks/zoo.py                 # the full sweep (about an hour on 2 cores)
+    python benchmarks/zoo.py --quick         # three models, for the tests
+    python benchmarks/zoo.py --only convnext resnet torchvision:resnet18
+
+Each family runs in its own subprocess (a crash or a hang costs one family). For every model an
+independent oracle counts the residual-looking adds at the dispatcher level (aten.add of two
+same-shape tensors that both derive from the input), split by layout: NCHW when dims 2 and 3 are equal (square input) and
+dim 1 differs, NHWC when dims 1 and 2 are equal and dim 3 differs. A family "has an NCHW residual"
+when the oracle sees one; coverage is the share of those families patched with bitwise identity.
+Results: benchmarks/results/zoo.jsonl (one line per model) and a markdown summary on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+QUICK = ["timm:resnet", "timm:convnext", "torchvision:mobilenet_v2"]
+SMALL_INPUT = 96  # side of the square test image where the model accepts it
+TIMEOUT = 900  # seconds per family
+
+
+# --------------------------------------------------------------------------------------------
+# worker side: one family or one torchvision model, in its own process
+
+
+def smallest_timm_model(family: str) -> str:
+    """The family's model with the fewest parameters (counted on the meta device), skipping timm's
+    test_* models where the family has others."""
+    import timm
+    import torch
+
+    best = None
+    names = timm.list_models(module=family)
+    real = [n for n in names if not n.startswith("test_")]  # timm's tiny test models lack real blocks
+    for name in real or names:
+        try:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in timm.create_model(name).parameters())
+        except Exception:
+            continue
+        if best is None or n < best[0]:
+            best = (n, name)
+    if best is None:
+        raise RuntimeError(f"no model of family {family} could be built")
+    return best[1]
+
+
+def build(spec: str):
+    """(name, factory) for 'timm:FAMILY' or 'torchvision:NAME'."""
+    kind, name = spec.split(":", 1)
+    if kind == "timm":
+        import timm
+
+        model_name = smallest_timm_model(name)
+        return model_name, lambda: timm.create_model(model_name, pretrained=False)
+    import torchvision
+
+    return name, lambda: torchvision.models.get_model(name, weights=None)
+
+
+def oracle_adds(model, x) -> dict[str, int]:
+    """Count adds of two same-shape tensors that both derive from the input, by layout.
+
+    Provenance is tracked at the dispatcher: a tensor derives from the input when an op that made
+    it read the input or a tensor derived from it (so position embeddings, attention biases and
+    other parameter-only sums are not counted).
+    """
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    adds = {"nchw": 0, "nhwc": 0, "other": 0}
+    add_ops = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+    derived: dict[int, weakref.ref] = {id(x): weakref.ref(x)}  # by identity: tensors compare by value
+
+    def is_derived(t) -> bool:
+        ref = derived.get(id(t))
+        return ref is not None and ref() is t
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            if any(is_derived(t) for t in inputs):
+                derived.update((id(t), weakref.ref(t)) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            if func in add_ops and len(args) >= 2 and all(isinstance(a, torch.Tensor) and is_derived(a) for a in args[:2]):
+                a, b = args[0], args[1]
+                if a.shape == b.shape and a.dim() >= 3 and a.is_floating_point():
+                    s = a.shape
+                    if a.dim() == 4 and s[2] == s[3] and s[1] != s[2]:
+                        adds["nchw"] += 1
+                    elif a.dim() == 4 and s[1] == s[2] and s[3] != s[1]:
+                        adds["nhwc"] += 1
+                    else:
+                        adds["other"] += 1
+            return out
+
+    with torch.no_grad(), Count():
+        model(x)
+    return adds
+
+
+def test_input(model):
+    """A 2-image batch at SMALL_INPUT where the model takes it, else at its configured size."""
+    import torch
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    generator = torch.Generator().manual_seed(0)
+    if not cfg.get("fixed_input_size", False):
+        small = torch.randn(2, size[0], SMALL_INPUT, SMALL_INPUT, generator=generator)
+        try:
+            with torch.no_grad():
+                model(small)
+            return small
+        except Exception:
+            pass
+    return torch.randn(2, *size, generator=generator)
+
+
+def run_one(spec: str) -> dict:
+    import torch
+
+    from attn_inject import AttnInjectError, inject, plan
+    from attn_inject.verify import bitwise_equal
+
+    torch.manual_seed(0)
+    row: dict = {"spec": spec}
+    try:
+        name, factory = build(spec)
+        row["model"] = name
+        original = factory().eval()
+    except Exception as exc:
+        row["error"] = f"model not built: {type(exc).__name__}: {str(exc)[:200]}"
+        return row
+    row["params"] = sum(p.numel() for p in original.parameters())
+    try:  # can plain torch.fx trace the whole model? (attn_inject does not need it to)
+        torch.fx.symbolic_trace(copy.deepcopy(original))
+        row["whole_model_fx"] = "ok"
+    except Exception as exc:
+        row["whole_model_fx"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    try:
+        x = test_input(original)
+        row["input"] = list(x.shape)
+        row["oracle"] = oracle_adds(original, x)
+        with torch.no_grad():
+            reference = original(x)
+    except Exception as exc:
+        row["error"] = f"model does not run: {type(exc).__name__}: {str(exc)[:200]}"
+        return row
+    for block in ("se", "eca"):
+        model = copy.deepcopy(original)
+        result: dict = {}
+        try:
+            report = plan(model, block, after="residual", example_input=x[:1])
+            result["untraced"] = [f"{p}: {r}" for p, r in report.untraced]
+            result["misses"] = len(report.misses)
+            start = time.perf_counter()
+            inject(model, block, after="residual", example_input=x[:1])
+            result["seconds"] = round(time.perf_counter() - start, 3)
+            result["sites"] = len(report)
+            with torch.no_grad():
+                result["identical"] = bitwise_equal(reference, model(x))
+        except AttnInjectError as exc:
+            result["refused"] = str(exc)[:400]
+        except Exception as exc:
+            result["crash"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            result["traceback"] = traceback.format_exc()[-1500:]
+        row[block] = result
+    return row
+
+
+def worker(specs: list[str]) -> None:
+    for spec in specs:
+        print(json.dumps(run_one(spec)), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# driver side
+
+
+def all_specs() -> list[str]:
+    import timm
+    import torchvision
+
+    timm_specs = [f"timm:{m}" for m in sorted(timm.list_modules())]
+    tv_specs = [f"torchvision:{m}" for m in sorted(torchvision.models.list_models(module=torchvision.models))]
+    return timm_specs + tv_specs
+
+
+def run_isolated(spec: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", spec]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"spec": spec, "error": f"timed out after {TIMEOUT} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"spec": spec, "error": f"worker died (exit {done.returncode}): {done.stderr.strip()[-300:]}"}
+    return json.loads(lines[-1])
+
+
+def patched(row: dict, block: str) -> bool:
+    result = row.get(block) or {}
+    return bool(result.get("sites")) and result.get("identical") is True
+
+
+def summarize(rows: list[dict]) -> str:
+    has_nchw = [r for r in rows if (r.get("oracle") or {}).get("nchw")]
+    both = [r for r in has_nchw if patched(r, "se") and patched(r, "eca")]
+    untraceable = [r for r in both if r.get("whole_model_fx") != "ok"]
+    lines = [
+        f"Families/models with an NCHW residual-looking add (oracle): {len(has_nchw)}; "
+        f"patched with bitwise identity by both SE and ECA: {len(both)} "
+        f"({100 * len(both) / max(1, len(has_nchw)):.1f} %), of which {len(untraceable)} cannot be traced "
+        f"whole by torch.fx.symbolic_trace.",
+        "",
+        "| model | input | oracle adds NCHW/NHWC/other | whole-model fx | SE sites | ECA sites | identical | inject s (ECA) | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        o = r.get("oracle") or {}
+        se, eca = r.get("se") or {}, r.get("eca") or {}
+        note = r.get("error") or eca.get("crash") or se.get("crash") or eca.get("refused") or se.get("refused") or ""
+        if not note and eca.get("untraced"):
+            note = f"{len(eca['untraced'])} module(s) not traceable, e.g. {eca['untraced'][0]}"
+        identical = {True: "yes", False: "NO"}.get(eca.get("identical") if "identical" in eca else None, "")
+        if "identical" in se and se["identical"] is not True:
+            identical = "NO (SE)"
+        size = "x".join(map(str, (r.get("input") or [])[2:]))
+        lines.append(
+            f"| {r.get('model', r['spec'])} | {size} | {o.get('nchw', '')}/{o.get('nhwc', '')}/{o.get('other', '')} "
+            f"| {'ok' if r.get('whole_model_fx') == 'ok' else 'fails' if r.get('whole_model_fx') else ''} | {se.get('sites', 0)} | {eca.get('sites', 0)} | {identical} | {eca.get('seconds', '')} | {note[:160].replace('|', '/')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--only", nargs="+", metavar="SPEC", help="timm family names or torchvision:NAME")
+    parser.add_argument("--jobs", type=int, default=2, help="families run in parallel (default 2)")
+    parser.add_argument("--out", type=Path, help="JSON-lines results (default benchmarks/results/zoo[-quick].jsonl)")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker)
+        return 0
+    specs = QUICK if args.quick else all_specs()
+    if args.only:
+        specs = [s if ":" in s else f"timm:{s}" for s in args.only]
+    out = args.out or RESULTS / ("zoo-quick.jsonl" if args.quick else "zoo.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool, out.open("w") as sink:
+        for row in pool.map(run_isolated, specs):
+            rows.append(row)
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            print(f"{row['spec']:40s} se={row.get('se', {}).get('sites', '-')} eca={row.get('eca', {}).get('sites', '-')} "
+                  f"{row.get('error', '')[:80]}", file=sys.stderr, flush=True)  # fmt: skip
+    print(summarize(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
