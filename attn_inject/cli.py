@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser(
         "plan", help="show where blocks would go (a dry run)", epilog=EPILOG,
-        description="Build ARCH untrained and show the sites a block would be spliced into, with the parameters added.",
+        description="Build ARCH untrained and show the sites a block would be spliced into, with the parameters and FLOPs added.",
     )  # fmt: skip
     _model_arguments(plan)
     _surgery_arguments(plan)
