@@ -84,7 +84,7 @@ def test_block_goes_on_the_branch_not_the_shortcut():
 def test_block_output_position_is_after_add_and_activation():
     model = InplaceBasic(16).eval()
     x = torch.randn(2, 16, 8, 8)
-    report = inject(model, "se", after="basic", position="block_output", example_input=x[:1])
+    inject(model, "se", after="basic", position="block_output", example_input=x[:1])
     assert "se_out" in dict(model.named_children())
     with torch.no_grad():
         model.se_out.fc2.bias.fill_(-30.0)
@@ -109,7 +109,7 @@ def test_sequential_model_and_conv_units():
 def test_block_called_with_and_without_a_shortcut_argument():
     model = TwoCallNet().eval()
     before = outputs(model)
-    report = inject(model, "eca", after="basic", example_input=EXAMPLE)
+    inject(model, "eca", after="basic", example_input=EXAMPLE)
     assert sorted(attention_blocks(model)) == ["a.eca", "b.eca"]
     assert torch.equal(outputs(model), before)
     with torch.no_grad():
@@ -269,7 +269,7 @@ def test_list_arguments_size_tuples_and_runtime_bound_forwards_are_patched():
 
     model = StructuredNet().eval()
     before = outputs(model)
-    report = inject(model, "eca", after="residual", example_input=EXAMPLE)
+    inject(model, "eca", after="residual", example_input=EXAMPLE)
     assert sorted(attention_blocks(model)) == ["bound.eca", "eca", "lists.eca", "lists.eca_1", "pos.eca"]
     assert torch.equal(outputs(model), before)
     with torch.no_grad():
