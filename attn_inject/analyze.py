@@ -13,7 +13,6 @@ mode under no_grad (the caller sets and restores the mode).
 from __future__ import annotations
 
 import inspect
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +22,9 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .errors import AttnInjectError
 from .ops import LearnedOp, function_op, is_primitive, module_kind, module_op
-from .regions import GraphBits
 from .patched import TensorSeq, patched_forward
-from .trace import TraceFailure, trace_module
+from .regions import GraphBits
+from .trace import TraceFailure, bound_on_instance, trace_module
 
 
 @dataclass(eq=False)
@@ -128,8 +127,8 @@ def forward_signature(module: nn.Module, method: str) -> inspect.Signature:
     installed = patched_forward(module, method)
     if installed is not None:
         return installed.__signature__
-    bound = module.__dict__.get(method)
-    if isinstance(bound, types.MethodType) and bound.__self__ is module:
+    bound = bound_on_instance(module, method)
+    if bound is not None:
         return inspect.signature(bound)
     params = list(inspect.signature(getattr(type(module), method)).parameters.values())[1:]
     return inspect.Signature(params)
@@ -207,17 +206,18 @@ class _Analyzer:
             for sub_path, sub in record.module.named_modules()
             if sub is not record.module and not is_primitive(sub)
         ]
+        refused = None
         try:
             out = call_method(record.module, record.method, args, kwargs)
-        except Exception as exc:  # hooks inside torch.cond & co. are refused: run it unobserved
-            for handle in handles:
-                handle.remove()
-            calls.clear()
-            out = call_method(record.module, record.method, args, kwargs)
-            record.reason += f"; its children's calls cannot be observed ({type(exc).__name__})"
+        except Exception as exc:  # hooks inside torch.cond & co. are refused
+            refused = exc
         finally:
             for handle in handles:
                 handle.remove()
+        if refused is not None:  # run it unobserved
+            calls.clear()
+            out = call_method(record.module, record.method, args, kwargs)
+            record.reason += f"; its children's calls cannot be observed ({type(refused).__name__})"
         for sub_path, sub, sub_args, sub_kwargs in calls:
             self.run(sub, _join(record.path, sub_path), sub_args, sub_kwargs)
         record.ops = tuple(

@@ -12,10 +12,10 @@ import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx, nn
 
 from .analyze import ModuleRecord
+from .ops import is_add
 from .patched import GraphCode, PatchedForward, Variant, add_shortcut
 from .plan import Plan, Site
 
@@ -102,11 +102,9 @@ def _edited(graph: fx.Graph, sites: list[Site]) -> fx.Graph:
 
 
 def _can_add_in_place(add: fx.Node) -> bool:
-    """A plain add of two tensors (fx turns ``out += shortcut`` into one)."""
-    plain = (add.op == "call_function" and add.target in (operator.add, torch.add)) or (
-        add.op == "call_method" and add.target == "add"
-    )
-    return plain and len(add.args) == 2 and not add.kwargs and all(isinstance(a, fx.Node) for a in add.args)
+    """A plain out-of-place add of two tensors (fx turns ``out += shortcut`` into one)."""
+    out_of_place = is_add(add) and add.target not in (add_shortcut, operator.iadd, "add_")
+    return out_of_place and len(add.args) == 2 and not add.kwargs and all(isinstance(a, fx.Node) for a in add.args)
 
 
 def _add_in_place(graph: fx.Graph, add: fx.Node, block_out: fx.Node) -> None:

@@ -85,10 +85,14 @@ def _instance_function(module: nn.Module, method: str, fixed: frozenset, trainin
         if code is None:
             raise TraceFailure("called with arguments its previous patch was never traced for")
         return code.fn
+    bound = bound_on_instance(module, method)
+    return bound.__func__ if bound is not None else None
+
+
+def bound_on_instance(module: nn.Module, method: str) -> types.MethodType | None:
+    """``module.<method>`` when the instance binds it at runtime (FasterNet's Partial_conv3)."""
     bound = module.__dict__.get(method)
-    if isinstance(bound, types.MethodType) and bound.__self__ is module:
-        return bound.__func__
-    return None
+    return bound if isinstance(bound, types.MethodType) and bound.__self__ is module else None
 
 
 def _rename_fixed_placeholders(graph: fx.Graph, fixed_names: set[str]) -> None:
