@@ -8,6 +8,7 @@ from typing import Any, Iterable
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .plan import Plan
@@ -75,3 +76,46 @@ def plan_notes(plan: Plan) -> list[str]:
     if plan.misses:
         notes.append(f"{len(plan.misses)} residual add(s) were not usable, e.g. {plan.misses[0].path}: {plan.misses[0].reason}")
     return notes
+
+
+class TrainingProgress:
+    """Progress of ``attn_inject.finetune`` loops: a rich bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
+        self.description = ""
+        self.fields: dict[str, float] = {}
+        self.steps = 0
+
+    def start(self, description: str, total: int) -> None:
+        self.description, self.fields, self.steps = description, {}, 0
+        if self.console.is_terminal:
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"), console=self.console, transient=True,
+            )  # fmt: skip
+            self.task = self.bar.add_task(description, total=total, info="")
+            self.bar.start()
+
+    def update(self, advance: int = 1, **fields: float) -> None:
+        self.steps += advance
+        self.fields = fields
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, advance=advance, info=_fields(fields))
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        elif self.fields:
+            self.console.print(f"{self.description}: {self.steps} steps · {_fields(self.fields)}", soft_wrap=True)
+
+    def note(self, message: str) -> None:
+        self.console.print(message, soft_wrap=True)
+
+
+def _fields(fields: dict[str, float]) -> str:
+    names = {"loss": "loss {:.4f}", "img_s": "{:.1f} img/s"}
+    return " · ".join(names.get(k, k + " {:g}").format(v) for k, v in fields.items())

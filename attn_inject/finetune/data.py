@@ -1,0 +1,201 @@
+"""The data: an ImageFolder ``DIR/train/<class>/*``, ``DIR/val/<class>/*`` through timm's pipeline.
+
+timm's ``create_dataset`` reads the folders, ``resolve_data_config(model=...)`` gives the model's
+preprocessing (``img_size`` overrides its input size) and ``create_transform`` the train
+augmentation and the eval transform. Everything a user can get wrong is checked before training:
+missing or empty folders, train and val with different classes, a class count that differs from
+the model's head, files that are not images.
+
+Each sample's augmentation is drawn from its own seed (``seed``, epoch, index), so it does not
+depend on the number of processes or loader workers: one process with batch 32 and two with
+batch 16 see the same images, augmented the same way.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..errors import AttnInjectError
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class ImageFolderInfo:
+    root: Path
+    classes: tuple[str, ...]
+    counts: dict[str, int]  # split -> images
+
+
+def data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:
+    """timm's data config for ``model`` (mean, std, crop, interpolation), at ``img_size`` if given."""
+    from timm.data import resolve_data_config
+
+    if img_size is not None and img_size < 1:
+        raise AttnInjectError(f"--img-size must be a positive integer, got {img_size}")
+    args = {"input_size": (3, img_size, img_size)} if img_size else {}
+    return resolve_data_config(args, model=model)
+
+
+def image_folder(root: str | Path, split: str, transform: Any = None):
+    """timm's folder dataset for ``root/split``, checked: it exists and holds images in class folders."""
+    from timm.data import create_dataset
+
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise AttnInjectError(
+            f"no {split}/ folder", where=str(Path(root)),
+            hint=f"Use the ImageFolder layout: {Path(root) / split}/<class>/<image>.",
+        )  # fmt: skip
+    dataset = create_dataset("", root=str(folder), split=split, search_split=False, transform=transform)
+    if len(dataset) == 0:
+        raise AttnInjectError(
+            "no images found", where=str(folder),
+            hint="Put the images in one folder per class (.png, .jpg, .jpeg, .webp, ...).",
+        )  # fmt: skip
+    return dataset
+
+
+def classes_of(dataset) -> tuple[str, ...]:
+    mapping = dataset.reader.class_to_idx
+    return tuple(sorted(mapping, key=mapping.__getitem__))
+
+
+def check_image_folder(root: str | Path, splits: tuple[str, ...] = SPLITS) -> ImageFolderInfo:
+    """Check ``root``'s splits exist, hold images and agree on the classes; every file is opened."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AttnInjectError("no such data folder", where=str(root), hint="Pass the folder that holds train/ and val/.")
+    datasets = {split: image_folder(root, split) for split in splits}
+    classes = {split: classes_of(ds) for split, ds in datasets.items()}
+    first = splits[0]
+    for split in splits[1:]:
+        if classes[split] != classes[first]:
+            only_first = sorted(set(classes[first]) - set(classes[split]))[:5]
+            only_here = sorted(set(classes[split]) - set(classes[first]))[:5]
+            raise AttnInjectError(
+                f"{first}/ has {len(classes[first])} classes and {split}/ has {len(classes[split])}; they differ "
+                f"(only in {first}/: {only_first or 'none'}, only in {split}/: {only_here or 'none'})",
+                where=str(root), hint="Both splits need the same class folders.",
+            )  # fmt: skip
+    for ds in datasets.values():
+        for index in range(len(ds)):
+            check_image(Path(ds.reader.filename(index, absolute=True)))
+    return ImageFolderInfo(root, classes[first], {split: len(ds) for split, ds in datasets.items()})
+
+
+def check_image(path: Path) -> None:
+    """Open the file's header (cheap: no decoding); a file PIL cannot identify is refused."""
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - the header is parsed on open
+    except Exception as exc:
+        raise AttnInjectError(
+            f"not a readable image ({type(exc).__name__})", where=str(path), hint="Remove or replace the file."
+        ) from None
+
+
+def head_size(model: nn.Module) -> int | None:
+    """Outputs of the classifier: timm's ``num_classes``, else the last Linear's ``out_features``."""
+    if isinstance(getattr(model, "num_classes", None), int):
+        return model.num_classes
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def fit_head(model: nn.Module, n_classes: int, num_classes: int | None) -> bool:
+    """Check the head against the data; replace it (timm ``reset_classifier``) only when asked.
+
+    Returns True when the head was replaced (a new, randomly initialised classifier).
+    """
+    current = head_size(model)
+    if num_classes is None:
+        if current is not None and current != n_classes:
+            raise AttnInjectError(
+                f"the data has {n_classes} classes but the model's head has {current} outputs",
+                hint=f"Pass --num-classes {n_classes} to replace the head with a new one (it starts untrained).",
+            )  # fmt: skip
+        return False
+    if num_classes != n_classes:
+        raise AttnInjectError(f"--num-classes {num_classes} does not match the data's {n_classes} classes")
+    if current == num_classes:
+        return False
+    if not callable(getattr(model, "reset_classifier", None)):
+        raise AttnInjectError(
+            f"{type(model).__name__} has no reset_classifier() to replace its head",
+            hint="Replace the classifier in Python and save the model first.",
+        )  # fmt: skip
+    model.reset_classifier(num_classes)
+    return True
+
+
+def transforms(config: dict[str, Any], **train_options: Any) -> tuple[Any, Any]:
+    """timm's (train, eval) transforms for a data config; ``train_options`` go to create_transform."""
+    from timm.data import create_transform
+
+    train = create_transform(**config, is_training=True, **train_options)
+    evaluation = create_transform(**config)
+    return train, evaluation
+
+
+class SeededSamples(Dataset):
+    """``dataset[i]`` transformed under a seed of its own: (seed, epoch, i).
+
+    Images are decoded as RGB here (a file that fails to decode raises AttnInjectError naming it).
+    Python's, NumPy's and torch's random generators are seeded for the transform and restored after.
+    """
+
+    def __init__(self, dataset, transform: Any, seed: int = 0):
+        self.reader = dataset.reader
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.reader.filename(index, absolute=True)
+        target = self.reader.samples[index][1]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except Exception as exc:
+            raise AttnInjectError(f"cannot decode image ({type(exc).__name__}: {exc})", where=str(path)) from None
+        sample_seed = hash((self.seed, self.epoch, index)) % 2**31
+        with _seeded(sample_seed):
+            return self.transform(image), target
+
+
+class _seeded:
+    """Seed Python's, NumPy's and torch's CPU generators; restore their states on exit."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        import numpy as np
+
+        self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.default_generator.manual_seed(self.seed)  # the CPU generator only: CUDA's is left alone
+
+    def __exit__(self, *exc: Any) -> None:
+        import numpy as np
+
+        python, numpy_state, torch_state = self.states
+        random.setstate(python)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)

@@ -1,0 +1,78 @@
+"""A tiny classifier and tiny synthetic ImageFolders for the fine-tuning tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+SIZE = 16
+
+
+def norm(kind: str, c: int) -> nn.Module:
+    return nn.BatchNorm2d(c) if kind == "bn" else nn.GroupNorm(4, c)
+
+
+class Basic(nn.Module):
+    def __init__(self, c: int, kind: str):
+        super().__init__()
+        self.conv1, self.n1 = nn.Conv2d(c, c, 3, padding=1, bias=False), norm(kind, c)
+        self.conv2, self.n2 = nn.Conv2d(c, c, 3, padding=1, bias=False), norm(kind, c)
+
+    def forward(self, x):
+        y = torch.relu(self.n1(self.conv1(x)))
+        return torch.relu(x + self.n2(self.conv2(y)))
+
+
+class TinyNet(nn.Module):
+    """Stem, two basic residual blocks, GAP, linear head; timm's num_classes / reset_classifier / pretrained_cfg."""
+
+    def __init__(self, num_classes: int = 3, kind: str = "bn", width: int = 8):
+        super().__init__()
+        self.pretrained_cfg = {"input_size": (3, SIZE, SIZE), "crop_pct": 1.0, "interpolation": "bilinear",
+                               "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}  # fmt: skip
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), norm(kind, width), nn.ReLU())
+        self.blocks = nn.Sequential(Basic(width, kind), Basic(width, kind))
+        self.num_classes = num_classes
+        self.head = nn.Linear(width, num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.head.in_features, num_classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def looks_trained(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Random norm weights and running statistics, so nothing is the identity by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return model
+
+
+def write_image_folder(
+    root: Path, classes: tuple[str, ...] = ("ant", "bee", "cat"), train: int = 8, val: int = 4,
+    val_classes: tuple[str, ...] | None = None, size: int = SIZE, seed: int = 0,
+) -> Path:  # fmt: skip
+    """root/{train,val}/<class>/<n>.png: each class a colour of its own plus noise (learnable)."""
+    rng = np.random.default_rng(seed)
+    for split, count, names in (("train", train, classes), ("val", val, val_classes or classes)):
+        for c, name in enumerate(names):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 151 + 40) % 256], dtype=np.float64)
+            for i in range(count):
+                pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
