@@ -48,6 +48,7 @@ def data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]
 def image_folder(root: str | Path, split: str, transform: Any = None):
     """timm's folder dataset for ``root/split``, checked: it exists and holds images in class folders."""
     from timm.data import create_dataset
+    from timm.data.readers.img_extensions import get_img_extensions
 
     folder = Path(root) / split
     if not folder.is_dir():
@@ -55,11 +56,16 @@ def image_folder(root: str | Path, split: str, transform: Any = None):
             f"no {split}/ folder", where=str(Path(root)),
             hint=f"Use the ImageFolder layout: {Path(root) / split}/<class>/<image>.",
         )  # fmt: skip
-    dataset = create_dataset("", root=str(folder), split=split, search_split=False, transform=transform)
-    if len(dataset) == 0:
+    try:
+        dataset = create_dataset("", root=str(folder), split=split, search_split=False, transform=transform)
+    except RuntimeError as exc:  # timm: "Found 0 images in subfolders of ..."
+        if "Found 0 images" not in str(exc):
+            raise
+        dataset = None
+    if dataset is None or len(dataset) == 0:
         raise AttnInjectError(
             "no images found", where=str(folder),
-            hint="Put the images in one folder per class (.png, .jpg, .jpeg, .webp, ...).",
+            hint=f"Put the images in one folder per class ({', '.join(get_img_extensions())}).",
         )  # fmt: skip
     return dataset
 

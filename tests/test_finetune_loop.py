@@ -1,0 +1,119 @@
+"""The training loop: learns, evaluates before and after each epoch, survives Ctrl-C, resumes exactly,
+and gives the same result in two processes (torchrun, gloo) as in one with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from finetune_data import write_image_folder
+from finetune_run import CONFIG, save_weights, tiny_model
+from safetensors.torch import load_file
+
+from attn_inject import AttnInjectError
+from attn_inject.finetune import distributed
+from attn_inject.finetune.data import SeededSamples, data_config, image_folder, transforms
+from attn_inject.finetune.loop import Progress, TrainConfig, TrainingInterrupted, evaluate, finetune
+from attn_inject.finetune.state import read_state, state_path
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+def run(data, output, model=None, progress=None, resume=False, **overrides):
+    config = TrainConfig(**{**CONFIG, "epochs": 3, **overrides})
+    model = model or tiny_model("bn")
+    return finetune(model, data, config, output=output, save_model=save_weights, progress=progress, resume=resume)
+
+
+def test_finetune_evaluates_before_and_after_each_epoch_and_learns(data, tmp_path):
+    model = tiny_model("bn")
+    config = data_config(model)
+    val = SeededSamples(image_folder(data, "val"), transforms(config)[1])
+    before = evaluate(model, torch.utils.data.DataLoader(val, 5), distributed.Context())
+    summary = run(data, tmp_path / "out.safetensors", model=model)
+    assert summary["before"] == {"top1": before.top1, "top5": before.top5, "loss": before.loss, "images": 12}
+    assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3] and [e["step"] for e in summary["epochs"]] == [3, 6, 9]
+    assert summary["after"]["top1"] > summary["before"]["top1"] and summary["after"]["loss"] < summary["before"]["loss"]
+    saved = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "out.train-state.pt"]
+
+
+class StopAt(Progress):
+    """Ctrl-C at a given training step (counted over the whole run)."""
+
+    def __init__(self, step: int):
+        self.step, self.training, self.seen = step, False, 0
+
+    def start(self, description, total):
+        self.training = description.startswith("epoch")
+
+    def update(self, advance=1, **fields):
+        self.seen += advance if self.training else 0
+        if self.training and self.seen == self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_exactly(data, tmp_path):
+    full = run(data, tmp_path / "full.safetensors")
+    out = tmp_path / "ft.safetensors"
+    with pytest.raises(TrainingInterrupted, match=r"interrupted during epoch 2; .*ft.safetensors holds epoch 1; continue with --resume"):
+        run(data, out, progress=StopAt(5))  # 3 steps per epoch: step 5 is inside epoch 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.safetensors", "ft.train-state.pt", "full.safetensors", "full.train-state.pt"]
+    state = read_state(state_path(out))  # torch.load(weights_only=True)
+    assert state["epochs_done"] == 1 and state["step"] == 3
+    assert all(torch.equal(load_file(out)[k], v) for k, v in state["model"].items())
+    resumed = run(data, out, resume=True)
+    assert resumed["before"] == full["before"] and resumed["epochs"] == [
+        {**e, "images_per_s": r["images_per_s"]} for e, r in zip(full["epochs"], resumed["epochs"])
+    ]
+    final, reference = load_file(out), load_file(tmp_path / "full.safetensors")
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_resume_refuses_a_different_run(data, tmp_path):
+    with pytest.raises(AttnInjectError, match=r"x.train-state.pt: nothing to resume: no training state"):
+        run(data, tmp_path / "x.safetensors", resume=True)
+    out = tmp_path / "y.safetensors"
+    with pytest.raises(TrainingInterrupted):
+        run(data, out, progress=StopAt(4))
+    with pytest.raises(AttnInjectError, match=r"--epochs 5 differs from the interrupted run's 3"):
+        run(data, out, resume=True, epochs=5)
+
+
+def test_batch_smaller_than_the_data_and_bad_config(data, tmp_path):
+    with pytest.raises(AttnInjectError, match=r"train/ has 24 images, fewer than one batch of 32"):
+        run(data, tmp_path / "o.safetensors", batch_size=32)
+    with pytest.raises(AttnInjectError, match=r"--label-smoothing must be in \[0, 1\), got 1.5"):
+        run(data, tmp_path / "o.safetensors", label_smoothing=1.5)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
+    """torchrun, 2 CPU processes (gloo), batch 4 each vs 1 process, batch 8: same samples per step, the
+    same augmentation per sample (seeded by sample), GroupNorm (no per-rank batch statistics)."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    script = str(HERE / "finetune_run.py")
+    single = [sys.executable, script, str(data), str(tmp_path / "one.safetensors"), str(tmp_path / "one.json")]
+    pair = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script,
+            str(data), str(tmp_path / "two.safetensors"), str(tmp_path / "two.json")]  # fmt: skip
+    for cmd in (single, pair):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["world_size"] == 1 and two["world_size"] == 2 and one["steps_per_epoch"] == two["steps_per_epoch"] == 3
+    for a, b in zip([one["before"], *one["epochs"]], [two["before"], *two["epochs"]]):
+        assert a["images"] == b["images"] == 12
+        assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    w1, w2 = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(w1["blocks.0.eca.conv.weight"], torch.zeros(1, 1, 3))
