@@ -30,7 +30,9 @@ import os
 import statistics
 import time
 import weakref
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
@@ -152,18 +154,23 @@ def peak_tensor_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def time_models(models: dict[str, torch.nn.Module], x: torch.Tensor, warmup: int, reps: int) -> dict[str, list[float]]:
     """Seconds per forward; each repetition runs every model once, starting one model later each time."""
-    names = list(models)
-    times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
-        for _ in range(warmup):
-            for model in models.values():
-                model(x)
-        for rep in range(reps):
-            start = rep % len(names)
-            for name in names[start:] + names[:start]:
-                t0 = time.perf_counter()
-                models[name](x)
-                times[name].append(time.perf_counter() - t0)
+        return time_calls({name: partial(model, x) for name, model in models.items()}, warmup, reps)
+
+
+def time_calls(calls: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, list[float]]:
+    """Seconds per call; each repetition makes every call once, starting one call later each time."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    for rep in range(reps):
+        start = rep % len(names)
+        for name in names[start:] + names[:start]:
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
     return times
 
 

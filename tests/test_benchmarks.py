@@ -49,3 +49,23 @@ def test_inject_time_quick(tmp_path):
         phases = row["phases_s"]
         assert all(phases[p] >= 0 for p in ("reference_forward", "tracing", "interpreter", "verify_forward"))
         assert abs(sum(phases.values()) - row["median_s"]) < 0.5 * row["median_s"]  # medians of parts ~ the whole
+
+
+def test_finetune_quick(tmp_path):
+    result = run_script("finetune", tmp_path)
+    digits = result["digits"]
+    base_end = digits["base"]["curve"][-1]
+    assert set(digits["runs"]) == {"none", "eca", "se", "eca-paper", "se-paper"}
+    for name in ("eca", "se", "none"):  # identity init: step 0 is the base, exactly
+        (run,) = digits["runs"][name]
+        assert {k: run["curve"][0][k] for k in ("top1", "loss")} == {k: base_end[k] for k in ("top1", "loss")}
+    rows = {r["model"]: r for r in digits["table"]}
+    assert rows["eca"]["step0_equals_base"] and rows["se"]["step0_equals_base"]
+    assert not rows["se-paper"]["step0_equals_base"]  # the plain init moves the start
+    assert set(result["transfer"]["runs"]) == {"lite0", "lite0+eca"}
+    (plain,), (eca,) = result["transfer"]["runs"].values()
+    assert plain["curve"][0] == eca["curve"][0]  # the same new head, ECA is the identity at step 0
+    rows = {r["model"]: r for r in result["cost"]["rows"]}
+    assert set(rows) == {"resnet50", "resnet50+se", "seresnet50"} and rows["resnet50+se"]["vs_hand_written"] > 0
+    assert rows["resnet50+se"]["peak_tensor_bytes"] == rows["seresnet50"]["peak_tensor_bytes"]
+    assert (tmp_path / "finetune_digits.png").stat().st_size > 10_000

@@ -23,3 +23,12 @@ def test_example_rules_load_and_match():
     assert [s.path for s in late] == [f"layer3.{i}" for i in range(6)] + [f"layer4.{i}" for i in range(3)]
     mobile = plan(timm.create_model("mobilenetv3_large_100"), "eca", after=str(EXAMPLES / "rules" / "mobilenet_blocks.yaml"))
     assert len(mobile) == 10 and {s.position for s in mobile} == {"block_output"}
+
+
+def test_finetune_own_loop_runs(capsys):
+    runpy.run_path(str(EXAMPLES / "finetune_own_loop.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "step 0: training attention: trainable params: 12,843 || all params: 3,383,851 || trainable%: 0.3795"
+    assert lines[2] == "step 10: training all: trainable params: 3,383,851 || all params: 3,383,851 || trainable%: 100.0000"
+    before, after = (float(line.rsplit(" ", 1)[1]) for line in (lines[0], lines[3]))
+    assert after > before + 0.3  # it learns

@@ -85,3 +85,11 @@ def test_attention_first_then_all_in_a_plain_loop():
             assert not torch.equal(model.blocks[0].eca.conv.weight, torch.zeros_like(model.blocks[0].eca.conv.weight))
     assert changes == [True, False, True] and schedule.phase == "all"
     assert not torch.equal(model.head.weight, frozen_before["head.weight"])
+
+
+def test_a_new_head_can_train_with_the_blocks():
+    model = injected("eca")
+    set_trainable(model, "attention", also=["head"])
+    assert trainable(model) == ["blocks.0.eca.conv.weight", "blocks.1.eca.conv.weight", "head.weight", "head.bias"]
+    with pytest.raises(AttnInjectError, match="TinyNet: no module 'neck' to train with the attention blocks"):
+        set_trainable(model, "attention", also=["neck"])

