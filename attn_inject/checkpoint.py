@@ -1,4 +1,5 @@
-"""Reading weights safely, and fitting a state_dict from another implementation by order and shape.
+"""Reading weights safely, fitting a state_dict from another implementation by order and shape, and
+building an architecture that holds them (``load_pretrained``).
 
 A checkpoint is read with timm's ``load_state_dict`` (``torch.load(weights_only=True)`` for
 .pth/.pt/.bin, safetensors for .safetensors; it unwraps ``state_dict``/``model``/``state_dict_ema``
@@ -17,6 +18,7 @@ from timm.models import load_state_dict, remap_state_dict
 from torch import nn
 
 from .errors import AttnInjectError
+from .models import create_model
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +86,67 @@ def _first_mismatch(target: dict[str, torch.Tensor], state: dict[str, torch.Tens
         if want.shape != got.shape:
             return f"{theirs} has shape {list(got.shape)} where {key} needs {list(want.shape)}"
     return None
+
+
+def load_pretrained(path: str | Path, arch: str, *, num_classes: int | None = None) -> nn.Module:
+    """A plain (unpatched) checkpoint as a model: build ``arch``, read ``path`` safely, map keys by
+    order and shape where needed (with a warning), load strictly; returned in eval mode."""
+    _refuse_patched_file(path)
+    state = read_state_dict(path)
+    return model_holding(arch, num_classes, lambda model: fit_state_dict(model, state, str(path))[0])
+
+
+def model_holding(arch: str, num_classes: int | None, weights_for) -> nn.Module:
+    """``arch`` built and loaded strictly with ``weights_for(model)`` (which checks the keys), in eval mode.
+
+    timm and torchvision models are built on the meta device and take the checkpoint's tensors
+    (cast to the model's dtypes) instead of initialising weights that would be overwritten; if that
+    leaves anything on the meta device (a non-persistent buffer) or fails, the model is built normally.
+    """
+    if ":" not in arch or arch.startswith("torchvision:"):
+        model = _built_on_meta(arch, num_classes)
+        if model is not None:
+            target = model.state_dict()
+            state = weights_for(model)
+            model.load_state_dict({k: _like(v, target[k]) for k, v in state.items()}, assign=True)
+            if not _meta_left(model):
+                return model.eval()
+    model = create_model(arch, num_classes)
+    state = weights_for(model)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _built_on_meta(arch: str, num_classes: int | None) -> nn.Module | None:
+    try:
+        with torch.device("meta"):
+            return create_model(arch, num_classes)
+    except AttnInjectError:
+        raise
+    except Exception:  # code that needs real tensors at construction: build normally
+        return None
+
+
+def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return value if value.dtype == target.dtype else value.to(target.dtype)
+
+
+def _meta_left(model: nn.Module) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.is_meta for m in model.modules() for v in _tensors_of(m))
+
+
+def _tensors_of(module: nn.Module):
+    yield from module._parameters.values()
+    yield from module._buffers.values()
+    yield from module.__dict__.values()
+
+
+def _refuse_patched_file(path: str | Path) -> None:
+    from .saving import file_header
+
+    header = file_header(path) if str(path).endswith(".safetensors") and Path(path).is_file() else None
+    if header is not None and header.recipe is not None:
+        raise AttnInjectError(
+            "the file is already patched (it holds an attn_inject recipe)", where=str(path),
+            hint="Read it with attn_inject.load(path); `attn-inject inspect` shows what it holds.",
+        )  # fmt: skip

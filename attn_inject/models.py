@@ -8,10 +8,20 @@ import importlib
 from torch import nn
 
 from .errors import AttnInjectError
+from .recipe import Recipe, set_recipe
 
 
 def create_model(arch: str, num_classes: int | None = None) -> nn.Module:
-    """An untrained model for ``arch`` (weights come from a checkpoint; nothing is downloaded)."""
+    """An untrained model for ``arch`` (weights come from a checkpoint; nothing is downloaded).
+
+    The model remembers ``arch`` and ``num_classes`` (``recipe.recipe_of``), so ``save`` can write them.
+    """
+    model = _create(arch, num_classes)
+    set_recipe(model, Recipe(arch, num_classes))
+    return model
+
+
+def _create(arch: str, num_classes: int | None) -> nn.Module:
     extra = {} if num_classes is None else {"num_classes": num_classes}
     if arch.startswith("torchvision:"):
         return _torchvision(arch.split(":", 1)[1], extra)

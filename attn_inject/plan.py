@@ -183,8 +183,18 @@ def _train_mode_problem(record: ModuleRecord, anchor: str, consumer: str | None,
     return None
 
 
+# Attributes where timm's residual blocks keep their own attention, ``None`` when they have none
+# (ResNet, Res2Net, SKNet: ``self.se``, applied after the last norm, just before the add). A
+# branch_end block takes such an empty slot's name, so an injected model has the state_dict keys of
+# timm's hand-written variant (resnet50 + SE = seresnet50, resnet50d + ECA = ecaresnet50d).
+EMPTY_ATTENTION_SLOTS = ("se",)
+
+
 class _Names:
-    """Stable, readable names for new submodules: eca, eca_out, conv1_eca; numbered on collision."""
+    """Stable, readable names for new submodules: eca, eca_out, conv1_eca; numbered on collision.
+
+    At a branch end an empty attention slot (``EMPTY_ATTENTION_SLOTS``) is used first.
+    """
 
     def __init__(self, block: str):
         self.block = block
@@ -193,6 +203,11 @@ class _Names:
     def claim(self, record: ModuleRecord, position: str, cand: Candidate) -> str:
         owner = record.module
         taken = self.taken.setdefault(id(owner), set())
+        if position == "branch_end":
+            for slot in EMPTY_ATTENTION_SLOTS:
+                if slot in owner.__dict__ and owner.__dict__[slot] is None and slot not in taken:
+                    taken.add(slot)
+                    return slot
         base = "{block}"
         if position == "block_output":
             base = "{block}_out"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -67,6 +67,7 @@ class Rule:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     source: str = "built-in"
+    document: Any = field(default=None, compare=False, hash=False, repr=False)  # the YAML mapping it was read from
 
     def selects(self, path: str) -> bool:
         """Whether the include/exclude globs admit a module path."""
@@ -221,7 +222,7 @@ def parse_rule(doc: LocatedDict, source: str) -> Rule:
         raise top.fail("insert", f"must be one of {', '.join(POSITIONS[kind])} for a {kind} rule, not {insert!r}")
     include = _globs(top, "include")
     exclude = _globs(top, "exclude")
-    return Rule(name, description, kind, insert, convs, norm, include, exclude, source)
+    return Rule(name, description, kind, insert, convs, norm, include, exclude, source, document=doc)
 
 
 def _globs(fields: _Fields, key: str) -> tuple[str, ...]:

@@ -19,7 +19,9 @@ from .ops import is_add
 from .patched import GraphCode, PatchedForward, Variant, add_shortcut
 from .plan import Plan, Site
 
-_MISSING = object()
+
+class _MISSING:
+    """No instance attribute was there (a class, so it stays itself through deepcopy and pickle)."""
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Undo:
     added: list[tuple[nn.Module, str]] = field(default_factory=list)
     forwards: list[tuple[nn.Module, str, object]] = field(default_factory=list)
     constants: list[tuple[nn.Module, str]] = field(default_factory=list)
+    slots: list[tuple[nn.Module, str, object]] = field(default_factory=list)  # empty attributes a block took
 
     def __call__(self) -> None:
         for module, method, previous in reversed(self.forwards):
@@ -40,6 +43,8 @@ class Undo:
             module.__dict__.pop(name, None)
         for module, name in reversed(self.added):
             delattr(module, name)
+        for module, name, value in reversed(self.slots):
+            module.__dict__[name] = value
 
 
 def splice(plan: Plan, blocks: dict[str, nn.Module]) -> Undo:
@@ -65,6 +70,8 @@ def splice(plan: Plan, blocks: dict[str, nn.Module]) -> Undo:
                     variants[(record.fixed, False)] = GraphCode.from_graph(_edited(record.graph, sites))
                     variants[(record.fixed, True)] = GraphCode.from_graph(_edited(record.train_graph, sites))
             for site in {s.name: s for r in records for s in by_record[r]}.values():
+                if site.name in module.__dict__:  # an empty attention slot (timm's ``self.se = None``)
+                    undo.slots.append((module, site.name, module.__dict__.pop(site.name)))
                 module.add_module(site.name, blocks[site.module_name])
                 undo.added.append((module, site.name))
             for name, value in {k: v for r in records for k, v in r.constants.items()}.items():

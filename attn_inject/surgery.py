@@ -12,8 +12,10 @@ from torch import nn
 
 from .analyze import analyze
 from .blocks import check_block_options, get_block
+from .eject import record_undo
 from .errors import AttnInjectError
 from .plan import Plan, build_plan
+from .recipe import Injection, base_recipe, set_recipe
 from .rules import Rule, resolve_rules
 from .splice import splice
 from .verify import check_identical, example_args, run
@@ -91,6 +93,8 @@ def inject(
         for site in the_plan.sites:  # new blocks follow their owner's mode
             owner = model.get_submodule(site.owner)
             blocks[site.module_name].train(modes.get(owner, owner.training))
+    record_undo(model, undo)  # for eject(); and the recipe, for save() / load()
+    set_recipe(model, base_recipe(model).then(Injection.from_plan(the_plan, args, _globs(include), _globs(exclude), position)))
     return model
 
 

@@ -20,4 +20,5 @@ model = inject(model, "eca", after="bottleneck")  # same object, same class, new
 with torch.no_grad():
     after = model(x)
 print("bitwise identical:", torch.equal(before, after))
-print("new parameters:", [k for k in model.state_dict() if ".eca." in k][:3], "...")
+# ECA takes timm's empty attention slot `se`, so the keys are those of timm's ecaresnet50d
+print("new parameters:", [k for k in model.state_dict() if ".se." in k][:3], "...")

@@ -1,0 +1,300 @@
+"""The recipe: what was injected into a model, as data that rebuilds it.
+
+``inject`` remembers a :class:`Recipe` on the model it patched (a second ``inject`` appends its
+:class:`Injection`); ``save`` writes it as JSON into the .safetensors metadata and ``load`` replays
+it. Rules travel as their full YAML text, so a user's rule file is not needed again. A recipe read
+from a file is data: every field is checked, nothing in it is imported or called here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from .blocks import check_block_options, get_block
+from .errors import AttnInjectError
+from .located_yaml import LocatedDict, load_located_yaml
+from .plan import Plan
+from .rules import POSITIONS, WIDTHS, ConvSpec, Rule, parse_rule
+
+FORMAT_VERSION = 1
+_ATTRIBUTE = "_attn_inject_recipe"
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+@dataclass(frozen=True)
+class Injection:
+    """One ``inject`` call: its arguments, and the qualified names of the blocks it added."""
+
+    block: str
+    rules: tuple[Rule, ...]  # written as each rule's YAML document
+    options: tuple[tuple[str, Any], ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    position: str | None = None
+    input_shapes: tuple[tuple[int, ...], ...] | None = None  # the example input (None: the model's default)
+    modules: tuple[str, ...] = ()
+
+    @classmethod
+    def from_plan(cls, plan: Plan, args: tuple, include: tuple[str, ...], exclude: tuple[str, ...],
+                  position: str | None) -> Injection:  # fmt: skip
+        shapes = tuple(tuple(a.shape) for a in args) if all(isinstance(a, torch.Tensor) for a in args) else None
+        return cls(plan.block, plan.rules, plan.options, include, exclude, position, shapes,
+                   tuple(s.module_name for s in plan.sites))  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "block": self.block, "options": dict(self.options), "rules": [rule_to_yaml(r) for r in self.rules],
+            "include": list(self.include), "exclude": list(self.exclude), "position": self.position,
+            "input_shapes": None if self.input_shapes is None else [list(s) for s in self.input_shapes],
+            "modules": list(self.modules),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to rebuild a patched model: the architecture, then each injection in order."""
+
+    arch: str | None  # a timm name, torchvision:NAME or package.module:factory; None when unknown
+    num_classes: int | None = None  # passed to the model factory; None: its default
+    injections: tuple[Injection, ...] = ()
+    versions: tuple[tuple[str, str], ...] = ()  # of the libraries that wrote it (read from a file)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Qualified names of every injected block."""
+        return tuple(m for inj in self.injections for m in inj.modules)
+
+    def then(self, injection: Injection) -> Recipe:
+        return dataclasses.replace(self, injections=self.injections + (injection,))
+
+    def to_json(self) -> str:
+        for inj in self.injections:
+            for key, value in inj.options:
+                if not isinstance(value, _JSON_SCALARS):
+                    raise AttnInjectError(
+                        f"block option {key}={value!r} cannot be written into a recipe",
+                        hint="Use numbers, strings, booleans or None as block options to save the model.",
+                    )
+        return json.dumps({
+            "format_version": FORMAT_VERSION, "arch": self.arch, "num_classes": self.num_classes,
+            "injections": [inj.to_dict() for inj in self.injections], "versions": library_versions(),
+        })  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "recipe") -> Recipe:
+        """Parse and check a recipe; any problem is an AttnInjectError naming ``where``."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise AttnInjectError(f"the recipe is not valid JSON ({exc})", where=where,
+                                  hint="The file was not written by attn_inject or is damaged.") from None  # fmt: skip
+        top = _Checked(data, where, "recipe")
+        version = top.get("format_version", int)
+        if version > FORMAT_VERSION:
+            raise AttnInjectError(
+                f"the recipe has format version {version}, newer than this attn_inject reads ({FORMAT_VERSION})",
+                where=where, hint="Upgrade attn_inject to load this file.",
+            )  # fmt: skip
+        if version < 1:
+            raise top.fail("format_version", f"must be >= 1, not {version}")
+        top.only({"format_version", "arch", "num_classes", "injections", "versions"})
+        injections = tuple(_injection(_Checked(d, where, f"injections[{i}]")) for i, d in enumerate(top.get("injections", list)))
+        versions = top.get("versions", dict, default={})
+        return cls(
+            top.get("arch", (str, type(None))), top.get("num_classes", (int, type(None))), injections,
+            tuple(sorted((str(k), str(v)) for k, v in versions.items())),
+        )  # fmt: skip
+
+
+def _injection(fields: _Checked) -> Injection:
+    fields.only({"block", "options", "rules", "include", "exclude", "position", "input_shapes", "modules"})
+    block = fields.get("block", str)
+    options = fields.get("options", dict)
+    if not all(isinstance(v, _JSON_SCALARS) for v in options.values()):
+        raise fields.fail("options", "must map names to numbers, strings, booleans or null")
+    try:
+        get_block(block)  # an unknown block names the valid ones
+        check_block_options(block, options)
+    except AttnInjectError as exc:
+        raise AttnInjectError(f"{fields.what}: {exc.what}", where=fields.where, hint=exc.hint) from None
+    texts = fields.strings("rules")
+    if not texts:
+        raise fields.fail("rules", "must hold at least one rule")
+    rules = [rule_from_yaml(text, f"{fields.where}: {fields.what}.rules[{i}]") for i, text in enumerate(texts)]
+    shapes = fields.get("input_shapes", (list, type(None)))
+    if shapes is not None and not all(
+        isinstance(s, list) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in s) for s in shapes
+    ):
+        raise fields.fail("input_shapes", "must be a list of shapes (lists of positive ints) or null")
+    position = fields.get("position", (str, type(None)))
+    if position is not None and position not in {p for ps in POSITIONS.values() for p in ps}:
+        raise fields.fail("position", f"must be null or a known position, not {position!r}")
+    return Injection(
+        block, tuple(rules), tuple(sorted(options.items())), tuple(fields.strings("include")),
+        tuple(fields.strings("exclude")), position, None if shapes is None else tuple(tuple(s) for s in shapes),
+        tuple(fields.strings("modules")),
+    )  # fmt: skip
+
+
+class _Checked:
+    """Fields of one JSON object, each read with a type check; errors name the field."""
+
+    def __init__(self, data: Any, where: str, what: str):
+        if not isinstance(data, dict):
+            raise AttnInjectError(f"{what} must be a JSON object, not {type(data).__name__}", where=where)
+        self.data, self.where, self.what = data, where, what
+
+    def fail(self, key: str, problem: str) -> AttnInjectError:
+        return AttnInjectError(f"recipe field '{self.what}.{key}' {problem}", where=self.where,
+                               hint="The file was not written by this attn_inject or was edited.")  # fmt: skip
+
+    def only(self, allowed: set[str]) -> None:
+        unknown = sorted(set(self.data) - allowed)
+        if unknown:
+            raise self.fail(unknown[0], f"is not a known field (expected: {', '.join(sorted(allowed))})")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.data:
+            if default is ...:
+                raise self.fail(key, "is missing")
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise self.fail(key, f"must be {names}, not {value!r}")
+        return value
+
+    def strings(self, key: str) -> list[str]:
+        values = self.get(key, list, default=[])
+        if not all(isinstance(v, str) for v in values):
+            raise self.fail(key, "must be a list of strings")
+        return values
+
+
+# ---------------------------------------------------------------------------------------------
+# rules as YAML text
+
+
+def rule_to_yaml(rule: Rule) -> str:
+    """The rule as a YAML document that parses back (through the rule schema) to the same rule.
+
+    A rule read from YAML keeps its document (``Rule.document``) and is written as it was; a rule
+    built in Python, or changed since (``with_position``), is written from its fields. Either way
+    the text is parsed back and compared, so a rule that cannot travel is refused here, not later.
+    """
+    candidates = []
+    if rule.document is not None:
+        candidates.append(_plain(rule.document))
+    candidates.append(rule_document(rule))
+    for doc in candidates:
+        text = yaml.safe_dump(doc, sort_keys=False)
+        try:
+            again = rule_from_yaml(text, rule.source)
+        except AttnInjectError:
+            continue
+        if _same_rule(again, rule):
+            return text
+    raise AttnInjectError(
+        f"rule {rule.name!r} cannot be written as YAML that reads back as the same rule",
+        where=rule.source, hint="Define it in a YAML rule file to save the patched model.",
+    )  # fmt: skip
+
+
+def rule_from_yaml(text: str, where: str) -> Rule:
+    doc = load_located_yaml(text, where)
+    if not isinstance(doc, LocatedDict):
+        raise AttnInjectError("a recipe rule must be one YAML mapping", where=where)
+    return parse_rule(doc, where)
+
+
+def rule_document(rule: Rule) -> dict[str, Any]:
+    """A rule's fields as the mapping the rule schema reads (rules.py)."""
+    match: dict[str, Any] = {"kind": rule.kind}
+    if rule.kind == "unit":
+        match["norm"] = rule.norm
+        if rule.convs is not None:
+            match["conv"] = _conv_document(rule.convs[0], with_optional=False)
+    elif rule.convs is not None:
+        match["convs"] = [_conv_document(c, with_optional=True) for c in rule.convs]
+    return {
+        "name": rule.name, "description": rule.description, "match": match, "insert": rule.insert,
+        "include": list(rule.include), "exclude": list(rule.exclude),
+    }  # fmt: skip
+
+
+def _conv_document(spec: ConvSpec, with_optional: bool) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "kernel": "any" if spec.kernel is None else list(spec.kernel),
+        "depthwise": "any" if spec.depthwise is None else spec.depthwise,
+        "width": "any" if spec.width is None else [w for w in WIDTHS if w in spec.width],
+    }
+    if with_optional:
+        doc["optional"] = spec.optional
+    return doc
+
+
+def _same_rule(parsed: Rule, rule: Rule) -> bool:
+    return dataclasses.replace(parsed, source=rule.source) == rule
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe remembered on a model
+
+
+def recipe_of(model: nn.Module) -> Recipe | None:
+    """What ``inject`` (or ``models.create_model``, ``load``) remembered on ``model``."""
+    return model.__dict__.get(_ATTRIBUTE)
+
+
+def set_recipe(model: nn.Module, recipe: Recipe | None) -> None:
+    if recipe is None:
+        model.__dict__.pop(_ATTRIBUTE, None)
+    else:
+        model.__dict__[_ATTRIBUTE] = recipe
+
+
+def base_recipe(model: nn.Module) -> Recipe:
+    """The model's recipe, or one naming its timm architecture (if it is a timm model) and nothing else."""
+    known = recipe_of(model)
+    if known is not None:
+        return known
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    num_classes = getattr(model, "num_classes", None)
+    if arch is not None:
+        import timm
+
+        if not timm.is_model(arch):
+            arch = None
+    return Recipe(arch, num_classes if arch and isinstance(num_classes, int) else None)
+
+
+def injected_key(key: str, modules: set[str]) -> bool:
+    """Whether a state_dict key belongs to one of the injected blocks ``modules``."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    import torch
+
+    from . import __version__
+
+    return {"attn_inject": __version__, "torch": torch.__version__, "timm": timm.__version__}
