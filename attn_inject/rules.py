@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import AttnInjectError
-from .located_yaml import LocatedDict, LocatedList, load_located_yaml
+from .located_yaml import LocatedDict, LocatedList, read_located_yaml
 
 POSITIONS = {"residual": ("branch_end", "block_output"), "unit": ("unit_output",)}
 WIDTHS = ("expand", "reduce", "same")
@@ -179,11 +179,7 @@ def _looks_like_path(item: str | Path) -> bool:
 def load_rule_file(path: Path, builtin: bool = False) -> list[Rule]:
     """Read and check one YAML file holding a rule (a mapping) or several (a list of mappings)."""
     source = f"built-in rule {path.stem}" if builtin else str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise AttnInjectError(f"cannot read rule file: {exc.strerror}", where=str(path)) from None
-    doc = load_located_yaml(text, source)
+    doc = read_located_yaml(path, source)
     if isinstance(doc, LocatedDict):
         return [parse_rule(doc, source)]
     if isinstance(doc, LocatedList) and doc and all(isinstance(d, LocatedDict) for d in doc):
