@@ -108,9 +108,12 @@ def check_block_options(name: str, options: dict[str, Any]) -> None:
         allowed = types_of.get(key)
         if allowed is not None and not _is_instance(value, allowed):
             names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
-            raise AttnInjectError(f"block {name!r}: option {key}={value!r} must be {names}, not {type(value).__name__}")
+            raise AttnInjectError(
+                f"block {name!r}: option {key}={value!r} must be {names}, not {type(value).__name__}",
+                hint=f"Its options and defaults: {valid}.",
+            )
         if isinstance(value, float) and not math.isfinite(value):
-            raise AttnInjectError(f"block {name!r}: option {key}={value!r} must be a finite number")
+            raise AttnInjectError(f"block {name!r}: option {key}={value!r} must be a finite number", hint=f"Its options and defaults: {valid}.")
     try:
         with torch.device("meta"):
             get_block(name)(8, **options)
