@@ -20,11 +20,11 @@ import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from .errors import AttnInjectError
 from .ops import LearnedOp, function_op, is_primitive, module_kind, module_op
 from .patched import TensorSeq, patched_forward
 from .regions import GraphBits
 from .trace import TraceFailure, bound_on_instance, trace_module
+from .verify import example_forward_failed
 
 
 @dataclass(eq=False)
@@ -111,11 +111,7 @@ def analyze(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Analys
         with torch.no_grad():
             _Analyzer(analysis).run(model, "", args, kwargs or {}, root_method(model))
     except Exception as exc:  # the user's model failed on the example input
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise AttnInjectError(
-            f"the example forward of {type(model).__name__} failed: {type(exc).__name__}: {first_line}",
-            hint="Pass example_input= (a tensor or tuple of arguments) that the model accepts.",
-        ) from None
+        raise example_forward_failed(model, exc) from None
     return analysis
 
 

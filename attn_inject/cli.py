@@ -7,37 +7,50 @@ import os
 import sys
 from typing import Sequence
 
-import yaml
-
 from . import console
 from .errors import AttnInjectError
+from .located_yaml import load_located_yaml
 
 EPILOG = "Errors print one line on stderr and exit 1; set ATTN_INJECT_DEBUG=1 for a traceback."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command. Every failure is one line on stderr and exit status 1 (with ``--json``,
+    also a JSON object ``{"error": ...}`` on stdout); ATTN_INJECT_DEBUG=1 shows the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     console.setup_logging()
     try:
+        args = build_parser().parse_args(argv)
         return args.run(args) or 0
-    except AttnInjectError as exc:
-        if os.environ.get("ATTN_INJECT_DEBUG") == "1":
-            raise
-        console.error(str(exc))
-        return 1
     except KeyboardInterrupt:
-        console.error("interrupted")
-        return 130
-    except Exception as exc:  # an unexpected failure still ends in one line, not a traceback
+        return _fail("interrupted", "--json" in argv, code=130)
+    except Exception as exc:
         if os.environ.get("ATTN_INJECT_DEBUG") == "1":
             raise
-        console.error(f"{type(exc).__name__}: {exc} (set ATTN_INJECT_DEBUG=1 for the traceback)")
-        return 2
+        if isinstance(exc, AttnInjectError):
+            return _fail(str(exc), "--json" in argv)
+        # an unexpected failure still ends in one line, not a traceback
+        return _fail(f"{type(exc).__name__}: {exc} (set ATTN_INJECT_DEBUG=1 for the traceback)", "--json" in argv)
+
+
+def _fail(message: str, as_json: bool, code: int = 1) -> int:
+    message = " ".join(message.split())  # one line, whatever the exception held
+    console.error(message)
+    if as_json:
+        console.emit_json({"error": message})
+    return code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is an AttnInjectError (one line, exit 1) like any other.
+    Subcommand parsers are built from this class too (add_subparsers uses the parent's class)."""
+
+    def error(self, message: str):
+        raise AttnInjectError(f"{self.prog}: {message}", hint=f"See '{self.prog} --help'.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attn-inject",
         description="Splice identity-initialised SE / ECA channel attention into pretrained CNNs.",
         epilog=EPILOG,
@@ -71,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", required=True, help="a timm model name, torchvision:NAME, or package.module:factory")
+    parser.add_argument(
+        "--arch", required=True,
+        help="a timm model name, torchvision:NAME, or package.module:factory (this imports that module "
+        "and calls the factory: it runs that code, so name only code you trust)",
+    )  # fmt: skip
     parser.add_argument("--num-classes", type=int, help="classifier size, where it differs from the default")
     parser.add_argument("--img-size", type=int, help="side of the square example image (default: the model's own, else 224)")
 
@@ -97,7 +114,7 @@ def _block_options(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise AttnInjectError(f"--option {pair!r} is not KEY=VALUE", hint="For example --option reduction=8.")
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = load_located_yaml(value, f"--option {pair}")
     return options
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, Iterable
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -25,12 +27,23 @@ def setup_logging() -> None:
 
 
 def error(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 def emit_json(payload: dict[str, Any]) -> None:
-    """One JSON object on the last line of stdout."""
-    print(json.dumps(payload, default=str))
+    """One strict JSON object on the last line of stdout: NaN and infinities become null."""
+    out.file.write(json.dumps(_finite(payload), default=str, allow_nan=False) + "\n")
+    out.file.flush()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def rules_table(rules: Iterable[Rule]) -> Table:

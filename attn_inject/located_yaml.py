@@ -1,7 +1,14 @@
-"""YAML loading that remembers the line of every value, so schema errors can point at it."""
+"""YAML loading that remembers the line of every value, so schema errors can point at it.
+
+Rule files are small, hand-written and data only, so the loader is strict before it builds
+anything: at most MAX_BYTES of UTF-8, nesting at most MAX_DEPTH deep, no anchors or aliases (a few
+hundred bytes of nested aliases expand to billions of values), each checked on PyYAML's event
+stream, which is linear in the file's size. Every problem is one AttnInjectError with file and line.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -23,9 +30,33 @@ class LocatedList(list):
     lines: list[int]
 
 
+MAX_BYTES = 64 * 1024
+MAX_DEPTH = 16
+
+
+def read_located_yaml(path: Path, source: str) -> Any:
+    """Read a rule file (bounded in size, UTF-8) and parse it with :func:`load_located_yaml`."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise AttnInjectError(f"rule file is {size:,} bytes; rule files are at most {MAX_BYTES:,}", where=source)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AttnInjectError(f"cannot read rule file: {exc.strerror}", where=str(path)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise AttnInjectError(f"not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})", where=f"{source}:{line}") from None
+    return load_located_yaml(text, source)
+
+
 def load_located_yaml(text: str, source: str) -> Any:
     """Parse one YAML document into plain values, mappings and sequences carrying line numbers."""
+    if len(text) > MAX_BYTES:
+        raise AttnInjectError(f"rule text is {len(text):,} characters; rule files are at most {MAX_BYTES:,}", where=source)
     try:
+        _check_events(text, source)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -33,6 +64,24 @@ def load_located_yaml(text: str, source: str) -> Any:
         problem = getattr(exc, "problem", None) or str(exc)
         raise AttnInjectError(f"not valid YAML: {problem}", where=where) from None
     return None if node is None else _convert(node, source)
+
+
+def _check_events(text: str, source: str) -> None:
+    """Refuse anchors, aliases and deep nesting, reading events only (nothing is built)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise AttnInjectError(
+                "anchors and aliases (&name, *name) are not allowed in rule files; write the values out",
+                where=f"{source}:{line}",
+            )
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise AttnInjectError(f"nested more than {MAX_DEPTH} levels deep", where=f"{source}:{line}")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def _convert(node: yaml.Node, source: str) -> Any:

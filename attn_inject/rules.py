@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import AttnInjectError
-from .located_yaml import LocatedDict, LocatedList, load_located_yaml
+from .located_yaml import LocatedDict, LocatedList, read_located_yaml
 
 POSITIONS = {"residual": ("branch_end", "block_output"), "unit": ("unit_output",)}
 WIDTHS = ("expand", "reduce", "same")
@@ -106,13 +106,20 @@ def list_rules() -> list[Rule]:
 
 def resolve_rules(after: str | Path | Rule | Iterable[str | Path | Rule]) -> list[Rule]:
     """Turn ``after=`` (a built-in name, a YAML path, a Rule, or a list of these) into rules."""
-    items = [after] if isinstance(after, (str, Path, Rule)) else list(after)
+    items = [after] if isinstance(after, (str, Path, Rule)) else None
+    if items is None and isinstance(after, Iterable) and not isinstance(after, (bytes, dict)):
+        items = list(after)
+    if items is None or not all(isinstance(i, (str, Path, Rule)) for i in items):
+        raise AttnInjectError(
+            f"after= must be a rule name, a YAML rule file, a Rule or a list of these, not {after!r}",
+            hint=f"Valid built-in rules: {', '.join(sorted(builtin_rule_files()))}.",
+        )
     if not items:
         raise AttnInjectError("after= is empty", hint=f"Give a rule: {', '.join(builtin_rule_files())}.")
     rules: list[Rule] = []
     for item in items:
         if isinstance(item, Rule):
-            rules.append(item)
+            rules.append(check_rule(item))
         elif isinstance(item, (str, Path)) and _looks_like_path(item):
             rules.extend(load_rule_file(Path(item)))
         elif isinstance(item, str) and item in builtin_rule_files():
@@ -129,6 +136,42 @@ def resolve_rules(after: str | Path | Rule | Iterable[str | Path | Rule]) -> lis
     return rules
 
 
+def check_rule(rule: Rule) -> Rule:
+    """A Rule built in Python obeys the schema a YAML file is checked against."""
+    where = f"Rule {getattr(rule, 'name', '?')!r}"
+
+    def fail(field: str, value: Any, valid: str) -> AttnInjectError:
+        return AttnInjectError(f"{where}: {field}={value!r} is not valid", hint=f"Valid: {valid}.")
+
+    if not isinstance(rule.name, str) or not _NAME.match(rule.name):
+        raise fail("name", rule.name, "a string of letters, digits, '_' and '-' starting with a letter")
+    if rule.kind not in POSITIONS:
+        raise fail("kind", rule.kind, ", ".join(POSITIONS))
+    if rule.insert not in POSITIONS[rule.kind]:
+        raise fail("insert", rule.insert, f"{', '.join(POSITIONS[rule.kind])} for a {rule.kind} rule")
+    if rule.convs is not None and not (
+        isinstance(rule.convs, tuple) and all(isinstance(c, ConvSpec) for c in rule.convs)
+    ):
+        raise fail("convs", rule.convs, "None or a tuple of ConvSpec")
+    for spec in rule.convs or ():
+        kernel_ok = spec.kernel is None or (
+            isinstance(spec.kernel, tuple) and len(spec.kernel) == 2 and all(type(k) is int and k > 0 for k in spec.kernel)
+        )
+        if not kernel_ok:
+            raise fail("ConvSpec.kernel", spec.kernel, "None or a (height, width) pair of positive ints")
+        if spec.depthwise not in (None, True, False):
+            raise fail("ConvSpec.depthwise", spec.depthwise, "None, True or False")
+        if spec.width is not None and not (isinstance(spec.width, frozenset) and spec.width and spec.width <= set(WIDTHS)):
+            raise fail("ConvSpec.width", spec.width, f"None or a frozenset of {', '.join(WIDTHS)}")
+    for field in ("include", "exclude"):
+        value = getattr(rule, field)
+        if not isinstance(value, tuple) or not all(isinstance(g, str) for g in value):
+            raise fail(field, value, "a tuple of glob strings")
+    if not isinstance(rule.norm, bool):
+        raise fail("norm", rule.norm, "True or False")
+    return rule
+
+
 def _looks_like_path(item: str | Path) -> bool:
     text = str(item)
     return isinstance(item, Path) or text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text
@@ -137,11 +180,7 @@ def _looks_like_path(item: str | Path) -> bool:
 def load_rule_file(path: Path, builtin: bool = False) -> list[Rule]:
     """Read and check one YAML file holding a rule (a mapping) or several (a list of mappings)."""
     source = f"built-in rule {path.stem}" if builtin else str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise AttnInjectError(f"cannot read rule file: {exc.strerror}", where=str(path)) from None
-    doc = load_located_yaml(text, source)
+    doc = read_located_yaml(path, source)
     if isinstance(doc, LocatedDict):
         return [parse_rule(doc, source)]
     if isinstance(doc, LocatedList) and doc and all(isinstance(d, LocatedDict) for d in doc):
@@ -251,7 +290,7 @@ def _parse_conv(fields: _Fields, allow_optional: bool) -> ConvSpec:
         kernel = None
     elif isinstance(kernel, int) and kernel > 0:
         kernel = (kernel, kernel)
-    elif isinstance(kernel, LocatedList) and len(kernel) == 2 and all(isinstance(k, int) and k > 0 for k in kernel):
+    elif isinstance(kernel, LocatedList) and len(kernel) == 2 and all(type(k) is int and k > 0 for k in kernel):
         kernel = (kernel[0], kernel[1])
     else:
         raise fields.fail("kernel", f"must be a positive int, a [h, w] pair or 'any', not {kernel!r}")

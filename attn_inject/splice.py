@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from .analyze import ModuleRecord
+from .blocks import returns_fresh_output
 from .ops import is_add
 from .patched import GraphCode, PatchedForward, Variant, add_shortcut
 from .plan import Plan, Site
@@ -57,6 +58,7 @@ def splice(plan: Plan, blocks: dict[str, nn.Module]) -> Undo:
     for record in by_record:
         by_target[(id(record.module), record.method)].append(record)
 
+    fresh = {s.name for s, _ in plan.site_records if returns_fresh_output(blocks[s.module_name])}
     undo = Undo()
     try:
         for records in by_target.values():
@@ -65,10 +67,10 @@ def splice(plan: Plan, blocks: dict[str, nn.Module]) -> Undo:
             for record in records:
                 sites = by_record[record]
                 if record.train_graph is None:
-                    variants[(record.fixed, None)] = GraphCode.from_graph(_edited(record.graph, sites))
+                    variants[(record.fixed, None)] = GraphCode.from_graph(_edited(record.graph, sites, fresh))
                 else:
-                    variants[(record.fixed, False)] = GraphCode.from_graph(_edited(record.graph, sites))
-                    variants[(record.fixed, True)] = GraphCode.from_graph(_edited(record.train_graph, sites))
+                    variants[(record.fixed, False)] = GraphCode.from_graph(_edited(record.graph, sites, fresh))
+                    variants[(record.fixed, True)] = GraphCode.from_graph(_edited(record.train_graph, sites, fresh))
             for site in {s.name: s for r in records for s in by_record[r]}.values():
                 if site.name in module.__dict__:  # an empty attention slot (timm's ``self.se = None``)
                     undo.slots.append((module, site.name, module.__dict__.pop(site.name)))
@@ -86,8 +88,9 @@ def splice(plan: Plan, blocks: dict[str, nn.Module]) -> Undo:
     return undo
 
 
-def _edited(graph: fx.Graph, sites: list[Site]) -> fx.Graph:
-    """A copy of ``graph`` with a call to each site's block spliced in."""
+def _edited(graph: fx.Graph, sites: list[Site], fresh: set[str]) -> fx.Graph:
+    """A copy of ``graph`` with a call to each site's block spliced in; the residual add after a
+    block named in ``fresh`` (its output is a new tensor its backward does not need) goes in place."""
     graph = copy.deepcopy(graph)
     nodes = {n.name: n for n in graph.nodes}
     for site in sites:
@@ -97,7 +100,7 @@ def _edited(graph: fx.Graph, sites: list[Site]) -> fx.Graph:
             with graph.inserting_before(consumer):
                 call = graph.call_module(site.name, (anchor,))
             consumer.replace_input_with(anchor, call)
-            if _can_add_in_place(consumer):
+            if site.name in fresh and _can_add_in_place(consumer):
                 _add_in_place(graph, consumer, call)
         else:  # after the anchor: every later use sees the block's output
             anchor = nodes[site.anchor]

@@ -15,10 +15,11 @@ from .blocks import check_block_options, get_block
 from .eject import record_undo
 from .errors import AttnInjectError
 from .plan import Plan, build_plan
+from .preserve import preserved, rng_states, set_rng_states
 from .recipe import Injection, base_recipe, set_recipe
 from .rules import Rule, resolve_rules
-from .splice import splice
-from .verify import check_identical, example_args, run
+from .splice import Undo, splice
+from .verify import example_args, example_forward_failed, first_difference, mismatch_error, run
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def plan(
     exclude: str | Iterable[str] = (),
     position: str | None = None,
     example_input: Any = None,
+    stack: bool = False,
     **block_options: Any,
 ) -> Plan:
     """Where ``inject`` would put ``block`` blocks, without changing the model.
@@ -46,10 +48,17 @@ def plan(
         position: override the rules' insert position (branch_end, block_output, unit_output).
         example_input: a tensor or tuple of arguments for the example forward; by default one image
             of the model's configured input size (3x224x224 if it has none).
+        stack: allow a block at a place that already has a block of the same type (from an earlier
+            inject); by default that is refused, as re-running the same inject usually is a mistake.
         block_options: passed to the block (SE ``reduction``, ECA ``gamma``/``beta``/``kernel_size``,
             both ``init="identity"|"paper"``).
+
+    The model is run on the example input but left exactly as it was: parameters, buffers, every
+    module's attributes and the random states (see :mod:`attn_inject.preserve`).
     """
-    return _analyse_and_plan(model, block, after, include, exclude, position, example_input, block_options)[0]
+    _check_model(model)
+    with preserved(model):
+        return _analyse_and_plan(model, block, after, include, exclude, position, example_input, stack, block_options)[0]
 
 
 def inject(
@@ -62,6 +71,7 @@ def inject(
     position: str | None = None,
     example_input: Any = None,
     verify: bool = True,
+    stack: bool = False,
     **block_options: Any,
 ) -> nn.Module:
     """Splice ``block`` into ``model`` wherever ``after`` matches; returns the same (patched) model.
@@ -72,19 +82,47 @@ def inject(
     checks run before the first change: on any error the model is untouched. Arguments are those
     of :func:`plan`.
     """
-    the_plan, args, reference = _analyse_and_plan(
-        model, block, after, include, exclude, position, example_input, block_options,
-        reference=verify and block_options.get("init", "identity") == "identity",
-    )  # fmt: skip
-    blocks = _build_blocks(the_plan)
+    _check_model(model)
+    _check_flags(verify=verify, stack=stack)
+    if verify and _on_meta_device(model):
+        raise AttnInjectError(
+            f"{type(model).__name__} is on the meta device: it has no values to verify the patched outputs against",
+            hint="plan() works on it; inject(..., verify=False) splices the blocks in on the meta device "
+            "(materialise with to_empty() and load weights that include the blocks').",
+        )
+    with preserved(model):  # the example forwards leave no trace
+        the_plan, args, reference = _analyse_and_plan(
+            model, block, after, include, exclude, position, example_input, stack, block_options,
+            reference=verify and block_options.get("init", "identity") == "identity",
+        )  # fmt: skip
+    globs = _globs("include", include), _globs("exclude", exclude)
+    recipe = base_recipe(model).then(Injection.from_plan(the_plan, args, *globs, position))
+    rng = rng_states()
+    try:
+        blocks = _build_blocks(the_plan)
+        undo = _splice_and_verify(model, the_plan, blocks, args, reference)
+    except BaseException:
+        set_rng_states(rng)  # building the blocks drew their default init
+        raise
+    record_undo(model, undo)  # for eject(); and the recipe, for save() / load()
+    set_recipe(model, recipe)
+    return model
+
+
+def _splice_and_verify(model: nn.Module, the_plan: Plan, blocks: dict[str, nn.Module], args: tuple, reference: Any) -> Undo:
+    what = f"after injecting {the_plan.block} into {type(model).__name__}"
     with _eval_mode(model) as modes:
         undo = splice(the_plan, blocks)
         try:
-            if reference is not None:
-                check_identical(reference, run(model, args), f"after injecting {block} into {type(model).__name__}")
+            with preserved(model):
+                problem = None if reference is None else first_difference(reference, run(model, args))
         except BaseException:
             undo()
             raise
+        if problem:
+            undo()
+            with preserved(model):  # tell a nondeterministic model and a non-identity block from a bug here
+                raise mismatch_error(what, problem, lambda: run(model, args), reference, blocks, _site_inputs(the_plan))
         if the_plan.unreached:
             log.warning(
                 "%d module(s) with convolutions were not reached by the example forward and were left as they are: %s",
@@ -93,25 +131,31 @@ def inject(
         for site in the_plan.sites:  # new blocks follow their owner's mode
             owner = model.get_submodule(site.owner)
             blocks[site.module_name].train(modes.get(owner, owner.training))
-    record_undo(model, undo)  # for eject(); and the recipe, for save() / load()
-    set_recipe(model, base_recipe(model).then(Injection.from_plan(the_plan, args, _globs(include), _globs(exclude), position)))
-    return model
+    return undo
 
 
-def _analyse_and_plan(model, block, after, include, exclude, position, example_input, block_options, reference=False):
-    if not isinstance(model, nn.Module):
-        raise AttnInjectError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+def _analyse_and_plan(model, block, after, include, exclude, position, example_input, stack, block_options, reference=False):
+    """Every check, then the example forward(s) and the plan; changes nothing (callers preserve state)."""
+    _check_not_quantized(model)
+    _check_flags(stack=stack)
     check_block_options(block, block_options)
-    with torch.device("meta"):
-        get_block(block)(8, **block_options)  # bad option values fail here, before any work
     rules = resolve_rules(after)
     if position is not None:
+        if not isinstance(position, str):
+            raise AttnInjectError(f"position must be a string, not {position!r}", hint="Valid: branch_end, block_output, unit_output.")
         rules = [r.with_position(position) for r in rules]
+    include, exclude = _globs("include", include), _globs("exclude", exclude)
     args = example_args(model, example_input)
     with _eval_mode(model):
-        expected = run(model, args) if reference else None
+        try:
+            expected = run(model, args) if reference else None
+        except Exception as exc:
+            raise example_forward_failed(model, exc) from None
         analysis = analyze(model, args)
-    the_plan = build_plan(analysis, block, block_options, rules, _globs(include), _globs(exclude))
+    the_plan = build_plan(analysis, block, block_options, rules, include, exclude)
+    _check_block_sizes(the_plan)
+    if not stack:
+        _check_not_stacked(the_plan)
     return the_plan, args, expected
 
 
@@ -121,12 +165,91 @@ def _build_blocks(the_plan: Plan) -> dict[str, nn.Module]:
     blocks = {}
     for site, records in the_plan.site_records:
         anchor = next(n for n in records[0].graph.nodes if n.name == site.anchor)
-        blocks[site.module_name] = cls(site.channels, **options).to(anchor.meta["device"], anchor.meta["dtype"])
+        block = cls(site.channels, **options).to(anchor.meta["device"], anchor.meta["dtype"])
+        blocks[site.module_name] = block.eval()  # verified in eval mode; then it follows its owner
     return blocks
 
 
-def _globs(value: str | Iterable[str]) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
+def _globs(argument: str, value: str | Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
+        globs = tuple(value)
+        if all(isinstance(g, str) for g in globs):
+            return globs
+    raise AttnInjectError(
+        f"{argument}= must be a glob on module paths or a list of globs, not {value!r}",
+        hint=f"For example {argument}='layer4.*' or {argument}=['layer3.*', 'layer4.*'].",
+    )
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise AttnInjectError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+
+
+def _check_flags(**flags: Any) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise AttnInjectError(f"{name}= must be True or False, not {value!r}")
+
+
+def _on_meta_device(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def _check_not_quantized(model: nn.Module) -> None:
+    """Quantized modules are not convs and norms to the matcher; say so instead of 'nothing matched'."""
+    for path, module in model.named_modules():
+        quantized = type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+        if quantized or any(t.is_quantized for t in (*module._parameters.values(), *module._buffers.values()) if t is not None):
+            raise AttnInjectError(
+                f"quantized models are not supported ({path or '<model>'} is {type(module).__name__})",
+                hint="Inject into the float model, then quantize it (and fine-tune the blocks before, if you train them).",
+            )
+
+
+# A block may add at most this many parameters at a C-channel site: a C -> C 3x3 conv's worth, or a
+# million, whichever is more. SE and ECA with sane options add a small fraction of that.
+def _parameter_budget(channels: int) -> int:
+    return max(9 * channels * channels, 1 << 20)
+
+
+def _check_block_sizes(the_plan: Plan) -> None:
+    for site in the_plan.sites:
+        if site.params > _parameter_budget(site.channels):
+            options = ", ".join(f"{k}={v!r}" for k, v in the_plan.options)
+            raise AttnInjectError(
+                f"block {the_plan.block!r} with {options} would add {site.params:,} parameters at {site.path or '<model>'} "
+                f"({site.channels} channels), more than {_parameter_budget(site.channels):,}",
+                hint="Check the block options (e.g. SE reduction, ECA kernel_size).",
+            )
+
+
+def _check_not_stacked(the_plan: Plan) -> None:
+    """Refuse a site where an earlier inject already put a block of the same type."""
+    cls = get_block(the_plan.block)
+    for site, records in the_plan.site_records:
+        record = records[0]
+        anchor = next(n for n in record.graph.nodes if n.name == site.anchor)
+        for node in (anchor, *anchor.users):
+            if node.op == "call_module" and type(record.module.get_submodule(node.target)) is cls:
+                where = f"{record.path}.{node.target}" if record.path else node.target
+                raise AttnInjectError(
+                    f"{site.path or '<model>'} already has an {the_plan.block} block at {site.position} ({where})",
+                    hint="Injecting the same block twice stacks a second one; pass stack=True if that is what you want.",
+                )
+
+
+def _site_inputs(the_plan: Plan) -> dict[str, torch.Tensor]:
+    """A random feature map of each site's shape, dtype and device, to test its block alone."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = {}
+    for site, records in the_plan.site_records:
+        anchor = next(n for n in records[0].graph.nodes if n.name == site.anchor)
+        x = torch.randn(site.shape, generator=generator)
+        inputs[site.module_name] = x.to(anchor.meta["device"], anchor.meta["dtype"])
+    return inputs
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from torch.fx._symbolic_trace import _assert_is_none
 
 from .ops import is_inplace
 from .patched import TensorSeq, add_shortcut, patched_forward
+from .preserve import rng_states, same_rng, set_rng_states
 
 
 class TraceFailure(Exception):
@@ -42,6 +43,13 @@ class _ChildrenAsLeaves(fx.Tracer):
     def __init__(self, method: str):
         super().__init__(autowrap_modules=(math,), autowrap_functions=_leaf_functions())
         self.traced_func_name = method
+        self.proxy_buffer_attributes = True  # in-place updates of buffers (counters) become graph nodes
+        self.stowed: set[str] = set()  # attributes fx itself set on the traced copy
+
+    def get_fresh_qualname(self, prefix: str) -> str:
+        name = super().get_fresh_qualname(prefix)
+        self.stowed.add(name)
+        return name
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
@@ -63,17 +71,62 @@ def trace_module(module: nn.Module, method: str, fixed: frozenset, training: boo
     if function is not None:  # trace what the instance really runs, not the class's method
         clone.__class__ = type(type(module).__name__, (type(module),), {method: function})
     concrete = {name: value.placeholders() if isinstance(value, TensorSeq) else value for name, value in fixed}
+    tracer = _ChildrenAsLeaves(method)
+    versions = _tensor_versions(module)
+    rng = rng_states()
     try:
-        graph = _ChildrenAsLeaves(method).trace(clone, concrete_args=concrete)
+        graph = tracer.trace(clone, concrete_args=concrete)
     except Exception as exc:  # tracing user code can fail in any way; the reason is reported
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise TraceFailure(f"{type(exc).__name__}: {first_line}".rstrip(": ")) from None
+    finally:
+        drew = not same_rng(rng_states(), rng)
+        set_rng_states(rng)
+    lost = _unrecorded_effects(module, clone, tracer.stowed, versions) or ("draws random numbers fx runs once at trace time" if drew else None)
+    if lost:  # the graph would leave this out: the module keeps its own forward
+        raise TraceFailure(f"its forward {lost}, which a traced graph would not repeat")
     if not hasattr(graph._codegen, "pytree_info"):  # list arguments keep fx's flattened names
         _rename_fixed_placeholders(graph, {name for name, _ in fixed})
     _drop_specialization_asserts(graph)
     explicit_inplace(graph, module)
     constants = {k: v for k, v in clone.__dict__.items() if k not in module.__dict__ and k != "__class__"}
     return graph, constants
+
+
+def _tensor_versions(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """The version counter of each tensor the module holds itself (parameters, buffers, attributes)."""
+    tensors = {**module._parameters, **module._buffers, **module.__dict__}
+    return {k: (t, t._version) for k, t in tensors.items() if isinstance(t, torch.Tensor)}
+
+
+def _unrecorded_effects(module: nn.Module, clone: nn.Module, stowed: set[str], versions: dict) -> str | None:
+    """What running the forward once at trace time did to the module that the graph does not record:
+    a tensor written in place outside the graph, a Python attribute set or a container changed."""
+    for name, (tensor, version) in versions.items():
+        if tensor._version != version:
+            return f"writes tensor attribute {name!r} in place outside the traced graph"
+    for name, value in clone.__dict__.items():
+        if name in stowed or name == "training":
+            continue
+        if name not in module.__dict__:
+            return f"sets attribute {name!r}"
+        original = module.__dict__[name]
+        if isinstance(original, (dict, list, set)) and not _same_items(original, value):
+            return f"changes the contents of attribute {name!r}"
+        if not isinstance(original, (dict, list, set)) and value is not original:
+            return f"sets attribute {name!r}"
+    return None
+
+
+def _same_items(a: dict | list | set, b: dict | list | set) -> bool:
+    """Shallow equality by identity (containers may hold tensors, whose == is elementwise)."""
+    if type(a) is not type(b) or len(a) != len(b):
+        return False
+    if isinstance(a, dict):
+        return all(k in b and b[k] is v for k, v in a.items())
+    if isinstance(a, list):
+        return all(x is y for x, y in zip(a, b))
+    return a == b
 
 
 def _instance_function(module: nn.Module, method: str, fixed: frozenset, training: bool):

@@ -64,7 +64,7 @@ class Phases:
 
     TARGETS = [
         (_surgery, "run"), (_surgery, "analyze"), (_analyze, "trace_module"), (_surgery, "build_plan"),
-        (_surgery, "_build_blocks"), (_surgery, "splice"), (_surgery, "check_identical"),
+        (_surgery, "_build_blocks"), (_surgery, "splice"), (_surgery, "first_difference"),
     ]  # fmt: skip
 
     def __enter__(self) -> Phases:
@@ -103,7 +103,7 @@ class Phases:
             "blocks": spent("_build_blocks"),
             "splice": spent("splice"),
             "verify_forward": forwards[1],
-            "compare": spent("check_identical"),
+            "compare": spent("first_difference"),
         }
         out["other"] = total - sum(out.values())
         return out

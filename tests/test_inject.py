@@ -188,7 +188,10 @@ def test_injections_compose_and_names_do_not_collide():
     before = outputs(model)
     inject(model, "eca", after="residual", example_input=EXAMPLE)
     inject(model, "se", after="residual", position="block_output", example_input=EXAMPLE)
-    inject(model, "eca", after="basic", example_input=EXAMPLE)
+    with pytest.raises(AttnInjectError, match=r"^block1 already has an eca block at branch_end \(block1\.eca\).*pass stack=True"):
+        inject(model, "eca", after="basic", example_input=EXAMPLE)  # the same block at the same place
+    assert {n for n in attention_blocks(model) if n.startswith("block1.")} == {"block1.eca", "block1.se_out"}
+    inject(model, "eca", after="basic", example_input=EXAMPLE, stack=True)
     assert {n for n in attention_blocks(model) if n.startswith("block1.")} == {"block1.eca", "block1.se_out", "block1.eca_1"}
     assert torch.equal(outputs(model), before)
     with torch.no_grad():
@@ -299,14 +302,21 @@ class CondNet(nn.Module):
         return self.block2(x).mean((2, 3))
 
 
-def test_blocks_that_cannot_be_observed_are_reported_not_skipped_silently(caplog):
-    torch._dynamo.reset()  # torch.cond compiles its branches once per process: start cold
-    with pytest.raises(AttnInjectError, match=r"3 module\(s\) with convolutions were not reached \(stem, block1, block2\); 1 module\(s\) could not be traced by torch.fx \(e.g. <model>: .*its children's calls cannot be observed"):
-        plan(CondNet().eval(), "se", after="basic", example_input=torch.randn(1, 3, 16, 16))
-    model = CondNet().eval()  # now cond runs compiled code: the hook in block1 never fires
+def test_blocks_called_inside_torch_cond_are_reached_and_patched():
+    """The analysis runs under attn_inject's copy-on-write dispatch mode, which runs torch.cond's
+    branches eagerly: the hooks see block1, and its patch is live when cond runs compiled later."""
+    torch._dynamo.reset()
+    report = plan(CondNet().eval(), "se", after="basic", example_input=torch.randn(1, 3, 16, 16))
+    assert [s.path for s in report] == ["block1", "block2"] and report.unreached == ()
+    assert report.untraced[0][0] == "<model>"
+    model = CondNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    before = outputs(model, x)
     inject(model, "se", after="basic", example_input=torch.randn(1, 3, 16, 16))
-    assert list(attention_blocks(model)) == ["block2.se"]
-    assert "not reached by the example forward and were left as they are: block1" in caplog.text
+    assert list(attention_blocks(model)) == ["block1.se", "block2.se"] and torch.equal(outputs(model, x), before)
+    with torch.no_grad():
+        model.block1.se.fc2.bias.normal_()
+    assert not torch.equal(outputs(model, x), before)
 
 
 def test_a_model_failing_on_the_example_input_is_one_clear_error():

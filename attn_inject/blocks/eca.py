@@ -33,7 +33,7 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
     return k + 1 - k % 2
 
 
-@register_block("eca")
+@register_block("eca", fresh_output=True)
 class EfficientChannelAttention(nn.Module):
     def __init__(
         self,

@@ -24,7 +24,7 @@ from .gate import apply_gate, gate_gain
 from .registry import register_block
 
 
-@register_block("se")
+@register_block("se", fresh_output=True)
 class SqueezeExcite(nn.Module):
     def __init__(
         self,

@@ -1,0 +1,178 @@
+"""A patched forward does everything the original did; plan and failed injects leave no trace."""
+
+import random
+
+import pytest
+import torch
+from torch import nn
+from tiny_models import BranchyNet, conv_bn
+
+from attn_inject import AttnInjectError, inject, plan
+from attn_inject.blocks import EfficientChannelAttention
+from attn_inject.preserve import preserved
+
+X = torch.randn(1, 3, 16, 16)
+
+
+class CountingBlock(nn.Module):
+    """A residual block with effects fx records: a buffer counter, an unused child call, a draw."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(c, c)
+        self.conv2, self.bn2 = conv_bn(c, c)
+        self.probe = nn.Conv2d(c, c, 1)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.seen.add_(1)
+        self.probe(x)  # result unused: the call must still happen (hooks, counters)
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        y = y * (1 + torch.rand_like(y) * 0)  # a draw from the global generator, in the graph
+        return x + y
+
+
+class PythonEffects(nn.Module):
+    """Effects fx cannot record: a Python counter, a list append, a draw made once at trace time."""
+
+    def __init__(self, c: int, effect: str):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(c, c)
+        self.effect, self.calls, self.log = effect, 0, []
+
+    def forward(self, x):
+        if self.effect == "counter":
+            self.calls += 1
+        elif self.effect == "append":
+            self.log.append(1)
+        else:
+            x = x + torch.rand(1) * 0
+        return x + self.bn1(self.conv1(x))
+
+
+class Net(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, 8), nn.ReLU())
+        self.block = block
+
+    def forward(self, x):
+        return self.block(self.stem(x)).mean((2, 3))
+
+
+def trained(model: nn.Module) -> nn.Module:
+    """Weights that look trained: random norm affine and running stats."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def state(model: nn.Module) -> dict:
+    """Everything plan/inject must leave alone: tensors, module attributes, RNG states."""
+    return {
+        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
+        "dicts": [{k: (v, list(v) if isinstance(v, list) else None) for k, v in m.__dict__.items()} for m in model.modules()],
+        "rng": (torch.get_rng_state(), random.getstate()),
+    }
+
+
+def assert_same_state(before: dict, model: nn.Module) -> None:
+    after = state(model)
+    assert before["tensors"].keys() == after["tensors"].keys()
+    assert all(torch.equal(before["tensors"][k], after["tensors"][k]) for k in before["tensors"])
+    assert len(before["dicts"]) == len(after["dicts"])
+    for b, a in zip(before["dicts"], after["dicts"]):
+        assert b.keys() == a.keys()
+        assert all(b[k][0] is a[k][0] and b[k][1] == a[k][1] for k in b)
+    assert torch.equal(before["rng"][0], after["rng"][0]) and before["rng"][1] == after["rng"][1]
+
+
+def test_a_patched_forward_keeps_buffer_updates_unused_calls_and_draws_in_order():
+    original, patched = trained(Net(CountingBlock(8))), trained(Net(CountingBlock(8)))
+    patched.load_state_dict(original.state_dict())
+    inject(patched, "eca", after="residual", example_input=X)
+    assert list(patched.block.forward.variants.values())[0].fn is not None
+    probed = []
+    patched.block.probe.register_forward_hook(lambda *a: probed.append(1))
+    for _ in range(3):
+        torch.manual_seed(1)
+        expected = original(X)
+        torch.manual_seed(1)
+        assert torch.equal(patched(X), expected)
+    assert original.block.seen.item() == patched.block.seen.item() == 3  # inject itself counted nothing
+    assert probed == [1, 1, 1]
+    torch.manual_seed(1)
+    original(X)
+    after_original = torch.get_rng_state()
+    torch.manual_seed(1)
+    patched(X)
+    assert torch.equal(torch.get_rng_state(), after_original)  # the same draws
+    with torch.no_grad():
+        patched.block.eca.conv.weight.fill_(1.0)
+    assert not torch.equal(patched(X), original(X))
+
+
+@pytest.mark.parametrize("effect,reason", [
+    ("counter", "sets attribute 'calls'"),
+    ("append", "changes the contents of attribute 'log'"),
+    ("draw", "draws random numbers fx runs once at trace time"),
+])  # fmt: skip
+def test_a_forward_with_effects_fx_cannot_record_is_left_unpatched_and_named(effect, reason):
+    model = trained(Net(PythonEffects(8, effect)))
+    before = state(model)
+    with pytest.raises(AttnInjectError, match=rf"matched nothing in Net.*could not be traced by torch.fx \(e\.g\. block: its forward {reason}, which a traced graph would not repeat\)"):
+        inject(model, "eca", after="residual", example_input=X)
+    assert_same_state(before, model)
+
+
+def test_plan_is_exactly_a_dry_run():
+    model = trained(Net(CountingBlock(8)))
+    model.train()
+    random.seed(3)
+    before = state(model)
+    report = plan(model, "se", after="residual", example_input=X)
+    assert [s.path for s in report] == ["block"]
+    assert_same_state(before, model)
+    assert model.block.seen.item() == 0 and model.training
+
+
+def test_a_successful_inject_leaves_the_original_state_and_rng_as_they_were():
+    model = trained(Net(CountingBlock(8)))
+    before = state(model)
+    inject(model, "eca", after="residual", example_input=X)
+    tensors = {k: v for k, v in model.state_dict().items() if ".eca." not in k}
+    assert tensors.keys() == before["tensors"].keys()
+    assert all(torch.equal(before["tensors"][k], tensors[k]) for k in tensors)
+    assert model.block.seen.item() == 0
+    after = torch.get_rng_state()  # building the block draws its default init (as any new module); nothing else
+    torch.set_rng_state(before["rng"][0])
+    EfficientChannelAttention(8)
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_a_failed_inject_leaves_every_value_attribute_and_rng_state(monkeypatch):
+    model = trained(Net(CountingBlock(8)))
+    before = state(model)
+    monkeypatch.setattr(EfficientChannelAttention, "forward", lambda self, x: x * 1.5)
+    with pytest.raises(AttnInjectError, match=r"Block block\.eca \(EfficientChannelAttention\) does not return its input unchanged"):
+        inject(model, "eca", after="residual", example_input=X)
+    assert_same_state(before, model)
+
+
+def test_preserved_copies_only_what_is_written():
+    model = trained(BranchyNet())
+    weight, mean = model.stem[0].weight.clone(), model.stem[1].running_mean.clone()
+    with preserved(model):
+        with torch.no_grad():
+            model.stem[0].weight.mul_(2)
+            model.stem[1].running_mean[0] = 7.0  # a write through a view
+        model.answer = 0
+        model.extra = 1
+        model.stem.train()
+        copies = torch.utils._python_dispatch._get_current_dispatch_mode()
+        assert len(copies.saved) == 2  # of the model's 40 tensors, the two written
+    assert torch.equal(model.stem[0].weight, weight) and torch.equal(model.stem[1].running_mean, mean)
+    assert model.answer == 42 and not hasattr(model, "extra") and not model.stem.training
