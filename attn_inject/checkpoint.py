@@ -9,7 +9,6 @@ and strips ``module.``/``_orig_mod.`` prefixes), so no pickled code is ever run.
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from pathlib import Path
 

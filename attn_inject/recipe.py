@@ -117,7 +117,7 @@ class Recipe:
 def _injection(fields: _Checked) -> Injection:
     fields.only({"block", "options", "rules", "include", "exclude", "position", "input_shapes", "modules"})
     block = fields.get("block", str)
-    options = fields.get("options", dict)
+    options = fields.get("options", dict, default={})
     if not all(isinstance(v, _JSON_SCALARS) for v in options.values()):
         raise fields.fail("options", "must map names to numbers, strings, booleans or null")
     try:

@@ -226,6 +226,15 @@ def test_inspect_and_eject_refuse_bad_files(tmp_path, capsys):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     code, _, err = cli(capsys, "eject", tmp_path / "plain.safetensors", "--output", tmp_path / "o.safetensors")
     assert code == 1 and "plain.safetensors: a plain checkpoint: the file holds no attn_inject recipe" in err
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "blob.safetensors"), metadata={"attn_inject.recipe": "{oops"})
+    recipe = {"format_version": 1, "arch": "resnet18", "injections": [{"block": "cbam", "rules": ["name: r\nmatch: {kind: residual}\n"]}]}
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "cbam.safetensors"), metadata={"attn_inject.recipe": json.dumps(recipe)})
+    for command in (["inspect"], ["eject", "--output", tmp_path / "o.safetensors"]):
+        code, _, err = cli(capsys, command[0], tmp_path / "blob.safetensors", *command[1:])
+        assert code == 1 and "blob.safetensors: recipe: the recipe is not valid JSON" in err and "Traceback" not in err
+        code, _, err = cli(capsys, command[0], tmp_path / "cbam.safetensors", *command[1:])
+        assert code == 1 and "cbam.safetensors: recipe: injections[0]: unknown block 'cbam' Valid blocks: eca, se." in err
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_compile_a_loaded_model(tmp_path, r18):
