@@ -9,7 +9,6 @@ and strips ``module.``/``_orig_mod.`` prefixes), so no pickled code is ever run.
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from pathlib import Path
 
@@ -28,8 +27,12 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file; anything else (code, a whole pickled model) is refused."""
     path = Path(path)
+    if path.is_dir():
+        raise AttnInjectError("a folder, not a checkpoint file", where=str(path), hint="Give the path of a weights file.")
     if not path.is_file():
         raise AttnInjectError("no such checkpoint file", where=str(path), hint="Check the path.")
+    if path.stat().st_size == 0:
+        raise AttnInjectError("the checkpoint file is empty", where=str(path), hint="The file was not written completely; get it again.")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise AttnInjectError(
             f"unsupported checkpoint type {path.suffix or '(no suffix)'}",
@@ -45,10 +48,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"the checkpoint holds pickled code or objects ({globals_named.group(1)}), which are never unpickled",
                 where=str(path), hint="Save model.state_dict() (tensors only) and pass that file.",
             ) from None  # fmt: skip
-        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
-            raise AttnInjectError("not a valid checkpoint: torch.load cannot parse it", where=str(path)) from None
-        first_line = text.splitlines()[0] if text else ""
-        raise AttnInjectError(f"cannot read checkpoint: {type(exc).__name__}: {first_line}", where=str(path)) from None
+        first_line = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        damaged = "The file is truncated or damaged, or not a PyTorch state_dict; get it again."
+        if path.suffix == ".safetensors":
+            raise AttnInjectError(f"not a valid .safetensors file ({first_line})", where=str(path), hint=damaged) from None
+        raise AttnInjectError(f"not a valid checkpoint: torch.load cannot parse it ({first_line})", where=str(path), hint=damaged) from None
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise AttnInjectError("the checkpoint holds no tensors", where=str(path))
@@ -100,7 +104,8 @@ def model_holding(arch: str, num_classes: int | None, weights_for) -> nn.Module:
     """``arch`` built and loaded strictly with ``weights_for(model)`` (which checks the keys), in eval mode.
 
     timm and torchvision models are built on the meta device and take the checkpoint's tensors
-    (cast to the model's dtypes) instead of initialising weights that would be overwritten; if that
+    (cast to the model's dtypes, copied where misaligned) instead of initialising weights that would
+    be overwritten, which is as fast as reading them; if that
     leaves anything on the meta device (a non-persistent buffer) or fails, the model is built normally.
     """
     if ":" not in arch or arch.startswith("torchvision:"):
@@ -128,7 +133,11 @@ def _built_on_meta(arch: str, num_classes: int | None) -> nn.Module | None:
 
 
 def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return value if value.dtype == target.dtype else value.to(target.dtype)
+    """``value`` in ``target``'s dtype, in memory of its own when it is a misaligned view (safetensors
+    packs tensors at 8-byte offsets; CPU kernels round differently on misaligned weights)."""
+    if value.dtype != target.dtype:
+        return value.to(target.dtype)
+    return value.clone() if value.data_ptr() % 64 else value
 
 
 def _meta_left(model: nn.Module) -> bool:

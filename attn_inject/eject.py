@@ -9,6 +9,8 @@ computed before ``inject``.
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 from torch import nn
 
@@ -39,3 +41,31 @@ def eject(model: nn.Module) -> nn.Module:
     if recipe is not None:
         set_recipe(model, dataclasses.replace(recipe, injections=()))
     return model
+
+
+def eject_file(path: str | os.PathLike, output: str | os.PathLike, *, arch: str | None = None, force: bool = False,
+               trust_remote_code: bool = False) -> dict:  # fmt: skip
+    """Write the original model's weights (a plain .safetensors) from a patched file; checked on read-back."""
+    from safetensors.torch import load_file, save_file
+
+    from .safe_output import atomic_write, check_output
+    from .saving import load, storable
+    from .verify import bitwise_equal
+
+    out = check_output(output, inputs=[path], force=force)
+    if out.suffix != ".safetensors":
+        raise AttnInjectError("the output must be a .safetensors file", where=str(out), hint="Name it NAME.safetensors.")
+    model = load(path, arch, trust_remote_code=trust_remote_code)
+    removed = list(recipe_of(model).modules)
+    state = eject(model).state_dict()
+    tensors = storable(state)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        back = load_file(str(tmp))
+        if set(back) != set(tensors) or not all(bitwise_equal(back[k], v) for k, v in tensors.items()):
+            raise AttnInjectError("the written weights do not read back bit for bit; nothing was written", where=str(out))
+
+    atomic_write(out, write)
+    return {"input": str(path), "output": str(out), "arch": recipe_of(model).arch, "removed": removed,
+            "tensors": len(tensors), "bytes": out.stat().st_size}  # fmt: skip

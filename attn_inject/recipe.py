@@ -65,6 +65,7 @@ class Recipe:
     num_classes: int | None = None  # passed to the model factory; None: its default
     injections: tuple[Injection, ...] = ()
     versions: tuple[tuple[str, str], ...] = ()  # of the libraries that wrote it (read from a file)
+    format_version: int = FORMAT_VERSION  # of the file it was read from; to_json writes the current one
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -109,14 +110,14 @@ class Recipe:
         versions = top.get("versions", dict, default={})
         return cls(
             top.get("arch", (str, type(None))), top.get("num_classes", (int, type(None))), injections,
-            tuple(sorted((str(k), str(v)) for k, v in versions.items())),
+            tuple(sorted((str(k), str(v)) for k, v in versions.items())), version,
         )  # fmt: skip
 
 
 def _injection(fields: _Checked) -> Injection:
     fields.only({"block", "options", "rules", "include", "exclude", "position", "input_shapes", "modules"})
     block = fields.get("block", str)
-    options = fields.get("options", dict)
+    options = fields.get("options", dict, default={})
     if not all(isinstance(v, _JSON_SCALARS) for v in options.values()):
         raise fields.fail("options", "must map names to numbers, strings, booleans or null")
     try:

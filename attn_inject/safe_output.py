@@ -31,8 +31,11 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise AttnInjectError("the output folder does not exist", where=str(folder), hint="Create it first.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise AttnInjectError("the output folder is not writable", where=str(folder), hint="Choose a folder you can write to.")
+    try:  # a real probe: permissions alone do not tell (root, read-only mounts)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        raise AttnInjectError("the output folder is not writable", where=str(folder), hint="Choose a folder you can write to.") from None
     return path
 
 

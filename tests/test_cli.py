@@ -81,11 +81,13 @@ def test_console_script_runs_and_reports_errors_cleanly():
     assert "nope.yaml: cannot read rule file" in bad.stderr
 
 
-def test_demo_on_real_efficientnet_lite0_weights(capsys):
-    code, out, _ = run(capsys, "demo", "--json")
+def test_demo_patches_the_real_efficientnet_lite0_file_and_loads_it_back(capsys, tmp_path):
+    code, out, _ = run(capsys, "demo", "--json", "--output", str(tmp_path / "lite0-eca.safetensors"))
     report = last_json(out)
     assert code == 0 and report["identical"] is True and report["max_abs_logit_diff"] == 0.0
-    assert report["sites"] == 9 and report["params_added"] == 33
+    assert report["sites"] == 9 and report["params_added"] == 33 and report["keys_mapped_by_order"]
+    assert report["checkpoint"].endswith("efficientnet-lite0-57934424.pth") and (tmp_path / "lite0-eca.safetensors").is_file()
     labels = {row["photo"]: row["label_after"] for row in report["predictions"]}
-    assert labels["chelsea"].startswith("tabby") and labels["coffee"] == "espresso"
+    assert list(labels) == ["chelsea", "coffee", "rocket", "astronaut", "horse"]
+    assert labels["chelsea"].startswith("tabby") and labels["coffee"] == "espresso" and labels["rocket"] == "missile"
     assert all(row["label_before"] == row["label_after"] and row["prob_before"] == row["prob_after"] for row in report["predictions"])
