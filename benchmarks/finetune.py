@@ -1,8 +1,8 @@
 """Fine-tuning after the surgery: does it start where the original stood, and does attention help?
 
-(a) digits: sklearn's ``load_digits`` written as an ImageFolder at 32x32. A ResNet-18 is trained
+(a) digits: sklearn's ``load_digits`` written as an ImageFolder at 32x32. A ResNet-10-T is trained
     from scratch by this script (the base), then trained for the same number of further steps as
-    (i) identity-init ECA, (ii) identity-init SE, (iii) ECA / SE with the papers' plain init
+    (i) identity-init ECA, (ii) identity-init SE, (iii) SE with the paper's plain init
     (``init="paper"``), (iv) no attention. Each over several seeds (data order, augmentation, the
     paper init); accuracy on the held-out split after every epoch. Identity-init variants must
     start exactly at the base's accuracy and loss.
@@ -14,7 +14,7 @@
 
 Every fine-tuning run goes through ``attn_inject.finetune.loop.finetune`` (the CLI's loop).
 
-    python benchmarks/finetune.py                     # everything (~1 h on one core)
+    python benchmarks/finetune.py                     # everything (~15 min of one core)
     python benchmarks/finetune.py --parts digits --seeds 0 1 2
     python benchmarks/finetune.py --quick             # small subset, 1 seed, tiny sizes (~1 min)
 
@@ -48,7 +48,6 @@ DIGIT_VARIANTS = {
     "none": None,
     "eca": ("eca", "identity"),
     "se": ("se", "identity"),
-    "eca-paper": ("eca", "paper"),
     "se-paper": ("se", "paper"),
 }
 TRANSFER_VARIANTS = {"lite0": None, "lite0+eca": ("eca", "identity")}
@@ -108,6 +107,7 @@ def digits_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str, A
     base = timm.create_model(args.digits_arch, num_classes=10)
     base_config = TrainConfig(epochs=args.epochs, lr=2e-3, warmup_steps=10, seed=0, **config)
     base_run = run_finetune(base, data, base_config, work)
+    print(f"digits base: {curve_text(base_run['curve'])}", flush=True)
     runs: dict[str, list[dict]] = {}
     for name, variant in DIGIT_VARIANTS.items():
         for seed in args.seeds:
@@ -264,26 +264,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="20 train and 10 val images per class, 1 seed, 1 epoch, tiny sizes")
     parser.add_argument("--parts", nargs="+", choices=("digits", "transfer", "cost"), default=["digits", "transfer", "cost"])
     parser.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2; --quick: 0)")
-    parser.add_argument("--epochs", type=int, help="epochs of the base and of each fine-tuning run (default 4; --quick: 1)")
+    parser.add_argument("--epochs", type=int, help="epochs of the base and of each fine-tuning run (default 3; --quick: 1)")
     parser.add_argument("--size", type=int, default=32, help="digits image size (default 32)")
-    parser.add_argument("--digits-arch", default="resnet18", help="timm model trained from scratch as the base")
-    parser.add_argument("--transfer-size", type=int, help="EfficientNet-Lite0 input size (default 64; --quick: 32)")
-    parser.add_argument("--cost-batch", type=int, help="batch of the training-step timing (default 16; --quick: 2)")
-    parser.add_argument("--cost-size", type=int, help="image size of the timing (default 128; --quick: 32)")
+    parser.add_argument("--digits-arch", default="resnet10t", help="timm model trained from scratch as the base")
+    parser.add_argument("--transfer-size", type=int, help="EfficientNet-Lite0 input size (default 48; --quick: 32)")
+    parser.add_argument("--cost-batch", type=int, help="batch of the training-step timing (default 8; --quick: 2)")
+    parser.add_argument("--cost-size", type=int, help="image size of the timing (default 112; --quick: 32)")
     parser.add_argument("--cost-warmup", type=int, help="untimed rounds (default 2; --quick: 1)")
-    parser.add_argument("--cost-reps", type=int, help="timed rounds (default 15; --quick: 2)")
+    parser.add_argument("--cost-reps", type=int, help="timed rounds (default 10; --quick: 2)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"raw results (default {DEFAULT_JSON})")
     parser.add_argument("--plot", type=Path, help="accuracy-vs-step PNG (default: next to --json, finetune_digits.png)")
     args = parser.parse_args()
     q = args.quick
     args.seeds = args.seeds or ([0] if q else [0, 1, 2])
-    args.epochs = args.epochs or (1 if q else 4)
-    args.transfer_size = args.transfer_size or (32 if q else 64)
-    args.cost_batch = args.cost_batch or (2 if q else 16)
-    args.cost_size = args.cost_size or (32 if q else 128)
+    args.epochs = args.epochs or (1 if q else 3)
+    args.transfer_size = args.transfer_size or (32 if q else 48)
+    args.cost_batch = args.cost_batch or (2 if q else 8)
+    args.cost_size = args.cost_size or (32 if q else 112)
     args.cost_warmup = args.cost_warmup if args.cost_warmup is not None else (1 if q else 2)
-    args.cost_reps = args.cost_reps or (2 if q else 15)
+    args.cost_reps = args.cost_reps or (2 if q else 10)
     plot_path = args.plot or args.json.with_name("finetune_digits.png")
     if args.threads:
         torch.set_num_threads(args.threads)

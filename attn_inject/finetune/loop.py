@@ -110,7 +110,7 @@ def evaluate(
                 with _autocast(context, bf16):
                     logits = model(x)
                 logits = logits.float()
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                loss_sum += F.cross_entropy(logits, y, reduction="none").double().sum().item()
                 ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 hits = ranked == y[:, None]
                 top1 += hits[:, 0].sum().item()
@@ -122,6 +122,12 @@ def evaluate(
         model.train(was_training)
     loss_sum, top1, top5, images = distributed.all_sum([loss_sum, top1, top5, images], context)
     return Metrics(top1 / images, top5 / images, loss_sum / images, int(images))
+
+
+def val_loader(dataset, context: distributed.Context, batch_size: int, workers: int = 0) -> DataLoader:
+    """In order, each rank its own share (no padding: every image counts once when the sums are reduced)."""
+    shard = Subset(dataset, range(context.rank, len(dataset), context.world_size))
+    return DataLoader(shard, batch_size, num_workers=workers)
 
 
 def finetune(
@@ -162,8 +168,7 @@ def finetune(
     per_rank = config.batch_size // context.world_size
     sampler = DistributedSampler(train_set, context.world_size, context.rank, shuffle=True, seed=config.seed)
     train_loader = DataLoader(train_set, per_rank, sampler=sampler, drop_last=True, num_workers=config.workers)
-    val_shard = Subset(val_set, range(context.rank, len(val_set), context.world_size))
-    val_loader = DataLoader(val_shard, per_rank, num_workers=config.workers)
+    validation = val_loader(val_set, context, per_rank, config.workers)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise AttnInjectError(
@@ -186,7 +191,7 @@ def finetune(
         start_epoch, step = _restore(previous, model, optimizer, scheduler, summary, info.classes, config)
         progress.note(f"resuming after epoch {start_epoch} of {config.epochs} (step {step})")
     else:
-        summary["before"] = asdict(evaluate(model, val_loader, context, bf16=config.bf16, progress=progress, description="eval before"))
+        summary["before"] = asdict(evaluate(model, validation, context, bf16=config.bf16, progress=progress, description="eval before"))
         progress.note(_metrics_line("before", summary["before"]))
 
     wrapped = model
@@ -219,7 +224,7 @@ def finetune(
             progress.stop()
             seconds = time.perf_counter() - t0
             loss_sum, seen = distributed.all_sum([loss_sum, seen], context)
-            metrics = evaluate(model, val_loader, context, bf16=config.bf16, progress=progress, description="eval")
+            metrics = evaluate(model, validation, context, bf16=config.bf16, progress=progress, description="eval")
             record = {
                 "epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen, **asdict(metrics),
                 "images_per_s": seen / seconds, "lr": optimizer.param_groups[0]["lr"],
