@@ -88,3 +88,18 @@ def test_batch_smaller_than_the_data_and_bad_config(data, tmp_path):
         run(data, tmp_path / "o.safetensors", batch_size=32)
     with pytest.raises(AttnInjectError, match=r"--label-smoothing must be in \[0, 1\), got 1.5"):
         run(data, tmp_path / "o.safetensors", label_smoothing=1.5)
+
+
+def test_an_image_that_fails_to_decode_in_a_loader_worker_is_one_line(tmp_path):
+    data = write_image_folder(tmp_path / "d", train=4, val=2)
+    broken = data / "train" / "bee" / "0.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # the header parses, the pixels are cut off
+    with pytest.raises(AttnInjectError, match=r"^[^\n]*0.png: cannot decode image \(OSError: [^\n]*\)$"):
+        run(data, tmp_path / "o.safetensors", workers=1, batch_size=4, epochs=1)
+
+
+def test_attention_only_steps_need_blocks(data, tmp_path):
+    from finetune_data import TinyNet
+
+    with pytest.raises(AttnInjectError, match=r"--attention-only-steps needs injected attention blocks; TinyNet has none"):
+        run(data, tmp_path / "o.safetensors", model=TinyNet())
