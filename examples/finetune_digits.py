@@ -19,7 +19,7 @@ from finetune import DIGIT_AUGMENT, run_finetune, with_attention, write_digits  
 
 from attn_inject.finetune.loop import TrainConfig  # noqa: E402
 
-EPOCHS = 3
+EPOCHS = 2
 COMMON = dict(epochs=EPOCHS, batch_size=64, img_size=32, train_transform=DIGIT_AUGMENT, seed=0)
 
 with tempfile.TemporaryDirectory() as tmp:
@@ -28,11 +28,11 @@ with tempfile.TemporaryDirectory() as tmp:
     work.mkdir()
     torch.manual_seed(0)
     base = timm.create_model("resnet10t", num_classes=10)
-    base_curve = run_finetune(base, data, TrainConfig(lr=2e-3, warmup_steps=10, **COMMON), work)["curve"]
+    base_curve = run_finetune(base, data, TrainConfig(lr=2e-3, warmup_steps=10, **COMMON), work / "base.safetensors")["curve"]
     print(f"base, trained from scratch for {base_curve[-1]['step']} steps: top1 {base_curve[-1]['top1']:.4f}")
     for name, variant in {"none": None, "eca": ("eca", "identity"), "se": ("se", "identity")}.items():
         model = with_attention(base, variant, "basic", 32, seed=0)
-        curve = run_finetune(model, data, TrainConfig(lr=5e-4, attention_lr=5e-3, **COMMON), work)["curve"]
+        curve = run_finetune(model, data, TrainConfig(lr=5e-4, attention_lr=5e-3, **COMMON), work / f"{name}.safetensors")["curve"]
         start, end = curve[0], curve[-1]
         same = start["top1"] == base_curve[-1]["top1"] and start["loss"] == base_curve[-1]["loss"]
         print(f"{name:>4}: step 0 top1 {start['top1']:.4f} (= base: {same}) -> {end['top1']:.4f} after {end['step']} more steps")
