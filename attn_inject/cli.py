@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", metavar="OUT", help="keep the patched .safetensors here (default: a temporary folder)")
     demo.add_argument("--json", action="store_true", help="print one JSON object at the end")
     demo.set_defaults(run=_demo)
+    _training_commands(commands)
     return parser
 
 
@@ -243,6 +244,101 @@ def _demo(args: argparse.Namespace) -> int:
     if args.json:
         console.emit_json(report)
     return 0 if report["identical"] else 1
+
+
+def _training_commands(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="top-1, top-5 and loss of a checkpoint on DIR/val", epilog=EPILOG,
+        description="Evaluate a patched file (or a plain checkpoint with --arch) on the ImageFolder DIR/val "
+        "with the model's timm eval transform. Under torchrun the images are split over the processes.",
+    )  # fmt: skip
+    _checkpoint_arguments(evaluate)
+    evaluate.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+    evaluate.set_defaults(run=_eval)
+
+    tune = commands.add_parser(
+        "finetune", help="fine-tune a checkpoint on an ImageFolder (torchrun for several processes)", epilog=EPILOG,
+        description="Fine-tune CKPT on DIR/train with timm's augmentation, AdamW and a cosine schedule; evaluate on "
+        "DIR/val before the first step and after every epoch; write OUT (a patched file that load() and eval read) "
+        "and OUT's training state (NAME.train-state.pt, for --resume) after every epoch, atomically. "
+        "Under torchrun --nproc-per-node N the same command trains with DistributedDataParallel.",
+    )  # fmt: skip
+    _checkpoint_arguments(tune)
+    tune.add_argument("--epochs", type=int, required=True, help="epochs over DIR/train")
+    tune.add_argument("--output", required=True, help="the fine-tuned model, NAME.safetensors")
+    tune.add_argument("--batch-size", type=int, default=32, help="global batch, split over the processes (default 32)")
+    tune.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    tune.add_argument("--attention-lr", type=float, help="peak learning rate of the injected blocks (default: --lr)")
+    tune.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay; none on gates, biases, norms (default 0.05)")
+    tune.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the cosine decay (default 0)")
+    tune.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine (default 0)")
+    tune.add_argument("--label-smoothing", type=float, default=0.1, help="(default 0.1)")
+    tune.add_argument("--attention-only-steps", type=int, default=0, metavar="N",
+                      help="train only the injected blocks (and a replaced head) for the first N steps (default 0)")  # fmt: skip
+    tune.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    tune.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
+    tune.add_argument("--seed", type=int, default=0, help="data order, augmentation and a new head's init (default 0)")
+    tune.add_argument("--keep", choices=("last", "best"), default="last", help="OUT holds the last epoch or the best by val top-1 (default last)")
+    tune.add_argument("--resume", action="store_true", help="continue the interrupted run that wrote OUT from its last epoch")
+    tune.add_argument("--force", action="store_true", help="replace an existing OUT")
+    tune.set_defaults(run=_finetune)
+
+
+def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="a patched .safetensors file, or a plain checkpoint with --arch")
+    parser.add_argument("--data", required=True, metavar="DIR", help="ImageFolder: DIR/train/<class>/*, DIR/val/<class>/*")
+    parser.add_argument("--arch", help="architecture of a plain checkpoint (timm name, torchvision:NAME, package.module:factory)")
+    parser.add_argument("--num-classes", type=int, help="classes of the model; finetune replaces a head of another size with a new one")
+    parser.add_argument("--img-size", type=int, help="image side (default: the model's timm data config)")
+    parser.add_argument("--workers", type=int, default=0, help="data loader processes per training process (default 0)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU if there is one, else cpu)")
+    parser.add_argument("--json", action="store_true", help="progress on stderr, one JSON object on the last line of stdout")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .finetune.commands import run_eval
+
+    screen = console.err if args.json else console.out
+    report = run_eval(
+        args.checkpoint, args.data, arch=args.arch, num_classes=args.num_classes, img_size=args.img_size,
+        batch_size=args.batch_size, workers=args.workers, device=args.device, progress=console.TrainingProgress(screen),
+    )  # fmt: skip
+    if report.pop("is_main"):
+        if args.json:
+            console.emit_json(report)
+        else:
+            console.out.print(f"{report['checkpoint']}: top1 {report['top1']:.2%} · top5 {report['top5']:.2%} · "
+                              f"loss {report['loss']:.4f} on {report['images']} images")  # fmt: skip
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune.commands import run_finetune
+    from .finetune.loop import TrainConfig, TrainingInterrupted
+
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, attention_lr=args.attention_lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
+        label_smoothing=args.label_smoothing, attention_only_steps=args.attention_only_steps, bf16=args.bf16,
+        clip_grad=args.clip_grad, seed=args.seed, workers=args.workers, img_size=args.img_size, keep=args.keep,
+    )  # fmt: skip
+    screen = console.err if args.json else console.out
+    try:
+        summary = run_finetune(
+            args.checkpoint, args.data, args.output, config, arch=args.arch, num_classes=args.num_classes,
+            resume=args.resume, force=args.force, device=args.device, progress=console.TrainingProgress(screen),
+        )  # fmt: skip
+    except TrainingInterrupted as exc:
+        console.error(exc.message)
+        return 130
+    if summary.pop("is_main"):
+        if args.json:
+            console.emit_json(summary)
+        else:
+            before, after = summary["before"], summary["after"]
+            console.out.print(f"top1 {before['top1']:.2%} -> {after['top1']:.2%} · loss {before['loss']:.4f} -> "
+                              f"{after['loss']:.4f}; wrote {summary['output']} (epoch {summary['kept_epoch']})")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Fine-tuning after the surgery: does it start where the original stood, and does attention help?
 
-(a) digits: sklearn's ``load_digits`` written as an ImageFolder at 32x32. A ResNet-18 is trained
+(a) digits: sklearn's ``load_digits`` written as an ImageFolder at 32x32. A ResNet-10-T is trained
     from scratch by this script (the base), then trained for the same number of further steps as
-    (i) identity-init ECA, (ii) identity-init SE, (iii) ECA / SE with the papers' plain init
+    (i) identity-init ECA, (ii) identity-init SE, (iii) SE with the paper's plain init
     (``init="paper"``), (iv) no attention. Each over several seeds (data order, augmentation, the
     paper init); accuracy on the held-out split after every epoch. Identity-init variants must
     start exactly at the base's accuracy and loss.
@@ -14,8 +14,8 @@
 
 Every fine-tuning run goes through ``attn_inject.finetune.loop.finetune`` (the CLI's loop).
 
-    python benchmarks/finetune.py                     # everything (~1 h on one core)
-    python benchmarks/finetune.py --parts digits --seeds 0 1 2
+    python benchmarks/finetune.py                     # everything (~15 min of one core)
+    python benchmarks/finetune.py --parts digits --seeds 0 1 2 --jobs 4
     python benchmarks/finetune.py --quick             # small subset, 1 seed, tiny sizes (~1 min)
 
 Results: ``benchmarks/results/finetune.json`` (every run's curve) and ``finetune_digits.png``.
@@ -48,7 +48,6 @@ DIGIT_VARIANTS = {
     "none": None,
     "eca": ("eca", "identity"),
     "se": ("se", "identity"),
-    "eca-paper": ("eca", "paper"),
     "se-paper": ("se", "paper"),
 }
 TRANSFER_VARIANTS = {"lite0": None, "lite0+eca": ("eca", "identity")}
@@ -82,9 +81,8 @@ def write_digits(root: Path, size: int = 32, per_class: tuple[int, int] | None =
     return root
 
 
-def run_finetune(model: torch.nn.Module, data: Path, config: TrainConfig, work: Path, num_classes: int | None = None) -> dict:
-    """One run of the library's loop; the weights stay in ``model``."""
-    out = work / f"run-{len(list(work.iterdir()))}.safetensors"
+def run_finetune(model: torch.nn.Module, data: Path, config: TrainConfig, out: Path, num_classes: int | None = None) -> dict:
+    """One run of the library's loop (its training state goes to ``out``); the weights stay in ``model``."""
     summary = finetune(model, data, config, output=out, save_model=lambda m, p: None, num_classes=num_classes)
     curve = [{"step": 0, **summary["before"]}] + [
         {k: e[k] for k in ("step", "top1", "top5", "loss", "images_per_s")} for e in summary["epochs"]
@@ -101,37 +99,58 @@ def with_attention(model: torch.nn.Module, variant: tuple[str, str] | None, rule
     return model
 
 
+_SHARED: dict[str, Any] = {}  # what the runs of one part share; forked workers inherit it
+
+
+def _run_variant(job: tuple[str, tuple[str, str] | None, int]) -> tuple[str, dict]:
+    name, variant, seed = job
+    shared = _SHARED
+    torch.set_num_threads(shared["threads"])
+    model = with_attention(shared["model"], variant, shared["rule"], shared["size"], seed)
+    config = TrainConfig(seed=seed, **shared["config"])
+    out = shared["work"] / f"{name}-{seed}.safetensors"
+    run = {"seed": seed, **run_finetune(model, shared["data"], config, out, shared["num_classes"])}
+    print(f"{shared['part']} {name} seed {seed}: {curve_text(run['curve'])}", flush=True)
+    return name, run
+
+
+def run_variants(part: str, model, variants: dict, rule: str, config: dict, data: Path, work: Path, args, num_classes=None) -> dict:
+    """Every variant x seed, from copies of ``model``; ``args.jobs`` forked processes at a time."""
+    import multiprocessing
+
+    _SHARED.update(part=part, model=model, rule=rule, size=config["img_size"], config=config, data=data,
+                   work=work, num_classes=num_classes, threads=torch.get_num_threads())  # fmt: skip
+    jobs = [(name, variant, seed) for name, variant in variants.items() for seed in args.seeds]
+    if args.jobs > 1:
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            done = pool.map(_run_variant, jobs, chunksize=1)
+    else:
+        done = [_run_variant(job) for job in jobs]
+    runs: dict[str, list[dict]] = {}
+    for name, run in done:
+        runs.setdefault(name, []).append(run)
+    return runs
+
+
 def digits_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    size = args.size
-    config = dict(batch_size=64, img_size=size, train_transform=DIGIT_AUGMENT, weight_decay=0.05, label_smoothing=0.1)
+    common = dict(batch_size=64, img_size=args.size, train_transform=DIGIT_AUGMENT, weight_decay=0.05, label_smoothing=0.1)
     torch.manual_seed(0)
     base = timm.create_model(args.digits_arch, num_classes=10)
-    base_config = TrainConfig(epochs=args.epochs, lr=2e-3, warmup_steps=10, seed=0, **config)
-    base_run = run_finetune(base, data, base_config, work)
-    runs: dict[str, list[dict]] = {}
-    for name, variant in DIGIT_VARIANTS.items():
-        for seed in args.seeds:
-            model = with_attention(base, variant, "basic", size, seed)
-            ft = TrainConfig(epochs=args.epochs, lr=5e-4, attention_lr=5e-3, seed=seed, **config)
-            runs.setdefault(name, []).append({"seed": seed, **run_finetune(model, data, ft, work)})
-            print(f"digits {name} seed {seed}: {curve_text(runs[name][-1]['curve'])}", flush=True)
+    base_config = TrainConfig(epochs=args.epochs, lr=2e-3, warmup_steps=10, seed=0, **common)
+    base_run = run_finetune(base, data, base_config, work / "base.safetensors")
+    print(f"digits base: {curve_text(base_run['curve'])}", flush=True)
+    config = dict(epochs=args.epochs, lr=5e-4, attention_lr=5e-3, **common)
+    runs = run_variants("digits", base, DIGIT_VARIANTS, "basic", config, data, work, args)
     return {"arch": args.digits_arch, "base": base_run, "runs": runs, "table": table(runs, base_run["curve"][-1])}
 
 
 def transfer_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from attn_inject.demo import pretrained_lite0
 
-    size = args.transfer_size
-    pretrained = pretrained_lite0()
-    config = dict(batch_size=64, img_size=size, train_transform=DIGIT_AUGMENT, weight_decay=0.05, label_smoothing=0.1)
-    runs: dict[str, list[dict]] = {}
-    for name, variant in TRANSFER_VARIANTS.items():
-        for seed in args.seeds:
-            model = with_attention(pretrained, variant, "inverted_residual", size, seed)
-            ft = TrainConfig(epochs=args.epochs, lr=1e-3, attention_lr=1e-2, warmup_steps=10, seed=seed, **config)
-            runs.setdefault(name, []).append({"seed": seed, **run_finetune(model, data, ft, work, num_classes=10)})
-            print(f"transfer {name} seed {seed}: {curve_text(runs[name][-1]['curve'])}", flush=True)
-    return {"arch": "efficientnet_lite0 (ImageNet weights, new 10-class head)", "size": size, "runs": runs, "table": table(runs)}
+    config = dict(epochs=args.epochs, lr=1e-3, attention_lr=1e-2, warmup_steps=10, batch_size=64, img_size=args.transfer_size,
+                  train_transform=DIGIT_AUGMENT, weight_decay=0.05, label_smoothing=0.1)  # fmt: skip
+    runs = run_variants("transfer", pretrained_lite0(), TRANSFER_VARIANTS, "inverted_residual", config, data, work, args, num_classes=10)
+    return {"arch": "efficientnet_lite0 (ImageNet weights, new 10-class head)", "size": args.transfer_size, "runs": runs, "table": table(runs)}
 
 
 def cost_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -261,29 +280,30 @@ def pm(values: list[float], digits: int = 4) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="20 train and 10 val images per class, 1 seed, 1 epoch, tiny sizes")
+    parser.add_argument("--quick", action="store_true", help="10 train and 5 val images per class, 1 seed, 1 epoch, tiny sizes")
     parser.add_argument("--parts", nargs="+", choices=("digits", "transfer", "cost"), default=["digits", "transfer", "cost"])
     parser.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2; --quick: 0)")
-    parser.add_argument("--epochs", type=int, help="epochs of the base and of each fine-tuning run (default 4; --quick: 1)")
+    parser.add_argument("--epochs", type=int, help="epochs of the base and of each fine-tuning run (default 2; --quick: 1)")
     parser.add_argument("--size", type=int, default=32, help="digits image size (default 32)")
-    parser.add_argument("--digits-arch", default="resnet18", help="timm model trained from scratch as the base")
-    parser.add_argument("--transfer-size", type=int, help="EfficientNet-Lite0 input size (default 64; --quick: 32)")
-    parser.add_argument("--cost-batch", type=int, help="batch of the training-step timing (default 16; --quick: 2)")
-    parser.add_argument("--cost-size", type=int, help="image size of the timing (default 128; --quick: 32)")
+    parser.add_argument("--digits-arch", default="resnet10t", help="timm model trained from scratch as the base")
+    parser.add_argument("--transfer-size", type=int, help="EfficientNet-Lite0 input size (default 48; --quick: 32)")
+    parser.add_argument("--cost-batch", type=int, help="batch of the training-step timing (default 8; --quick: 2)")
+    parser.add_argument("--cost-size", type=int, help="image size of the timing (default 112; --quick: 32)")
     parser.add_argument("--cost-warmup", type=int, help="untimed rounds (default 2; --quick: 1)")
-    parser.add_argument("--cost-reps", type=int, help="timed rounds (default 15; --quick: 2)")
+    parser.add_argument("--cost-reps", type=int, help="timed rounds (default 10; --quick: 2)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--jobs", type=int, default=1, help="fine-tuning runs at a time, in forked processes (default 1)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"raw results (default {DEFAULT_JSON})")
     parser.add_argument("--plot", type=Path, help="accuracy-vs-step PNG (default: next to --json, finetune_digits.png)")
     args = parser.parse_args()
     q = args.quick
     args.seeds = args.seeds or ([0] if q else [0, 1, 2])
-    args.epochs = args.epochs or (1 if q else 4)
-    args.transfer_size = args.transfer_size or (32 if q else 64)
-    args.cost_batch = args.cost_batch or (2 if q else 16)
-    args.cost_size = args.cost_size or (32 if q else 128)
+    args.epochs = args.epochs or (1 if q else 2)
+    args.transfer_size = args.transfer_size or (32 if q else 48)
+    args.cost_batch = args.cost_batch or (2 if q else 8)
+    args.cost_size = args.cost_size or (32 if q else 112)
     args.cost_warmup = args.cost_warmup if args.cost_warmup is not None else (1 if q else 2)
-    args.cost_reps = args.cost_reps or (2 if q else 15)
+    args.cost_reps = args.cost_reps or (2 if q else 10)
     plot_path = args.plot or args.json.with_name("finetune_digits.png")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -291,7 +311,7 @@ def main() -> None:
     loadavg_before = [round(v, 2) for v in os.getloadavg()]
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_digits(Path(tmp) / "digits", per_class=(20, 10) if q else None)
+        data = write_digits(Path(tmp) / "digits", per_class=(10, 5) if q else None)
         work = Path(tmp) / "runs"
         work.mkdir()
         if "digits" in args.parts:

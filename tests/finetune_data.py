@@ -47,18 +47,19 @@ class TinyNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-def looks_trained(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Random norm weights and running statistics, so nothing is the identity by accident."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-    return model
+def tiny_gn(num_classes: int = 3) -> TinyNet:
+    """GroupNorm: no per-rank batch statistics, so data-parallel runs can match one process."""
+    return TinyNet(num_classes, kind="gn")
+
+
+def tiny_model(kind: str = "gn") -> nn.Module:
+    """The tiny net with weights that look trained, ECA injected after both blocks."""
+    from trained import looks_trained
+
+    from attn_inject import inject
+
+    torch.manual_seed(0)
+    return inject(looks_trained(TinyNet(kind=kind)), "eca", after="basic", example_input=torch.randn(1, 3, SIZE, SIZE))
 
 
 def write_image_folder(

@@ -9,10 +9,10 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
-def run_script(name: str, tmp_path: Path, *args: str) -> dict:
+def run_script(name: str, tmp_path: Path, *args: str, timeout: float = 120) -> dict:
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--threads", "1", "--json", str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr
     assert "| model |" in proc.stdout  # the markdown table
     return json.loads(out.read_text())
@@ -52,10 +52,10 @@ def test_inject_time_quick(tmp_path):
 
 
 def test_finetune_quick(tmp_path):
-    result = run_script("finetune", tmp_path)
+    result = run_script("finetune", tmp_path, timeout=400)  # about 45 s of CPU; longer when the machine is busy
     digits = result["digits"]
     base_end = digits["base"]["curve"][-1]
-    assert set(digits["runs"]) == {"none", "eca", "se", "eca-paper", "se-paper"}
+    assert set(digits["runs"]) == {"none", "eca", "se", "se-paper"}
     for name in ("eca", "se", "none"):  # identity init: step 0 is the base, exactly
         (run,) = digits["runs"][name]
         assert {k: run["curve"][0][k] for k in ("top1", "loss")} == {k: base_end[k] for k in ("top1", "loss")}

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from finetune_data import TinyNet, looks_trained
+from finetune_data import TinyNet
+from trained import looks_trained
 
 from attn_inject import AttnInjectError, inject
 from attn_inject.finetune import AttentionFirst, count_parameters, param_groups, set_trainable, trainable_summary

@@ -15,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from ..errors import AttnInjectError
 from . import distributed
 from .data import SeededSamples, check_image_folder, data_config, fit_head, image_folder, transforms
-from .params import AttentionFirst, classifier_path, param_groups, set_trainable, trainable_summary
+from .params import AttentionFirst, attention_parameter_names, classifier_path, param_groups, set_trainable, trainable_summary
 from .state import read_state, state_path, write_state
 
 KEEP = ("last", "best")
@@ -105,12 +105,12 @@ def evaluate(
     progress.start(description, len(loader))
     try:
         with torch.no_grad():
-            for x, y in loader:
+            for x, y in batches(loader):
                 x, y = x.to(context.device), y.to(context.device)
                 with _autocast(context, bf16):
                     logits = model(x)
                 logits = logits.float()
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                loss_sum += F.cross_entropy(logits, y, reduction="none").double().sum().item()
                 ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 hits = ranked == y[:, None]
                 top1 += hits[:, 0].sum().item()
@@ -122,6 +122,21 @@ def evaluate(
         model.train(was_training)
     loss_sum, top1, top5, images = distributed.all_sum([loss_sum, top1, top5, images], context)
     return Metrics(top1 / images, top5 / images, loss_sum / images, int(images))
+
+
+def batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches; an AttnInjectError raised in a loader worker comes back as its own one line."""
+    try:
+        yield from loader
+    except AttnInjectError as exc:
+        last = str(exc).strip().splitlines()[-1]  # torch re-raises it with the worker's traceback
+        raise AttnInjectError(last.split("AttnInjectError: ", 1)[-1]) from None
+
+
+def val_loader(dataset, context: distributed.Context, batch_size: int, workers: int = 0) -> DataLoader:
+    """In order, each rank its own share (no padding: every image counts once when the sums are reduced)."""
+    shard = Subset(dataset, range(context.rank, len(dataset), context.world_size))
+    return DataLoader(shard, batch_size, num_workers=workers)
 
 
 def finetune(
@@ -149,6 +164,11 @@ def finetune(
             f"--batch-size {config.batch_size} does not split over {context.world_size} processes",
             hint="The batch size is global: use a multiple of the number of processes.",
         )  # fmt: skip
+    if config.attention_only_steps and not attention_parameter_names(model):
+        raise AttnInjectError(
+            f"--attention-only-steps needs injected attention blocks; {type(model).__name__} has none",
+            hint="Patch the model first (attn-inject patch), or leave out --attention-only-steps.",
+        )  # fmt: skip
     info = check_image_folder(data)
     previous = read_state(state_path(output)) if resume else None
     _seed_everything(config.seed)
@@ -162,8 +182,7 @@ def finetune(
     per_rank = config.batch_size // context.world_size
     sampler = DistributedSampler(train_set, context.world_size, context.rank, shuffle=True, seed=config.seed)
     train_loader = DataLoader(train_set, per_rank, sampler=sampler, drop_last=True, num_workers=config.workers)
-    val_shard = Subset(val_set, range(context.rank, len(val_set), context.world_size))
-    val_loader = DataLoader(val_shard, per_rank, num_workers=config.workers)
+    validation = val_loader(val_set, context, per_rank, config.workers)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise AttnInjectError(
@@ -186,7 +205,7 @@ def finetune(
         start_epoch, step = _restore(previous, model, optimizer, scheduler, summary, info.classes, config)
         progress.note(f"resuming after epoch {start_epoch} of {config.epochs} (step {step})")
     else:
-        summary["before"] = asdict(evaluate(model, val_loader, context, bf16=config.bf16, progress=progress, description="eval before"))
+        summary["before"] = asdict(evaluate(model, validation, context, bf16=config.bf16, progress=progress, description="eval before"))
         progress.note(_metrics_line("before", summary["before"]))
 
     wrapped = model
@@ -198,7 +217,7 @@ def finetune(
             model.train()
             progress.start(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch)
             loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-            for x, y in train_loader:
+            for x, y in batches(train_loader):
                 if schedule.update(step):  # the trainable set changed: DDP must sync the new set
                     del wrapped
                     wrapped = distributed.wrap(model, context)
@@ -219,7 +238,7 @@ def finetune(
             progress.stop()
             seconds = time.perf_counter() - t0
             loss_sum, seen = distributed.all_sum([loss_sum, seen], context)
-            metrics = evaluate(model, val_loader, context, bf16=config.bf16, progress=progress, description="eval")
+            metrics = evaluate(model, validation, context, bf16=config.bf16, progress=progress, description="eval")
             record = {
                 "epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen, **asdict(metrics),
                 "images_per_s": seen / seconds, "lr": optimizer.param_groups[0]["lr"],
@@ -270,6 +289,7 @@ def _state(model, optimizer, scheduler, summary, classes, step) -> dict[str, Any
         "classes": list(classes),
         "total_epochs": summary["config"]["epochs"],
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
@@ -287,6 +307,8 @@ def _restore(state, model, optimizer, scheduler, summary, classes, config) -> tu
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     summary.update(state["summary"])
     return state["epochs_done"], state["step"]
 

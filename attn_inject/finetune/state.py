@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import AttnInjectError
+from ..safe_output import atomic_write
 
 SUFFIX = ".train-state.pt"
 
@@ -22,8 +23,6 @@ def state_path(output: str | Path) -> Path:
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
-    from ..safe_output import atomic_write
-
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
