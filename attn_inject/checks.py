@@ -30,6 +30,12 @@ def check_globs(argument: str, value: str | Iterable[str]) -> tuple[str, ...]:
 def check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise AttnInjectError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    lazy = [p for p, m in model.named_modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:  # the example forward would materialise them, which cannot be taken back
+        raise AttnInjectError(
+            f"{type(model).__name__} has lazy modules whose parameters are not initialised yet ({', '.join(lazy[:3])})",
+            hint="Run one forward on a real input first, then plan or inject.",
+        )
 
 
 def check_flags(**flags: Any) -> None:
