@@ -9,7 +9,7 @@ update buffers (a step counter, a cache), set Python attributes or draw random n
   tensor is cloned. Memory is what the forward writes (usually a few counters), not a second copy
   of the weights, and reads cost nothing but the dispatch. ``tensor._version`` alone would say
   *what* was written, not the old values; a full copy up front would double the model's memory.
-- every module's ``__dict__`` (attributes, and the contents of dict/list/set attributes: caches,
+- every module's class and ``__dict__`` (attributes, and the contents of dict/list/set attributes: caches,
   the submodule, parameter and buffer tables), restored in place so references stay valid;
 - the random states of torch (CPU, and CUDA once initialised) and of Python's ``random``.
 
@@ -46,7 +46,7 @@ def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
     for module in model.modules():
         values = [*module._parameters.values(), *module._buffers.values(), *module.__dict__.values()]
         for value in values:
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.parameter.UninitializedTensorMixin):
                 seen.setdefault(id(value), value)
     return list(seen.values())
 
@@ -104,6 +104,7 @@ def same_rng(a: tuple, b: tuple) -> bool:
 class _Snapshot:
     def __init__(self, model: nn.Module):
         self.modules = list(model.modules())
+        self.classes = [type(m) for m in self.modules]  # lazy modules change class on their first call
         self.dicts = [dict(m.__dict__) for m in self.modules]
         self.contents = [
             {k: (v, type(v)(v.items()) if isinstance(v, dict) else type(v)(v)) for k, v in d.items() if type(v) in _CONTAINERS}
@@ -120,7 +121,9 @@ class _Snapshot:
         missed = [t for t in self.tensors if t._version != self.versions[id(t)] and id(t) not in copies.saved]
         if missed:
             log.warning("%d tensor(s) were changed in a way attn_inject could not undo", len(missed))
-        for module, saved, contents in zip(self.modules, self.dicts, self.contents):
+        for module, cls, saved, contents in zip(self.modules, self.classes, self.dicts, self.contents):
+            if type(module) is not cls:
+                module.__class__ = cls
             for key in [k for k in module.__dict__ if k not in saved]:
                 del module.__dict__[key]
             module.__dict__.update(saved)

@@ -12,6 +12,15 @@ from torch import nn
 
 from .analyze import analyze
 from .blocks import check_block_options, get_block
+from .checks import (
+    check_block_sizes,
+    check_flags,
+    check_model,
+    check_not_quantized,
+    check_not_stacked,
+    check_globs,
+    on_meta_device,
+)
 from .eject import record_undo
 from .errors import AttnInjectError
 from .plan import Plan, build_plan
@@ -56,7 +65,7 @@ def plan(
     The model is run on the example input but left exactly as it was: parameters, buffers, every
     module's attributes and the random states (see :mod:`attn_inject.preserve`).
     """
-    _check_model(model)
+    check_model(model)
     with preserved(model):
         return _analyse_and_plan(model, block, after, include, exclude, position, example_input, stack, block_options)[0]
 
@@ -82,9 +91,9 @@ def inject(
     checks run before the first change: on any error the model is untouched. Arguments are those
     of :func:`plan`.
     """
-    _check_model(model)
-    _check_flags(verify=verify, stack=stack)
-    if verify and _on_meta_device(model):
+    check_model(model)
+    check_flags(verify=verify, stack=stack)
+    if verify and on_meta_device(model):
         raise AttnInjectError(
             f"{type(model).__name__} is on the meta device: it has no values to verify the patched outputs against",
             hint="plan() works on it; inject(..., verify=False) splices the blocks in on the meta device "
@@ -95,7 +104,7 @@ def inject(
             model, block, after, include, exclude, position, example_input, stack, block_options,
             reference=verify and block_options.get("init", "identity") == "identity",
         )  # fmt: skip
-    globs = _globs("include", include), _globs("exclude", exclude)
+    globs = check_globs("include", include), check_globs("exclude", exclude)
     recipe = base_recipe(model).then(Injection.from_plan(the_plan, args, *globs, position))
     rng = rng_states()
     try:
@@ -136,15 +145,15 @@ def _splice_and_verify(model: nn.Module, the_plan: Plan, blocks: dict[str, nn.Mo
 
 def _analyse_and_plan(model, block, after, include, exclude, position, example_input, stack, block_options, reference=False):
     """Every check, then the example forward(s) and the plan; changes nothing (callers preserve state)."""
-    _check_not_quantized(model)
-    _check_flags(stack=stack)
+    check_not_quantized(model)
+    check_flags(stack=stack)
     check_block_options(block, block_options)
     rules = resolve_rules(after)
     if position is not None:
         if not isinstance(position, str):
             raise AttnInjectError(f"position must be a string, not {position!r}", hint="Valid: branch_end, block_output, unit_output.")
         rules = [r.with_position(position) for r in rules]
-    include, exclude = _globs("include", include), _globs("exclude", exclude)
+    include, exclude = check_globs("include", include), check_globs("exclude", exclude)
     args = example_args(model, example_input)
     with _eval_mode(model):
         try:
@@ -153,9 +162,9 @@ def _analyse_and_plan(model, block, after, include, exclude, position, example_i
             raise example_forward_failed(model, exc) from None
         analysis = analyze(model, args)
     the_plan = build_plan(analysis, block, block_options, rules, include, exclude)
-    _check_block_sizes(the_plan)
+    check_block_sizes(the_plan)
     if not stack:
-        _check_not_stacked(the_plan)
+        check_not_stacked(the_plan)
     return the_plan, args, expected
 
 
@@ -168,77 +177,6 @@ def _build_blocks(the_plan: Plan) -> dict[str, nn.Module]:
         block = cls(site.channels, **options).to(anchor.meta["device"], anchor.meta["dtype"])
         blocks[site.module_name] = block.eval()  # verified in eval mode; then it follows its owner
     return blocks
-
-
-def _globs(argument: str, value: str | Iterable[str]) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
-        globs = tuple(value)
-        if all(isinstance(g, str) for g in globs):
-            return globs
-    raise AttnInjectError(
-        f"{argument}= must be a glob on module paths or a list of globs, not {value!r}",
-        hint=f"For example {argument}='layer4.*' or {argument}=['layer3.*', 'layer4.*'].",
-    )
-
-
-def _check_model(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise AttnInjectError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-
-
-def _check_flags(**flags: Any) -> None:
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise AttnInjectError(f"{name}= must be True or False, not {value!r}")
-
-
-def _on_meta_device(model: nn.Module) -> bool:
-    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
-
-
-def _check_not_quantized(model: nn.Module) -> None:
-    """Quantized modules are not convs and norms to the matcher; say so instead of 'nothing matched'."""
-    for path, module in model.named_modules():
-        quantized = type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
-        if quantized or any(t.is_quantized for t in (*module._parameters.values(), *module._buffers.values()) if t is not None):
-            raise AttnInjectError(
-                f"quantized models are not supported ({path or '<model>'} is {type(module).__name__})",
-                hint="Inject into the float model, then quantize it (and fine-tune the blocks before, if you train them).",
-            )
-
-
-# A block may add at most this many parameters at a C-channel site: a C -> C 3x3 conv's worth, or a
-# million, whichever is more. SE and ECA with sane options add a small fraction of that.
-def _parameter_budget(channels: int) -> int:
-    return max(9 * channels * channels, 1 << 20)
-
-
-def _check_block_sizes(the_plan: Plan) -> None:
-    for site in the_plan.sites:
-        if site.params > _parameter_budget(site.channels):
-            options = ", ".join(f"{k}={v!r}" for k, v in the_plan.options)
-            raise AttnInjectError(
-                f"block {the_plan.block!r} with {options} would add {site.params:,} parameters at {site.path or '<model>'} "
-                f"({site.channels} channels), more than {_parameter_budget(site.channels):,}",
-                hint="Check the block options (e.g. SE reduction, ECA kernel_size).",
-            )
-
-
-def _check_not_stacked(the_plan: Plan) -> None:
-    """Refuse a site where an earlier inject already put a block of the same type."""
-    cls = get_block(the_plan.block)
-    for site, records in the_plan.site_records:
-        record = records[0]
-        anchor = next(n for n in record.graph.nodes if n.name == site.anchor)
-        for node in (anchor, *anchor.users):
-            if node.op == "call_module" and type(record.module.get_submodule(node.target)) is cls:
-                where = f"{record.path}.{node.target}" if record.path else node.target
-                raise AttnInjectError(
-                    f"{site.path or '<model>'} already has an {the_plan.block} block at {site.position} ({where})",
-                    hint="Injecting the same block twice stacks a second one; pass stack=True if that is what you want.",
-                )
 
 
 def _site_inputs(the_plan: Plan) -> dict[str, torch.Tensor]:

@@ -176,3 +176,12 @@ def test_preserved_copies_only_what_is_written():
         assert len(copies.saved) == 2  # of the model's 40 tensors, the two written
     assert torch.equal(model.stem[0].weight, weight) and torch.equal(model.stem[1].running_mean, mean)
     assert model.answer == 42 and not hasattr(model, "extra") and not model.stem.training
+
+
+def test_a_lazy_model_is_refused_before_it_is_run():
+    model = nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    with pytest.raises(AttnInjectError, match=r"^Sequential has lazy modules whose parameters are not initialised yet \(0\) Run one forward"):
+        plan(model, "eca", after="conv", example_input=X)
+    assert type(model[0]) is nn.LazyConv2d and model[0].has_uninitialized_params()
+    model(X)
+    assert [s.path for s in plan(model, "eca", after="conv", example_input=X)] == ["0"]

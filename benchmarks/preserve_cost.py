@@ -1,0 +1,91 @@
+"""What leaving the model exactly as it was costs inject: time and memory of ``preserve.preserved``.
+
+For each timm model (untrained, eval mode) the script times ``inject(model, "eca", after="residual")``
+on a fresh model, alternating runs with ``preserved`` in place and with it replaced by a no-op, and
+reports the medians. Memory: the tensors ``preserved`` copied (those the forwards wrote) against the
+bytes a full copy of the state would take. A model whose blocks count their calls in a buffer
+(``CountingBlock``) shows the copy-on-write at work.
+
+    python benchmarks/preserve_cost.py                   # resnet18, resnet50, convnext_small, 5 runs
+    python benchmarks/preserve_cost.py --models resnet18 --runs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import timm
+import torch
+
+import attn_inject.preserve as preserve
+import attn_inject.surgery as surgery
+from attn_inject import inject
+
+
+def _inject_seconds(make, use_preserved: bool) -> float:
+    model = make()
+    original = surgery.preserved
+    if not use_preserved:
+        surgery.preserved = lambda m: contextlib.nullcontext()
+    try:
+        t0 = time.perf_counter()
+        inject(model, "eca", after="residual")
+        return time.perf_counter() - t0
+    finally:
+        surgery.preserved = original
+
+
+def _copied(make) -> tuple[int, int]:
+    """(tensors, bytes) preserved copied during one inject."""
+    saved: list = []
+    original = preserve._CopyOnWrite._save
+
+    def counting(self, written):
+        before = dict(self.saved)
+        original(self, written)
+        saved.extend(v for k, v in self.saved.items() if k not in before)
+
+    preserve._CopyOnWrite._save = counting
+    try:
+        inject(make(), "eca", after="residual")
+    finally:
+        preserve._CopyOnWrite._save = original
+    return len(saved), sum(old.numel() * old.element_size() for _, old in saved)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "convnext_small"])
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    for name in args.models:
+        def make(name=name):
+            model = timm.create_model(name, pretrained=False).eval()
+            for m in model.modules():  # a call counter per block: what copy-on-write has to save
+                if type(m).__name__ in ("BasicBlock", "Bottleneck", "ConvNeXtBlock"):
+                    m.register_buffer("calls", torch.zeros((), dtype=torch.long))
+                    m.register_forward_pre_hook(lambda mod, a: mod.calls.add_(1))
+            return model
+
+        _inject_seconds(make, True)  # warm-up
+        with_p, without = [], []
+        for _ in range(args.runs):
+            with_p.append(_inject_seconds(make, True))
+            without.append(_inject_seconds(make, False))
+        tensors, written = _copied(make)
+        state = sum(t.numel() * t.element_size() for t in make().state_dict().values())
+        rows.append({
+            "model": name, "inject_s_preserved": statistics.median(with_p), "inject_s_without": statistics.median(without),
+            "copied_tensors": tensors, "copied_bytes": written, "full_copy_bytes": state,
+        })  # fmt: skip
+        print(json.dumps(rows[-1]))
+
+
+if __name__ == "__main__":
+    main()
