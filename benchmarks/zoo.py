@@ -137,14 +137,15 @@ def run_one(spec: str) -> dict:
     import torch
 
     from attn_inject import AttnInjectError, inject, plan
-    from attn_inject.verify import bitwise_equal
+    from attn_inject.verify import first_difference
+    from trained_look import blocks_not_run, look_trained, move_off_identity
 
     torch.manual_seed(0)
     row: dict = {"spec": spec}
     try:
         name, factory = build(spec)
         row["model"] = name
-        original = factory().eval()
+        original = look_trained(factory()).eval()
     except Exception as exc:
         row["error"] = f"model not built: {type(exc).__name__}: {str(exc)[:200]}"
         return row
@@ -175,7 +176,11 @@ def run_one(spec: str) -> dict:
             result["seconds"] = round(time.perf_counter() - start, 3)
             result["sites"] = len(report)
             with torch.no_grad():
-                result["identical"] = bitwise_equal(reference, model(x))
+                result["identical"] = first_difference(reference, model(x)) is None
+            result["not_run"] = blocks_not_run(model, x)  # blocks the forward never calls
+            move_off_identity(model)
+            with torch.no_grad():
+                result["moved_changes_output"] = first_difference(reference, model(x)) is not None
         except AttnInjectError as exc:
             result["refused"] = str(exc)[:400]
         except Exception as exc:
@@ -217,8 +222,12 @@ def run_isolated(spec: str) -> dict:
 
 
 def patched(row: dict, block: str) -> bool:
+    """Sites found, bitwise identical, every block runs, and moving the blocks off identity shows."""
     result = row.get(block) or {}
-    return bool(result.get("sites")) and result.get("identical") is True
+    return (
+        bool(result.get("sites")) and result.get("identical") is True
+        and result.get("not_run") == 0 and result.get("moved_changes_output") is True
+    )  # fmt: skip
 
 
 def summarize(rows: list[dict]) -> str:
@@ -229,7 +238,8 @@ def summarize(rows: list[dict]) -> str:
         f"Families/models with an NCHW residual-looking add (oracle): {len(has_nchw)}; "
         f"patched with bitwise identity by both SE and ECA: {len(both)} "
         f"({100 * len(both) / max(1, len(has_nchw)):.1f} %), of which {len(untraceable)} cannot be traced "
-        f"whole by torch.fx.symbolic_trace.",
+        f"whole by torch.fx.symbolic_trace. (Weights made to look trained; patched = bitwise identical, "
+        f"every block runs, and moving the blocks off identity changes the output.)",
         "",
         "| model | input | oracle adds NCHW/NHWC/other | whole-model fx | SE sites | ECA sites | identical | inject s (ECA) | note |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -238,6 +248,11 @@ def summarize(rows: list[dict]) -> str:
         o = r.get("oracle") or {}
         se, eca = r.get("se") or {}, r.get("eca") or {}
         note = r.get("error") or eca.get("crash") or se.get("crash") or eca.get("refused") or se.get("refused") or ""
+        for block, result in (("SE", se), ("ECA", eca)):
+            if not note and result.get("not_run"):
+                note = f"{block}: {result['not_run']} block(s) never run"
+            if not note and result.get("moved_changes_output") is False:
+                note = f"{block}: moving the blocks off identity does not change the output"
         if not note and eca.get("untraced"):
             note = f"{len(eca['untraced'])} module(s) not traceable, e.g. {eca['untraced'][0]}"
         identical = {True: "yes", False: "NO"}.get(eca.get("identical") if "identical" in eca else None, "")
