@@ -13,10 +13,12 @@ import copy
 import math
 import types
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
+from torch.fx.immutable_collections import immutable_dict
 
 from .ops import is_inplace
 from .patched import TensorSeq, add_shortcut, patched_forward
@@ -45,6 +47,17 @@ class _ChildrenAsLeaves(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def create_arg(self, a: Any) -> Any:
+        """Keep a dict subclass's type: fx lowers every dict to a plain one, so a traced module that
+        returns a ``ModelOutput`` (Hugging Face) or an ``OrderedDict`` would return a dict, and its
+        parent's ``out[0]`` / ``out.pooler_output`` would fail. The graph builds it with its class."""
+        if isinstance(a, dict) and type(a) not in (dict, immutable_dict):
+            entries = super().create_arg(dict(a))
+            if all(isinstance(k, str) and k.isidentifier() for k in entries):
+                return self.create_node("call_function", type(a), (), entries)
+            return self.create_node("call_function", type(a), (entries,), {})
+        return super().create_arg(a)
 
 
 def trace_module(module: nn.Module, method: str, fixed: frozenset, training: bool) -> tuple[fx.Graph, dict]:

@@ -26,9 +26,24 @@ def _is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__
 
 
+def look_trained(model: nn.Module, *example: Any, seed: int = 0) -> nn.Module:
+    """Give ``model`` weights that look trained, in place; returns it in eval mode.
+
+    Random norm affines and statistics, layer scales about 0.5 (``randomize_untrained``); with
+    ``example`` arguments, the BatchNorm statistics are then measured on them
+    (``calibrate_batch_norms``), so that activations keep their scale where the init does not
+    (Hugging Face initialises convs with std 0.02: a fresh MobileViT's output is the same for
+    every input).
+    """
+    randomize_untrained(model, seed)
+    if example:
+        calibrate_batch_norms(model, *example)
+    return model.eval()
+
+
 @torch.no_grad()
-def look_trained(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give ``model`` weights that look trained, in place; returns it.
+def randomize_untrained(model: nn.Module, seed: int = 0) -> None:
+    """Replace the values that only an untrained model has, in place:
 
     * every norm (any class whose name contains ``Norm``, parameters or buffers): weight U(0.5, 1.5),
       bias N(0, 0.1), running mean N(0, 0.1), running variance U(0.5, 1.5);
@@ -68,7 +83,32 @@ def look_trained(model: nn.Module, seed: int = 0) -> nn.Module:
         first = p.reshape(-1)[0]
         if first.abs() <= TINY and bool((p == first).all()):
             fill(p, "fan_in" if p.dim() >= 2 else "bias" if name.endswith("bias") else "scale")
-    return model
+
+
+@torch.no_grad()
+def calibrate_batch_norms(model: nn.Module, *args: Any) -> bool:
+    """Set every BatchNorm's running statistics to those of one forward on ``args`` (the norms run
+    in train mode, everything else in eval). False, with the statistics as they were, if that
+    forward fails."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = {m: (m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in norms}
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: one forward sets the statistics
+        m.train()
+    ok = True
+    try:
+        model(*args)
+    except Exception:
+        ok = False
+        for m, (_, mean, var) in saved.items():
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+    for m, (momentum, _, _) in saved.items():
+        m.momentum = momentum
+    model.eval()
+    return ok
 
 
 def attention_blocks(model: nn.Module) -> list[nn.Module]:

@@ -138,14 +138,14 @@ def run_one(spec: str) -> dict:
 
     from attn_inject import AttnInjectError, inject, plan
     from attn_inject.verify import first_difference
-    from trained_look import blocks_not_run, look_trained, move_off_identity
+    from trained_look import blocks_not_run, calibrate_batch_norms, look_trained, move_off_identity
 
     torch.manual_seed(0)
     row: dict = {"spec": spec}
     try:
         name, factory = build(spec)
         row["model"] = name
-        original = look_trained(factory()).eval()
+        original = look_trained(factory())
     except Exception as exc:
         row["error"] = f"model not built: {type(exc).__name__}: {str(exc)[:200]}"
         return row
@@ -158,6 +158,7 @@ def run_one(spec: str) -> dict:
     try:
         x = test_input(original)
         row["input"] = list(x.shape)
+        row["norms_calibrated"] = calibrate_batch_norms(original, x)
         row["oracle"] = oracle_adds(original, x)
         with torch.no_grad():
             reference = original(x)
