@@ -10,6 +10,7 @@ functions are traced as leaf calls, and its notrace modules stay leaves, as ever
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import types
 from functools import lru_cache
@@ -79,14 +80,27 @@ def trace_module(module: nn.Module, method: str, fixed: frozenset, training: boo
     try:
         graph = _ChildrenAsLeaves(method).trace(clone, concrete_args=concrete)
     except Exception as exc:  # tracing user code can fail in any way; the reason is reported
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise TraceFailure(f"{type(exc).__name__}: {first_line}".rstrip(": ")) from None
+        raise TraceFailure(one_line(exc)) from None
+    if not _output_nodes(graph):
+        raise TraceFailure("its result does not depend on its inputs or children (it is read from Python state, e.g. collected by forward hooks)")
     if not hasattr(graph._codegen, "pytree_info"):  # list arguments keep fx's flattened names
         _rename_fixed_placeholders(graph, {name for name, _ in fixed})
     _drop_specialization_asserts(graph)
     explicit_inplace(graph, module)
     constants = {k: v for k, v in clone.__dict__.items() if k not in module.__dict__ and k != "__class__"}
     return graph, constants
+
+
+def one_line(exc: Exception) -> str:
+    """``Type: first line of the message``, for reasons and errors."""
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first_line}".rstrip(": ")
+
+
+def _output_nodes(graph: fx.Graph) -> list[fx.Node]:
+    nodes: list[fx.Node] = []
+    fx.node.map_arg(graph.output_node().args, nodes.append)
+    return nodes
 
 
 def _instance_function(module: nn.Module, method: str, fixed: frozenset, training: bool):
@@ -131,11 +145,33 @@ def _drop_specialization_asserts(graph: fx.Graph) -> None:
 
 
 def _detached_copy(module: nn.Module, training: bool) -> nn.Module:
-    """A shallow copy whose containers (caches, hook and submodule dicts) are copies too."""
+    """A shallow copy whose containers (caches, hook and submodule dicts) are copies too, and so
+    are helper objects' containers (timm's FeatureHooks keeps the outputs its hooks collect in a
+    dict: tracing ``self.hooks.get_output(x.device)`` would store a Proxy key there)."""
     clone = copy.copy(module)
-    clone.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
+    clone.__dict__ = {k: _detached_value(v) for k, v in module.__dict__.items()}
     clone.training = training
     return clone
+
+
+def _detached_value(value: Any, depth: int = 1) -> Any:
+    if isinstance(value, (dict, list, set)):
+        return copy.copy(value)
+    if depth and _is_helper_object(value):
+        try:
+            clone = copy.copy(value)
+            clone.__dict__ = {k: _detached_value(v, depth - 1) for k, v in vars(value).items()}
+            return clone
+        except Exception:  # an object that cannot be copied is shared, as before
+            return value
+    return value
+
+
+def _is_helper_object(value: Any) -> bool:
+    """An instance of a user class holding state in its __dict__ (not a module, tensor, function...)."""
+    return hasattr(value, "__dict__") and not isinstance(
+        value, (nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType, types.ModuleType, functools.partial)
+    )
 
 
 def explicit_inplace(graph: fx.Graph, module: nn.Module) -> None:
