@@ -13,8 +13,9 @@ mode under no_grad (the caller sets and restores the mode).
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
@@ -23,7 +24,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from .ops import LearnedOp, function_op, is_primitive, module_kind, module_op
 from .patched import TensorSeq, patched_forward
 from .regions import GraphBits
-from .trace import TraceFailure, bound_on_instance, trace_module
+from .trace import TraceFailure, bound_on_instance, one_line, trace_module
 from .verify import example_forward_failed
 
 
@@ -52,6 +53,7 @@ class ModuleRecord:
 class Analysis:
     model: nn.Module
     records: list[ModuleRecord] = field(default_factory=list)
+    called: set[int] = field(default_factory=set)  # id() of every module a traced graph called, leaves too
 
     def traced(self) -> list[ModuleRecord]:
         return [r for r in self.records if r.traced]
@@ -61,8 +63,9 @@ class Analysis:
 
     def unreached(self) -> list[str]:
         """Outermost modules holding convolutions that the analysis never saw called, directly or
-        through a descendant (a ModuleList is reached through its members)."""
-        seen = {id(r.module) for r in self.records}
+        through a descendant (a ModuleList, or an nn.Sequential its parent iterates, is reached
+        through its members)."""
+        seen = {id(r.module) for r in self.records} | self.called
         missed: list[str] = []
         for path, module in self.model.named_modules():
             if is_primitive(module) or any(path.startswith(p + ".") for p in missed):
@@ -115,6 +118,29 @@ def analyze(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Analys
     return analysis
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")  # fmt: skip
+
+
+@contextmanager
+def _user_hooks_set_aside(model: nn.Module) -> Iterator[None]:
+    """Every module's forward hooks and pre-hooks emptied, and restored (same dict objects) on exit:
+    a call the analysis repeats must not run them twice (timm's ``feature_cls="hook"`` would keep
+    the repeat's outputs in its state)."""
+    saved = []
+    for module in model.modules():
+        for name in _HOOK_DICTS:
+            hooks = module.__dict__.get(name)
+            if hooks:
+                saved.append((module, name, hooks))
+                object.__setattr__(module, name, type(hooks)())
+    try:
+        yield
+    finally:
+        for module, name, hooks in saved:
+            object.__setattr__(module, name, hooks)
+
+
 def call_method(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Any:
     return module(*args, **kwargs) if method == "forward" else getattr(module, method)(*args, **kwargs)
 
@@ -140,6 +166,7 @@ class _Analyzer:
         return out
 
     def run_recorded(self, module, path, args, kwargs, method="forward") -> tuple[Any, ModuleRecord | None]:
+        self.analysis.called.add(id(module))
         if is_primitive(module):
             return call_method(module, method, args, kwargs), None
         try:
@@ -160,8 +187,14 @@ class _Analyzer:
             return self._run_opaque(record, args, kwargs), record
         self._trace_train_mode(record, graph)
         record.graph = graph
-        leaves = _RecordingInterpreter(self, record).run(*_placeholder_values(record, graph, bound), enable_io_processing=False)
-        out = graph.process_outputs(leaves)
+        try:
+            leaves = _RecordingInterpreter(self, record).run(*_placeholder_values(record, graph, bound), enable_io_processing=False)
+            out = graph.process_outputs(leaves)
+        except Exception as exc:  # it traced, but its graph does not run as its forward does: run that
+            record.graph = record.train_graph = None
+            record.constants = {}
+            record.reason = f"traced, but its graph failed on the example: {one_line(exc)}"
+            return self._run_opaque(record, args, kwargs), record
         record.bits = GraphBits(graph)
         record.ops = record.bits.main_path_ops()
         return out, record
@@ -195,12 +228,18 @@ class _Analyzer:
     def _run_opaque(self, record: ModuleRecord, args: tuple, kwargs: dict) -> Any:
         """Run an untraceable module eagerly, then analyse the child calls it made."""
         calls: list[tuple[str, nn.Module, tuple, dict]] = []
+
+        def seen(module: nn.Module, args: tuple, kwargs: dict, path: str, primitive: bool) -> None:
+            self.analysis.called.add(id(module))
+            if not primitive:
+                calls.append((path, module, args, kwargs))
+
         handles = [
             sub.register_forward_pre_hook(
-                lambda m, a, k, _p=sub_path: calls.append((_p, m, a, k)), with_kwargs=True
+                lambda m, a, k, _p=sub_path, _leaf=is_primitive(sub): seen(m, a, k, _p, _leaf), with_kwargs=True
             )
             for sub_path, sub in record.module.named_modules()
-            if sub is not record.module and not is_primitive(sub)
+            if sub is not record.module
         ]
         refused = None
         try:
@@ -214,8 +253,9 @@ class _Analyzer:
             calls.clear()
             out = call_method(record.module, record.method, args, kwargs)
             record.reason += f"; its children's calls cannot be observed ({type(refused).__name__})"
-        for sub_path, sub, sub_args, sub_kwargs in calls:
-            self.run(sub, _join(record.path, sub_path), sub_args, sub_kwargs)
+        for sub_path, sub, sub_args, sub_kwargs in calls:  # their hooks ran in the real call above
+            with _user_hooks_set_aside(sub):
+                self.run(sub, _join(record.path, sub_path), sub_args, sub_kwargs)
         record.ops = tuple(
             op for sub_path, sub in record.module.named_modules()
             if (op := module_op(sub, _join(record.path, sub_path), None)) is not None

@@ -10,13 +10,16 @@ functions are traced as leaf calls, and its notrace modules stay leaves, as ever
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import types
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
+from torch.fx.immutable_collections import immutable_dict
 
 from .ops import is_inplace
 from .patched import TensorSeq, add_shortcut, patched_forward
@@ -54,6 +57,17 @@ class _ChildrenAsLeaves(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
 
+    def create_arg(self, a: Any) -> Any:
+        """Keep a dict subclass's type: fx lowers every dict to a plain one, so a traced module that
+        returns a ``ModelOutput`` (Hugging Face) or an ``OrderedDict`` would return a dict, and its
+        parent's ``out[0]`` / ``out.pooler_output`` would fail. The graph builds it with its class."""
+        if isinstance(a, dict) and type(a) not in (dict, immutable_dict):
+            entries = super().create_arg(dict(a))
+            if all(isinstance(k, str) and k.isidentifier() for k in entries):
+                return self.create_node("call_function", type(a), (), entries)
+            return self.create_node("call_function", type(a), (entries,), {})
+        return super().create_arg(a)
+
 
 def trace_module(module: nn.Module, method: str, fixed: frozenset, training: bool) -> tuple[fx.Graph, dict]:
     """Trace ``module.<method>`` with children as leaves and the ``fixed`` (name, value) arguments baked in.
@@ -77,14 +91,15 @@ def trace_module(module: nn.Module, method: str, fixed: frozenset, training: boo
     try:
         graph = tracer.trace(clone, concrete_args=concrete)
     except Exception as exc:  # tracing user code can fail in any way; the reason is reported
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise TraceFailure(f"{type(exc).__name__}: {first_line}".rstrip(": ")) from None
+        raise TraceFailure(one_line(exc)) from None
     finally:
         drew = not same_rng(rng_states(), rng)
         set_rng_states(rng)
     lost = _unrecorded_effects(module, clone, tracer.stowed, versions) or ("draws random numbers fx runs once at trace time" if drew else None)
     if lost:  # the graph would leave this out: the module keeps its own forward
         raise TraceFailure(f"its forward {lost}, which a traced graph would not repeat")
+    if not _output_nodes(graph):
+        raise TraceFailure("its result does not depend on its inputs or children (it is read from Python state, e.g. collected by forward hooks)")
     if not hasattr(graph._codegen, "pytree_info"):  # list arguments keep fx's flattened names
         _rename_fixed_placeholders(graph, {name for name, _ in fixed})
     _drop_specialization_asserts(graph)
@@ -129,6 +144,18 @@ def _same_items(a: dict | list | set, b: dict | list | set) -> bool:
     return a == b
 
 
+def one_line(exc: Exception) -> str:
+    """``Type: first line of the message``, for reasons and errors."""
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first_line}".rstrip(": ")
+
+
+def _output_nodes(graph: fx.Graph) -> list[fx.Node]:
+    nodes: list[fx.Node] = []
+    fx.node.map_arg(graph.output_node().args, nodes.append)
+    return nodes
+
+
 def _instance_function(module: nn.Module, method: str, fixed: frozenset, training: bool):
     """The function behind an instance-level ``method``: a previous attn_inject patch, or a method
     bound at runtime (``self.forward = self.forward_split_cat``). None when the class's runs."""
@@ -171,11 +198,33 @@ def _drop_specialization_asserts(graph: fx.Graph) -> None:
 
 
 def _detached_copy(module: nn.Module, training: bool) -> nn.Module:
-    """A shallow copy whose containers (caches, hook and submodule dicts) are copies too."""
+    """A shallow copy whose containers (caches, hook and submodule dicts) are copies too, and so
+    are helper objects' containers (timm's FeatureHooks keeps the outputs its hooks collect in a
+    dict: tracing ``self.hooks.get_output(x.device)`` would store a Proxy key there)."""
     clone = copy.copy(module)
-    clone.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
+    clone.__dict__ = {k: _detached_value(v) for k, v in module.__dict__.items()}
     clone.training = training
     return clone
+
+
+def _detached_value(value: Any, depth: int = 1) -> Any:
+    if isinstance(value, (dict, list, set)):
+        return copy.copy(value)
+    if depth and _is_helper_object(value):
+        try:
+            clone = copy.copy(value)
+            clone.__dict__ = {k: _detached_value(v, depth - 1) for k, v in vars(value).items()}
+            return clone
+        except Exception:  # an object that cannot be copied is shared, as before
+            return value
+    return value
+
+
+def _is_helper_object(value: Any) -> bool:
+    """An instance of a user class holding state in its __dict__ (not a module, tensor, function...)."""
+    return hasattr(value, "__dict__") and not isinstance(
+        value, (nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType, types.ModuleType, functools.partial)
+    )
 
 
 def explicit_inplace(graph: fx.Graph, module: nn.Module) -> None:

@@ -4,6 +4,7 @@ torchvision classifier; record sites, bitwise identity, inject time and the reas
     python benchmarks/zoo.py                 # the full sweep (about an hour on 2 cores)
     python benchmarks/zoo.py --quick         # three models, for the tests
     python benchmarks/zoo.py --only convnext resnet torchvision:resnet18
+    python benchmarks/zoo.py --third-party   # transformers models, torchvision detection/segmentation
 
 Each family runs in its own subprocess (a crash or a hang costs one family). For every model an
 independent oracle counts the residual-looking adds at the dispatcher level (aten.add of two
@@ -58,16 +59,51 @@ def smallest_timm_model(family: str) -> str:
     return best[1]
 
 
+# Hugging Face transformers vision models, each from its default config: (model class, config class, config kwargs).
+TRANSFORMERS = {
+    "resnet": ("ResNetForImageClassification", "ResNetConfig", {}),
+    "convnext": ("ConvNextForImageClassification", "ConvNextConfig", {}),
+    "regnet": ("RegNetForImageClassification", "RegNetConfig", {}),
+    "mobilenet_v2": ("MobileNetV2ForImageClassification", "MobileNetV2Config", {}),
+    "mobilenet_v1": ("MobileNetV1ForImageClassification", "MobileNetV1Config", {}),
+    "efficientnet": ("EfficientNetForImageClassification", "EfficientNetConfig", {}),
+    "bit": ("BitForImageClassification", "BitConfig", {}),
+    "mobilevit": ("MobileViTForImageClassification", "MobileViTConfig", {}),
+    "dpt_hybrid": ("DPTForDepthEstimation", "DPTConfig", {"is_hybrid": True}),
+}
+DETECTION_SIZE = 224  # torchvision detection models resize every image to this side (default 800)
+
+
+def detection_options(name: str) -> dict:
+    """Smaller images, and every box kept whatever its score: an untrained detector finds no box
+    above the default thresholds, and an empty output would hide any change."""
+    if name.startswith("ssd"):
+        return {"score_thresh": 0.0}
+    sizes = {"min_size": DETECTION_SIZE, "max_size": DETECTION_SIZE}
+    return {**sizes, "box_score_thresh": 0.0} if "rcnn" in name else {**sizes, "score_thresh": 0.0}
+
+
 def build(spec: str):
-    """(name, factory) for 'timm:FAMILY' or 'torchvision:NAME'."""
+    """(name, factory) for 'timm:FAMILY', 'torchvision:NAME' (classification, detection or
+    segmentation; no weights, no backbone weights) or 'transformers:NAME' (TRANSFORMERS)."""
     kind, name = spec.split(":", 1)
     if kind == "timm":
         import timm
 
         model_name = smallest_timm_model(name)
         return model_name, lambda: timm.create_model(model_name, pretrained=False)
+    if kind == "transformers":
+        import transformers
+
+        model_cls, config_cls, options = TRANSFORMERS[name]
+        return model_cls, lambda: getattr(transformers, model_cls)(getattr(transformers, config_cls)(**options))
     import torchvision
 
+    if name in torchvision.models.list_models(module=torchvision.models.detection):
+        options = detection_options(name)
+        return name, lambda: torchvision.models.get_model(name, weights=None, weights_backbone=None, **options)
+    if name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        return name, lambda: torchvision.models.get_model(name, weights=None, weights_backbone=None)
     return name, lambda: torchvision.models.get_model(name, weights=None)
 
 
@@ -120,7 +156,8 @@ def test_input(model):
     import torch
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    side = getattr(getattr(model, "config", None), "image_size", 224)  # transformers: the config's
+    size = tuple(cfg.get("input_size", (3, side, side)))
     generator = torch.Generator().manual_seed(0)
     if not cfg.get("fixed_input_size", False):
         small = torch.randn(2, size[0], SMALL_INPUT, SMALL_INPUT, generator=generator)
@@ -137,14 +174,15 @@ def run_one(spec: str) -> dict:
     import torch
 
     from attn_inject import AttnInjectError, inject, plan
-    from attn_inject.verify import bitwise_equal
+    from attn_inject.verify import first_difference
+    from trained_look import blocks_not_run, calibrate_batch_norms, look_trained, move_off_identity
 
     torch.manual_seed(0)
     row: dict = {"spec": spec}
     try:
         name, factory = build(spec)
         row["model"] = name
-        original = factory().eval()
+        original = look_trained(factory())
     except Exception as exc:
         row["error"] = f"model not built: {type(exc).__name__}: {str(exc)[:200]}"
         return row
@@ -157,6 +195,7 @@ def run_one(spec: str) -> dict:
     try:
         x = test_input(original)
         row["input"] = list(x.shape)
+        row["norms_calibrated"] = calibrate_batch_norms(original, x)
         row["oracle"] = oracle_adds(original, x)
         with torch.no_grad():
             reference = original(x)
@@ -175,7 +214,11 @@ def run_one(spec: str) -> dict:
             result["seconds"] = round(time.perf_counter() - start, 3)
             result["sites"] = len(report)
             with torch.no_grad():
-                result["identical"] = bitwise_equal(reference, model(x))
+                result["identical"] = first_difference(reference, model(x)) is None
+            result["not_run"] = blocks_not_run(model, x)  # blocks the forward never calls
+            move_off_identity(model)
+            with torch.no_grad():
+                result["moved_changes_output"] = first_difference(reference, model(x)) is not None
         except AttnInjectError as exc:
             result["refused"] = str(exc)[:400]
         except Exception as exc:
@@ -203,6 +246,15 @@ def all_specs() -> list[str]:
     return timm_specs + tv_specs
 
 
+def third_party_specs() -> list[str]:
+    """transformers models (TRANSFORMERS) and torchvision's whole detection and segmentation models."""
+    import torchvision
+
+    tv = [*torchvision.models.list_models(module=torchvision.models.detection),
+          *torchvision.models.list_models(module=torchvision.models.segmentation)]  # fmt: skip
+    return [f"transformers:{m}" for m in TRANSFORMERS] + [f"torchvision:{m}" for m in sorted(tv)]
+
+
 def run_isolated(spec: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", spec]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -217,8 +269,12 @@ def run_isolated(spec: str) -> dict:
 
 
 def patched(row: dict, block: str) -> bool:
+    """Sites found, bitwise identical, every block runs, and moving the blocks off identity shows."""
     result = row.get(block) or {}
-    return bool(result.get("sites")) and result.get("identical") is True
+    return (
+        bool(result.get("sites")) and result.get("identical") is True
+        and result.get("not_run") == 0 and result.get("moved_changes_output") is True
+    )  # fmt: skip
 
 
 def summarize(rows: list[dict]) -> str:
@@ -229,7 +285,8 @@ def summarize(rows: list[dict]) -> str:
         f"Families/models with an NCHW residual-looking add (oracle): {len(has_nchw)}; "
         f"patched with bitwise identity by both SE and ECA: {len(both)} "
         f"({100 * len(both) / max(1, len(has_nchw)):.1f} %), of which {len(untraceable)} cannot be traced "
-        f"whole by torch.fx.symbolic_trace.",
+        f"whole by torch.fx.symbolic_trace. (Weights made to look trained; patched = bitwise identical, "
+        f"every block runs, and moving the blocks off identity changes the output.)",
         "",
         "| model | input | oracle adds NCHW/NHWC/other | whole-model fx | SE sites | ECA sites | identical | inject s (ECA) | note |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -238,6 +295,11 @@ def summarize(rows: list[dict]) -> str:
         o = r.get("oracle") or {}
         se, eca = r.get("se") or {}, r.get("eca") or {}
         note = r.get("error") or eca.get("crash") or se.get("crash") or eca.get("refused") or se.get("refused") or ""
+        for block, result in (("SE", se), ("ECA", eca)):
+            if not note and result.get("not_run"):
+                note = f"{block}: {result['not_run']} block(s) never run"
+            if not note and result.get("moved_changes_output") is False:
+                note = f"{block}: moving the blocks off identity does not change the output"
         if not note and eca.get("untraced"):
             note = f"{len(eca['untraced'])} module(s) not traceable, e.g. {eca['untraced'][0]}"
         identical = {True: "yes", False: "NO"}.get(eca.get("identical") if "identical" in eca else None, "")
@@ -254,7 +316,9 @@ def summarize(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    parser.add_argument("--only", nargs="+", metavar="SPEC", help="timm family names or torchvision:NAME")
+    parser.add_argument("--only", nargs="+", metavar="SPEC", help="timm family names, torchvision:NAME or transformers:NAME")
+    parser.add_argument("--third-party", action="store_true",
+                        help="transformers models and torchvision detection/segmentation models instead of the zoo")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2, help="families run in parallel (default 2)")
     parser.add_argument("--out", type=Path, help="JSON-lines results (default benchmarks/results/zoo[-quick].jsonl)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -262,10 +326,11 @@ def main() -> int:
     if args.worker:
         worker(args.worker)
         return 0
-    specs = QUICK if args.quick else all_specs()
+    specs = QUICK if args.quick else third_party_specs() if args.third_party else all_specs()
     if args.only:
         specs = [s if ":" in s else f"timm:{s}" for s in args.only]
-    out = args.out or RESULTS / ("zoo-quick.jsonl" if args.quick else "zoo.jsonl")
+    default_out = "zoo-quick.jsonl" if args.quick else "zoo-third-party.jsonl" if args.third_party else "zoo.jsonl"
+    out = args.out or RESULTS / default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool, out.open("w") as sink:

@@ -5,6 +5,7 @@ import timm
 import torch
 import torchvision
 from torch import nn
+from trained_look import look_trained
 
 from attn_inject import inject, plan
 from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite, eca_kernel_size
@@ -26,14 +27,6 @@ ARCHS = [
 ]  # fmt: skip
 
 
-def like_pretrained(model: nn.Module) -> nn.Module:
-    """Fresh timm ResNets zero the last norm of each branch (zero_init_last); trained ones do not."""
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-    return model.eval()
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -46,7 +39,7 @@ def se_params(c: int) -> int:  # 2 * C * rd + rd + C with rd = max(8, round(C / 
 @pytest.mark.parametrize("name,factory,rule,sites,eca_params", ARCHS, ids=[a[0] for a in ARCHS])
 @pytest.mark.parametrize("block", ["eca", "se"])
 def test_real_architecture(name, factory, rule, sites, eca_params, block):
-    model = like_pretrained(factory())
+    model = look_trained(factory())  # fresh timm ResNets zero the last norm of each branch
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         before = model(x)
