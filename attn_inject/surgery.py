@@ -113,11 +113,10 @@ def _analyse_and_plan(model, block, after, include, exclude, position, example_i
 
 def _build_blocks(the_plan: Plan) -> dict[str, nn.Module]:
     cls = get_block(the_plan.block)
-    options = dict(the_plan.options)
     blocks = {}
     for site, records in the_plan.site_records:
         anchor = next(n for n in records[0].graph.nodes if n.name == site.anchor)
-        blocks[site.module_name] = cls(site.channels, **options).to(anchor.meta["device"], anchor.meta["dtype"])
+        blocks[site.module_name] = cls(site.channels, **dict(site.options)).to(anchor.meta["device"], anchor.meta["dtype"])
     return blocks
 
 
