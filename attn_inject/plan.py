@@ -135,7 +135,7 @@ def build_plan(analysis: Analysis, block: str, options: dict[str, Any], rules: l
             position, at = placed
             for cand in at:
                 anchor, consumer, consumer_arg = _anchor(position, cand)
-                key = (id(cand.record.module), consumer, anchor)  # one block per place
+                key = (id(cand.record.module), consumer is not None, anchor)  # one block per place
                 if key in claimed:
                     if cand.record not in records_of[key] and claimed[key].rule == rule.name:
                         records_of[key].append(cand.record)  # the same place, reached with other arguments

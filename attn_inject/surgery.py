@@ -41,11 +41,13 @@ def plan(
         block: a registered block name (``list_blocks()``: "se", "eca").
         after: a built-in rule name (``list_rules()``), a path to a YAML rule file, or a list.
         include / exclude: globs on module paths (e.g. ``"layer4.*"``).
-        position: override the rules' insert position (branch_end, block_output, unit_output).
+        position: override the rules' insert position (branch_end, block_output, unit_output, or
+            after_convN: after the N-th conv unit of the branch or block, negative N from the end).
         example_input: a tensor or tuple of arguments for the example forward; by default one image
             of the model's configured input size (3x224x224 if it has none).
-        block_options: passed to the block (SE ``reduction``, ECA ``gamma``/``beta``/``kernel_size``,
-            both ``init="identity"|"paper"``).
+        block_options: passed to the block (SE ``reduction``/``rd_ratio``/``rd_of``/``act``/``gate``,
+            ECA ``gamma``/``beta``/``kernel_size``, both ``init="identity"|"paper"``); they win over
+            the options a rule carries.
     """
     return _analyse_and_plan(model, block, after, include, exclude, position, example_input, block_options)[0]
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # reconstruct: cases shared with the benchmark
 
 
 @pytest.fixture(autouse=True)

@@ -49,3 +49,9 @@ def test_inject_time_quick(tmp_path):
         phases = row["phases_s"]
         assert all(phases[p] >= 0 for p in ("reference_forward", "tracing", "interpreter", "verify_forward"))
         assert abs(sum(phases.values()) - row["median_s"]) < 0.5 * row["median_s"]  # medians of parts ~ the whole
+
+
+def test_reconstruct_quick(tmp_path):
+    (row,) = run_script("reconstruct", tmp_path)["rows"]
+    assert row["model"] == "timm:regnety_002" and row["sites"] == 13 and row["tensors_mapped"] == 52
+    assert row["paper_allclose"] and row["identity_bitwise"] and row["attention_matters_max_abs_diff"] > 0

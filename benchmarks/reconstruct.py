@@ -1,15 +1,30 @@
-"""Rebuild timm's / torchvision's hand-written attention nets by injection (tests and benchmark share it).
+"""Proof by reconstruction: injection rebuilds hand-written attention nets from their attention-free twins.
 
-Each case: the hand-written model (weights made to look trained), its attention-free counterpart
-holding the same weights, and the rule that puts the blocks back. Weights of the new blocks are
-loaded by an explicit key mapping: the hand-written model's attention tensors and the patched
-model's new tensors, each in state_dict order, paired one to one with equal shapes.
+Each case: the hand-written model (untrained, norms and running stats made to look trained), its
+attention-free counterpart holding the same weights (timm's twin architecture, or a copy with the
+attention modules replaced by nn.Identity), and the rule that puts the blocks back.
+
+* ``init="paper"``: the hand-written model's weights are loaded into the patched model (shared keys
+  by name; the new blocks' tensors by an explicit mapping: the hand-written model's attention tensors
+  and the patched model's new tensors, each in state_dict order, paired one to one with equal
+  shapes) and the outputs compared with ``torch.allclose`` (fp32, eval).
+* ``init="identity"`` (the default): the patched model must equal the attention-free one bit for bit.
+
+    python benchmarks/reconstruct.py            # all cases, 2x3x224x224
+    python benchmarks/reconstruct.py --quick    # regnety_002 only, 64x64
+
+Results go to ``benchmarks/results/reconstruct.json`` unless ``--json`` says otherwise. The tests
+(tests/test_placements.py) import the cases from here.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import timm
@@ -18,6 +33,9 @@ import torchvision
 from torch import nn
 
 from attn_inject import inject
+from attn_inject.blocks import is_attention_block
+
+DEFAULT_JSON = Path(__file__).parent / "results" / "reconstruct.json"
 
 
 def look_trained(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -130,3 +148,46 @@ def rebuild(case: Case, init: str) -> tuple[nn.Module, nn.Module, nn.Module]:
     patched = inject(copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), init=init,
                      example_input=EXAMPLE)  # fmt: skip
     return hand, plain, patched.eval()
+
+
+def measure(case: Case, size: int) -> dict:
+    """Rebuild one case both ways; the numbers of the BENCHMARKS.md table."""
+    start = time.perf_counter()
+    hand, plain, patched = rebuild(case, "paper")
+    pairs = load_by_order(patched, plain, hand)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    identity = inject(copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), example_input=EXAMPLE)
+    with torch.no_grad():
+        expected, got, without, same = hand(x), patched(x), plain(x), identity(x)
+    return {
+        "model": case.name, "block": case.block, "rule": case.rule,
+        "sites": sum(1 for m in patched.modules() if is_attention_block(m)), "tensors_mapped": len(pairs),
+        "paper_allclose": bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5)),
+        "paper_max_abs_diff": float((got - expected).abs().max()),
+        "attention_matters_max_abs_diff": float((without - expected).abs().max()),
+        "identity_bitwise": bool(torch.equal(same, without)),
+        "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="regnety_002 only, 64x64 inputs")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results (default {DEFAULT_JSON})")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = CASES[:1] if args.quick else CASES
+    rows = [measure(case, 64 if args.quick else 224) for case in cases]
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__, "rows": rows}, indent=1))
+    print("| model | block, rule | sites | paper init: allclose (max abs diff) | without attention (max abs diff) | identity init: bitwise |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['block']}, `{r['rule']}` | {r['sites']} | {r['paper_allclose']} ({r['paper_max_abs_diff']:.1e}) "
+              f"| {r['attention_matters_max_abs_diff']:.3g} | {r['identity_bitwise']} |")
+
+
+if __name__ == "__main__":
+    main()
