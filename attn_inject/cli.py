@@ -141,7 +141,7 @@ def _surgery_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--include", action="append", default=[], metavar="GLOB", help="only module paths matching GLOB (repeatable)")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip module paths matching GLOB (repeatable)")
-    parser.add_argument("--position", help="override the rules' position: branch_end, block_output or unit_output")
+    parser.add_argument("--position", help="override the rules' position: branch_end, block_output, unit_output or after_convN (N = 1, 2, ... or -1 for the last conv)")
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="block option, e.g. reduction=8 (se), kernel_size=5 (eca), init=paper; repeatable",

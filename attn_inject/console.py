@@ -67,7 +67,7 @@ def plan_table(plan: Plan) -> Table:
     table.add_column("params added", justify="right", footer=f"{plan.params_added:,}")
     table.add_column("FLOPs added", justify="right", footer=f"{plan.flops_added:,}")
     for i, site in enumerate(plan.sites, 1):
-        table.add_row(str(i), site.path or "<model>", site.rule, site.position, str(site.channels),
+        table.add_row(str(i), site.path or "<model>", site.rule, site.where or site.position, str(site.channels),
                       f"{site.params:,}", f"{site.flops:,}")  # fmt: skip
     table.caption = (
         f"{len(plan.sites)} sites · parameters {plan.params_before:,} -> {plan.params_after:,} "

@@ -16,10 +16,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .analyze import Analysis, ModuleRecord
-from .blocks import get_block
+from .blocks import block_options, get_block
 from .errors import AttnInjectError
 from .match import Candidate, Miss, find_candidates, rule_matches
-from .rules import Rule, glob_selects, list_rules
+from .match_blocks import find_block_candidates, matched, places, units_by_conv
+from .rules import Rule, conv_index, frozen, glob_selects, list_rules
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Site:
 
     path: str  # the block (residual) or conv (unit) it belongs to; "" is the model itself
     rule: str
-    position: str  # branch_end | block_output | unit_output
+    position: str  # branch_end | block_output | unit_output | after_convN (N from 1)
     owner: str  # module whose forward is edited
     name: str  # the new submodule's name inside ``owner``
     channels: int
@@ -38,6 +39,8 @@ class Site:
     anchor: str  # graph node whose value the block takes (in the eval-mode graph)
     consumer: str | None  # branch_end: the add that takes the block's output; else every user
     consumer_arg: int | None = None  # branch_end: which argument of the add is the branch
+    where: str = ""  # the position in words: "branch end (before the add)", "after conv2 unit", ...
+    options: tuple[tuple[str, Any], ...] = ()  # the block's options here: the rule's, the caller's, the site's
 
     @property
     def module_name(self) -> str:
@@ -46,7 +49,7 @@ class Site:
 
     def __str__(self) -> str:
         return (
-            f"{self.path or '<model>'}: {self.rule} at {self.position}, {self.channels} channels, "
+            f"{self.path or '<model>'}: {self.rule} at {self.where or self.position}, {self.channels} channels, "
             f"+{self.params} params, +{self.flops} FLOPs as {self.module_name}"
         )
 
@@ -98,8 +101,8 @@ class Plan:
             "options": dict(self.options),
             "rules": [r.name for r in self.rules],
             "sites": [
-                {"path": s.path, "rule": s.rule, "position": s.position, "channels": s.channels,
-                 "params": s.params, "flops": s.flops, "module": s.module_name}
+                {"path": s.path, "rule": s.rule, "position": s.position, "where": s.where, "channels": s.channels,
+                 "params": s.params, "flops": s.flops, "module": s.module_name, "options": dict(s.options)}
                 for s in self.sites
             ],
             "params_before": self.params_before,
@@ -116,29 +119,38 @@ def build_plan(analysis: Analysis, block: str, options: dict[str, Any], rules: l
                include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Plan:  # fmt: skip
     """Match ``rules`` on an analysed model and lay out the sites; raises if nothing matches."""
     candidates, misses = find_candidates(analysis)
-    cost = _block_cost(block, tuple(sorted(options.items())))
+    blocks = find_block_candidates(analysis, candidates)
+    units = units_by_conv(candidates)
     claimed: dict[tuple, Site] = {}
     records_of: dict[tuple, list[ModuleRecord]] = {}
     names = _Names(block)
     for rule in rules:
-        for cand in candidates:
-            if not rule_matches(rule, cand) or not glob_selects(cand.path, include, exclude):
+        for matched_cand in matched(rule, candidates, blocks):
+            if not glob_selects(matched_cand.path, include, exclude):
                 continue
-            anchor, consumer, consumer_arg = _anchor(rule.insert, cand)
-            key = (id(cand.record.module), rule.insert, anchor)
-            if key in claimed:
-                if cand.record not in records_of[key] and claimed[key].rule == rule.name:
-                    records_of[key].append(cand.record)  # the same place, reached with other arguments
+            placed = places(rule, matched_cand, units)
+            if isinstance(placed, Miss):
+                misses.append(placed)
                 continue
-            problem = _train_mode_problem(cand.record, anchor, consumer, consumer_arg)
-            if problem:
-                misses.append(Miss(cand.path or "<model>", problem))
-                continue
-            name = names.claim(cand.record, rule.insert, cand)
-            params, flops = cost(cand.shape[1:])
-            claimed[key] = Site(cand.path, rule.name, rule.insert, cand.record.path, name, cand.channels,
-                                cand.shape, params, flops, anchor, consumer, consumer_arg)  # fmt: skip
-            records_of[key] = [cand.record]
+            position, at = placed
+            for cand in at:
+                anchor, consumer, consumer_arg = _anchor(position, cand)
+                key = (id(cand.record.module), consumer is not None, anchor)  # one block per place
+                if key in claimed:
+                    if cand.record not in records_of[key] and claimed[key].rule == rule.name:
+                        records_of[key].append(cand.record)  # the same place, reached with other arguments
+                    continue
+                problem = _train_mode_problem(cand.record, anchor, consumer, consumer_arg)
+                if problem:
+                    misses.append(Miss(cand.path or "<model>", problem))
+                    continue
+                site_options = _site_options(block, {**rule.options_for(block), **options}, matched_cand, cand)
+                params, flops = _site_cost(block, site_options, cand, rule, matched_cand.path)
+                name = names.claim(cand.record, "unit_output" if cand is not matched_cand else position, cand)
+                claimed[key] = Site(matched_cand.path, rule.name, position, cand.record.path, name, cand.channels,
+                                    cand.shape, params, flops, anchor, consumer, consumer_arg,
+                                    position_words(position, matched_cand), site_options)  # fmt: skip
+                records_of[key] = [cand.record]
     sites = tuple(claimed.values())
     plan = Plan(
         type(analysis.model).__name__, block, tuple(sorted(options.items())), tuple(rules), sites,
@@ -152,11 +164,40 @@ def build_plan(analysis: Analysis, block: str, options: dict[str, Any], rules: l
 
 
 def _anchor(position: str, cand: Candidate) -> tuple[str, str | None, int | None]:
-    if position == "branch_end":
+    if position == "branch_end" and cand.branch_arg is not None:
         return cand.branch, cand.node, cand.branch_arg
-    if position == "block_output":
+    if position in ("block_output", "branch_end"):  # a block without an add: its output
         return cand.block_output, None, None
     return cand.node, None, None
+
+
+def position_words(position: str, cand: Candidate) -> str:
+    """A site's position as users name it: "branch end (before the add)", "after conv2 unit", ..."""
+    n = conv_index(position)
+    if n is not None:
+        return f"after conv{n} unit"
+    has_add = cand.branch_arg is not None
+    if position == "branch_end":
+        return "branch end (before the add)" if has_add else "block output (no add)"
+    if position == "block_output":
+        return "block output (after the add)" if has_add else "block output"
+    return "after conv unit"
+
+
+def _site_options(block: str, options: dict[str, Any], matched_cand: Candidate, cand: Candidate) -> tuple:
+    """The block's options at one site; blocks that take ``block_in_channels`` get the channels
+    entering the matched branch or block (its first conv's input)."""
+    if "block_in_channels" in block_options(block):
+        convs = matched_cand.convs
+        options = {**options, "block_in_channels": convs[0].in_channels if convs else cand.channels}
+    return tuple(sorted((k, frozen(v)) for k, v in options.items()))
+
+
+def _site_cost(block: str, site_options: tuple, cand: Candidate, rule: Rule, path: str) -> tuple[int, int]:
+    try:
+        return _block_cost(block, site_options)(cand.shape[1:])
+    except AttnInjectError as exc:
+        raise AttnInjectError(f"rule {rule.name!r}: {exc.what}", where=path or "<model>", hint=exc.hint) from None
 
 
 def _train_mode_problem(record: ModuleRecord, anchor: str, consumer: str | None, consumer_arg: int | None) -> str | None:
@@ -244,6 +285,8 @@ def _nothing_matched(plan: Plan, candidates: list[Candidate], include, exclude) 
     names = ", ".join(repr(r.name) for r in plan.rules)
     found = Counter()
     for rule in list_rules():
+        if rule.kind == "block" or rule.options or conv_index(rule.insert) is not None:
+            continue  # placement variants of the structural rules counted here
         found[rule.name] = sum(rule_matches(rule, c) for c in candidates)
     contains = ", ".join(f"{name} x{n}" for name, n in sorted(found.items()) if n) or "no residual blocks or conv units"
     msg = f"rule {names} matched nothing in {plan.model_class}; the model contains: {contains}"

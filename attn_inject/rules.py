@@ -15,6 +15,13 @@ A rule is a small YAML document (see rules/*.yaml and the README):
     exclude: []
 
 ``kind: unit`` matches conv -> norm (-> act) units and inserts after the unit (``unit_output``).
+``kind: block`` matches whole modules by the convs on their main path (the branch, if the module
+ends in a residual add), with or without an add, optionally by class name (``class:`` glob) and
+``residual: true|false``; positions ``block_output``, ``branch_end`` (before its add, or its output
+when it has none). Residual and block rules also take ``after_convN``: after the N-th conv unit of
+the branch or block (its norm and activation included), N from 1, or from the end when negative
+(mmcv's ``after_conv1/2/3``). ``options: {se: {...}, eca: {...}}`` carries block options the rule's
+placement was published with; the caller's own options win.
 Loading checks every field and names the file, line and field of any mistake.
 """
 
@@ -27,10 +34,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import torch
+
 from .errors import AttnInjectError
 from .located_yaml import LocatedDict, LocatedList, read_located_yaml
 
-POSITIONS = {"residual": ("branch_end", "block_output"), "unit": ("unit_output",)}
+POSITIONS = {
+    "residual": ("branch_end", "block_output", "after_convN"),
+    "unit": ("unit_output",),
+    "block": ("block_output", "branch_end", "after_convN"),
+}
+_AFTER_CONV = re.compile(r"^after_conv(-?[1-9][0-9]*)$")
 WIDTHS = ("expand", "reduce", "same")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
@@ -67,7 +81,14 @@ class Rule:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     source: str = "built-in"
+    class_glob: str | None = None  # block: glob on the module's class name
+    residual: bool | None = None  # block: must (True) / must not (False) end in a residual add
+    options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (block, ((option, value), ...))
     document: Any = field(default=None, compare=False, hash=False, repr=False)  # the YAML mapping it was read from
+
+    def options_for(self, block: str) -> dict[str, Any]:
+        """The block options this rule carries for ``block``."""
+        return dict(dict(self.options).get(block, ()))
 
     def selects(self, path: str) -> bool:
         """Whether the include/exclude globs admit a module path."""
@@ -75,12 +96,25 @@ class Rule:
 
     def with_position(self, position: str) -> Rule:
         """This rule with another insert position (checked against its kind)."""
-        if position not in POSITIONS[self.kind]:
+        if not position_applies(self.kind, position):
             raise AttnInjectError(
                 f"position {position!r} does not apply to rule {self.name!r} (kind {self.kind})",
-                hint=f"Valid positions for {self.kind} rules: {', '.join(POSITIONS[self.kind])}.",
+                hint=f"Valid positions for {self.kind} rules: {', '.join(POSITIONS[self.kind])}"
+                + (" (N a conv index: 1, 2, ... or -1 for the last)." if "after_convN" in POSITIONS[self.kind] else "."),
             )
         return Rule(**{**self.__dict__, "insert": position})
+
+
+def conv_index(position: str) -> int | None:
+    """N of an ``after_convN`` position (1-based, negative from the end); None for other positions."""
+    found = _AFTER_CONV.match(position)
+    return int(found.group(1)) if found else None
+
+
+def position_applies(kind: str, position: str) -> bool:
+    if conv_index(position) is not None:
+        return "after_convN" in POSITIONS[kind]
+    return position in POSITIONS[kind] and position != "after_convN"
 
 
 def glob_selects(path: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
@@ -240,28 +274,69 @@ def parse_rule(doc: LocatedDict, source: str) -> Rule:
     if not _NAME.match(name):
         raise top.fail("name", f"must start with a letter and hold only letters, digits, '_' and '-', not {name!r}")
     top.rule = name
-    top.only(["name", "description", "match", "insert", "include", "exclude"])
+    top.only(["name", "description", "match", "insert", "include", "exclude", "options"])
     description = top.get("description", "", kind=str)
     match = top.sub("match", top.get("match", kind=LocatedDict))
     kind = match.get("kind", "residual", kind=str)
     if kind not in POSITIONS:
         raise match.fail("kind", f"must be one of {', '.join(POSITIONS)}, not {kind!r}")
-    if kind == "residual":
-        match.only(["kind", "convs"])
+    class_glob, residual = None, None
+    if kind in ("residual", "block"):
+        match.only(["kind", "convs"] + (["class", "residual"] if kind == "block" else []))
         specs = match.get("convs", None, kind=LocatedList)
         convs = None if specs is None else tuple(_conv_spec(match, f"convs[{i}]", s, i, specs) for i, s in enumerate(specs))
         norm = True
+        class_glob = match.get("class", None, kind=str)
+        residual = match.get("residual", "any", kind=(bool, str))
+        if residual == "any":
+            residual = None
+        elif not isinstance(residual, bool):
+            raise match.fail("residual", f"must be true, false or 'any', not {residual!r}")
     else:
         match.only(["kind", "conv", "norm"])
         conv = match.get("conv", None, kind=LocatedDict)
         convs = None if conv is None else (_parse_conv(match.sub("conv", conv), allow_optional=False),)
         norm = match.get("norm", True, kind=bool)
     insert = top.get("insert", POSITIONS[kind][0], kind=str)
-    if insert not in POSITIONS[kind]:
+    if not position_applies(kind, insert):
         raise top.fail("insert", f"must be one of {', '.join(POSITIONS[kind])} for a {kind} rule, not {insert!r}")
     include = _globs(top, "include")
     exclude = _globs(top, "exclude")
-    return Rule(name, description, kind, insert, convs, norm, include, exclude, source, document=doc)
+    options = _block_options(top)
+    return Rule(name, description, kind, insert, convs, norm, include, exclude, source, class_glob, residual, options,
+                document=doc)  # fmt: skip
+
+
+def _block_options(top: _Fields) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """``options: {block: {option: value}}``, each block's options checked by the block itself."""
+    from .blocks import check_block_options, get_block
+    from .blocks.registry import list_blocks
+
+    mapping = top.get("options", LocatedDict(), kind=LocatedDict)
+    fields = top.sub("options", mapping)
+    result = []
+    for block, values in mapping.items():
+        if block not in list_blocks():
+            raise fields.fail(block, f"is not a block; expected one of: {', '.join(list_blocks())}")
+        values = fields.get(block, kind=LocatedDict)
+        given = {key: frozen(value) for key, value in values.items()}
+        if "init" in given:
+            raise fields.sub(block, values).fail("init", "is the caller's choice (inject(..., init=...)), not a rule's")
+        try:
+            check_block_options(block, given)
+            with torch.device("meta"):
+                get_block(block)(8, **given)
+        except AttnInjectError as exc:
+            raise fields.fail(block, f"holds a bad option: {exc.what}") from None
+        except TypeError as exc:
+            raise fields.fail(block, f"holds a bad option: {exc}") from None
+        result.append((block, tuple(sorted(given.items()))))
+    return tuple(result)
+
+
+def frozen(value: Any) -> Any:
+    """YAML lists as tuples, so options can be compared and cached."""
+    return tuple(frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _globs(fields: _Fields, key: str) -> tuple[str, ...]:

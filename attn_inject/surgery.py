@@ -54,13 +54,15 @@ def plan(
         block: a registered block name (``list_blocks()``: "se", "eca").
         after: a built-in rule name (``list_rules()``), a path to a YAML rule file, or a list.
         include / exclude: globs on module paths (e.g. ``"layer4.*"``).
-        position: override the rules' insert position (branch_end, block_output, unit_output).
+        position: override the rules' insert position (branch_end, block_output, unit_output, or
+            after_convN: after the N-th conv unit of the branch or block, negative N from the end).
         example_input: a tensor or tuple of arguments for the example forward; by default one image
             of the model's configured input size (3x224x224 if it has none).
         stack: allow a block at a place that already has a block of the same type (from an earlier
             inject); by default that is refused, as re-running the same inject usually is a mistake.
-        block_options: passed to the block (SE ``reduction``, ECA ``gamma``/``beta``/``kernel_size``,
-            both ``init="identity"|"paper"``).
+        block_options: passed to the block (SE ``reduction``/``rd_ratio``/``rd_of``/``act``/``gate``,
+            ECA ``gamma``/``beta``/``kernel_size``, both ``init="identity"|"paper"``); they win over
+            the options a rule carries.
 
     The model is run on the example input but left exactly as it was: parameters, buffers, every
     module's attributes and the random states (see :mod:`attn_inject.preserve`).
@@ -170,11 +172,10 @@ def _analyse_and_plan(model, block, after, include, exclude, position, example_i
 
 def _build_blocks(the_plan: Plan) -> dict[str, nn.Module]:
     cls = get_block(the_plan.block)
-    options = dict(the_plan.options)
     blocks = {}
     for site, records in the_plan.site_records:
         anchor = next(n for n in records[0].graph.nodes if n.name == site.anchor)
-        block = cls(site.channels, **options).to(anchor.meta["device"], anchor.meta["dtype"])
+        block = cls(site.channels, **dict(site.options)).to(anchor.meta["device"], anchor.meta["dtype"])
         blocks[site.module_name] = block.eval()  # verified in eval mode; then it follows its owner
     return blocks
 

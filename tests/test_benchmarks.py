@@ -79,3 +79,9 @@ def test_patch_time_quick(tmp_path):
     assert set(row["patch_phases_s"]) == {"read", "build", "reference_forward", "inject", "write", "verify", "other"}
     assert abs(sum(row["patch_phases_s"].values()) - row["patch_s"]) < 1e-6  # the phases add up to the whole
     assert row["ratio"] == row["patch_s"] / row["baseline_s"] and row["patch_full_s"] > row["patch_full_reload_s"] > 0
+
+
+def test_reconstruct_quick(tmp_path):
+    (row,) = run_script("reconstruct", tmp_path)["rows"]
+    assert row["model"] == "timm:regnety_002" and row["sites"] == 13 and row["tensors_mapped"] == 52
+    assert row["paper_allclose"] and row["identity_bitwise"] and row["attention_matters_max_abs_diff"] > 0

@@ -25,7 +25,10 @@ def test_rules_lists_builtins(capsys):
     for name in ("bottleneck", "basic", "inverted_residual", "residual", "conv"):
         assert name in out
     code, out, _ = run(capsys, "rules", "--json")
-    assert [r["name"] for r in last_json(out)["rules"]] == ["basic", "bottleneck", "conv", "inverted_residual", "residual"]
+    assert [r["name"] for r in last_json(out)["rules"]] == [
+        "basic", "bottleneck", "conv", "inception", "inverted_residual", "inverted_residual_all", "mbconv_se",
+        "mmcv_after_conv2", "mobilenetv3_se", "regnet_se", "residual",
+    ]  # fmt: skip
 
 
 def test_plan_table(capsys):
@@ -41,8 +44,9 @@ def test_plan_json(capsys):
     summary = last_json(out)
     assert code == 0 and summary["arch"] == "torchvision:resnet18" and summary["options"] == {"reduction": 8}
     assert len(summary["sites"]) == 8 and summary["sites"][0] == {
-        "path": "layer1.0", "rule": "basic", "position": "branch_end", "channels": 64,
-        "params": 2 * 64 * 8 + 8 + 64, "flops": 2 * (2 * 64 * 8), "module": "layer1.0.se",
+        "path": "layer1.0", "rule": "basic", "position": "branch_end", "where": "branch end (before the add)",
+        "channels": 64, "params": 2 * 64 * 8 + 8 + 64, "flops": 2 * (2 * 64 * 8), "module": "layer1.0.se",
+        "options": {"block_in_channels": 64, "reduction": 8},
     }  # fmt: skip
     assert summary["flops_added"] == sum(s["flops"] for s in summary["sites"])
     assert summary["params_after"] - summary["params_before"] == summary["params_added"]

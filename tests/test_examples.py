@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_quickstart_runs(capsys):
     runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
     out = capsys.readouterr().out
-    assert "bitwise identical: True" in out and out.count("bottleneck at branch_end") == 16
+    assert "bitwise identical: True" in out and out.count("bottleneck at branch end (before the add)") == 16
 
 
 def test_example_rules_load_and_match():

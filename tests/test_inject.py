@@ -226,7 +226,7 @@ def test_plan_is_a_dry_run():
     assert report.options == (("reduction", 4),)
     assert report.params_added == sum(s.params for s in report) == 3 * (2 * 16 * 8 + 8 + 16) + (2 * 32 * 8 + 8 + 32)
     assert report.params_after == report.params_before + report.params_added
-    assert str(report.sites[0]) == "block1: residual at branch_end, 16 channels, +280 params, +512 FLOPs as block1.se"
+    assert str(report.sites[0]) == "block1: residual at branch end (before the add), 16 channels, +280 params, +512 FLOPs as block1.se"
 
 
 def shape_dependent_pad(x, multiple: int):

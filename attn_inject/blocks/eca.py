@@ -11,6 +11,11 @@ the channel count C:
 implemented as ``k = int(abs((log2(C) + b) / gamma)); k += 1 - k % 2`` (an even value goes up to
 the next odd one). C = 64, 128, 256, 512, 1024, 2048 give k = 3, 5, 5, 5, 5, 7.
 
+``kernel_size`` overrides the adaptive k: an odd int, or steps ``[[min_channels, k], ...]`` that
+pick k from the site's channels (the largest ``min_channels`` not above C). The ECA authors'
+``eca_mobilenetv2.py`` uses ``[[1, 1], [96, 3]]``: k = 1 below 96 channels, 3 from 96 up.
+``None`` or ``"adaptive"`` is the paper's rule above.
+
 ``init="identity"`` zeroes the conv weight and uses a gain-2 gate, so the block is the identity
 when inserted; ``init="paper"`` keeps PyTorch's default init and the plain sigmoid gate.
 """
@@ -33,6 +38,40 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
     return k + 1 - k % 2
 
 
+KernelSize = int | str | None | tuple[tuple[int, int], ...]
+
+
+def resolve_kernel_size(channels: int, kernel_size: KernelSize, gamma: float = 2, beta: float = 1) -> int:
+    """The kernel size at ``channels``: adaptive (None / "adaptive"), fixed (an int), or by steps."""
+    if kernel_size is None or kernel_size == "adaptive":
+        return eca_kernel_size(channels, gamma, beta)
+    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool):
+        k = kernel_size
+    elif isinstance(kernel_size, (list, tuple)) and kernel_size and all(_is_step(s) for s in kernel_size):
+        chosen = [k for low, k in sorted(kernel_size) if low <= channels]
+        if not chosen:
+            raise AttnInjectError(
+                f"ECA kernel_size steps {_plain(kernel_size)} give no k for {channels} channels",
+                hint="Start the steps at 1 channel, e.g. [[1, 1], [96, 3]].",
+            )
+        k = chosen[-1]
+    else:
+        raise AttnInjectError(
+            f"ECA kernel_size must be an odd int, 'adaptive', or steps [[min_channels, k], ...]; got {kernel_size!r}"
+        )
+    if k < 1 or k % 2 == 0:
+        raise AttnInjectError(f"ECA needs an odd kernel_size >= 1; got kernel_size={k} for {channels} channels")
+    return k
+
+
+def _is_step(step) -> bool:
+    return isinstance(step, (list, tuple)) and len(step) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in step)
+
+
+def _plain(steps) -> list:
+    return [list(s) for s in steps]
+
+
 @register_block("eca", fresh_output=True)
 class EfficientChannelAttention(nn.Module):
     def __init__(
@@ -40,17 +79,15 @@ class EfficientChannelAttention(nn.Module):
         channels: int,
         gamma: float = 2,
         beta: float = 1,
-        kernel_size: int | None = None,
+        kernel_size: KernelSize = None,
         init: str = "identity",
     ):
         super().__init__()
-        if gamma <= 0 or (kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0)):
-            raise AttnInjectError(
-                f"ECA needs gamma > 0 and an odd kernel_size >= 1; got gamma={gamma}, kernel_size={kernel_size}"
-            )
+        if gamma <= 0:
+            raise AttnInjectError(f"ECA needs gamma > 0; got gamma={gamma}")
         self.gain = gate_gain(init)
         self.init = init
-        k = kernel_size or eca_kernel_size(channels, gamma, beta)
+        k = resolve_kernel_size(channels, kernel_size, gamma, beta)
         self.conv = nn.Conv1d(1, 1, kernel_size=k, padding=(k - 1) // 2, bias=False)
         if init == "identity":
             nn.init.zeros_(self.conv.weight)

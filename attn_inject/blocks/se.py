@@ -1,16 +1,23 @@
 """Squeeze-and-Excitation (Hu, Shen, Albanie, Sun, Wu; arXiv 1709.01507).
 
-    s = gate(W2 · ReLU(W1 · GAP(x))),  y = x ⊙ s
+    s = gate(W2 · act(W1 · GAP(x))),  y = x ⊙ s
 
-``W1`` reduces C channels to C/r, ``W2`` restores C. The FC layers are 1x1 convolutions on the
-pooled map (the same maths, and the layout and submodule names ``fc1``/``fc2`` of timm's
-``SEModule``). The reduced width is ``C / reduction`` rounded to a
-multiple of ``rd_divisor`` and at least ``rd_divisor`` (timm's ``make_divisible``).
+``W1`` reduces C channels to a reduced width, ``W2`` restores C. The FC layers are 1x1
+convolutions on the pooled map (the same maths, and the layout and submodule names
+``fc1``/``act``/``fc2`` of timm's ``SEModule``).
+
+Reduced width: ``rd_channels`` if given; else ``base / reduction`` (or ``base * rd_ratio``) rounded
+to a multiple of ``rd_divisor``, at least ``rd_divisor``, bumped up one step when rounding lost more
+than ``1 - rd_round_limit`` (timm's ``make_divisible``). ``base`` is the block's own channels
+(``rd_of="channels"``: SE-ResNet, MobileNetV3) or the channels entering the block it serves
+(``rd_of="input"``: RegNetY and EfficientNet put ``se_ratio`` x input channels); the plan passes
+those as ``block_in_channels`` from the site. ``act`` is ReLU (the paper) or SiLU (EfficientNet);
+``gate`` the sigmoid or the hard sigmoid (MobileNetV3).
 
 ``init="identity"`` zeroes ``fc2`` (weight and bias) and uses a gain-2 gate: the block is the
-identity when inserted and its Jacobian is the identity, so fine-tuning starts from the original
-model; ``fc2`` still receives a gradient at step 0. ``init="paper"`` keeps PyTorch's default init
-and the plain sigmoid gate.
+identity when inserted (both gates give exactly 0.5 at 0) and its Jacobian is the identity, so
+fine-tuning starts from the original model; ``fc2`` still receives a gradient at step 0.
+``init="paper"`` keeps PyTorch's default init and the plain gate.
 """
 
 from __future__ import annotations
@@ -20,8 +27,11 @@ from timm.layers import make_divisible
 from torch import nn
 
 from ..errors import AttnInjectError
-from .gate import apply_gate, gate_gain
+from .gate import apply_gate, gate_function, gate_gain
 from .registry import register_block
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU}
+RD_BASES = ("channels", "input")
 
 
 @register_block("se", fresh_output=True)
@@ -32,19 +42,32 @@ class SqueezeExcite(nn.Module):
         reduction: float = 16,
         rd_channels: int | None = None,
         rd_divisor: int = 8,
+        rd_ratio: float | None = None,
+        rd_of: str = "channels",
+        rd_round_limit: float = 0.0,
+        act: str = "relu",
+        gate: str = "sigmoid",
+        block_in_channels: int | None = None,
         init: str = "identity",
     ):
         super().__init__()
-        if reduction <= 0 or rd_divisor < 1 or (rd_channels is not None and rd_channels < 1):
+        if reduction <= 0 or rd_divisor < 1 or (rd_channels is not None and rd_channels < 1) or (rd_ratio is not None and rd_ratio <= 0):
             raise AttnInjectError(
-                f"SE needs reduction > 0, rd_divisor >= 1 and rd_channels >= 1; got reduction={reduction}, "
-                f"rd_divisor={rd_divisor}, rd_channels={rd_channels}"
+                f"SE needs reduction > 0, rd_ratio > 0, rd_divisor >= 1 and rd_channels >= 1; got reduction={reduction}, "
+                f"rd_ratio={rd_ratio}, rd_divisor={rd_divisor}, rd_channels={rd_channels}"
             )
+        if rd_of not in RD_BASES:
+            raise AttnInjectError(f"unknown SE rd_of {rd_of!r}", hint=f"Valid: {', '.join(RD_BASES)}.")
+        if act not in ACTIVATIONS:
+            raise AttnInjectError(f"unknown SE act {act!r}", hint=f"Valid activations: {', '.join(ACTIVATIONS)}.")
         self.gain = gate_gain(init)
-        self.init = init
-        rd = rd_channels or make_divisible(channels / reduction, rd_divisor, round_limit=0.0)
+        self.gate = gate_function(gate)
+        self.init, self.gate_name = init, gate
+        base = block_in_channels if rd_of == "input" and block_in_channels else channels
+        scaled = base * rd_ratio if rd_ratio is not None else base / reduction
+        rd = rd_channels or make_divisible(scaled, rd_divisor, round_limit=rd_round_limit)
         self.fc1 = nn.Conv2d(channels, rd, kernel_size=1, bias=True)
-        self.act = nn.ReLU(inplace=True)
+        self.act = ACTIVATIONS[act](inplace=True)
         self.fc2 = nn.Conv2d(rd, channels, kernel_size=1, bias=True)
         if init == "identity":
             nn.init.zeros_(self.fc2.weight)
@@ -52,7 +75,7 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
-        return apply_gate(x, z, self.gain)
+        return apply_gate(x, z, self.gain, self.gate)
 
     def extra_repr(self) -> str:
-        return f"init={self.init!r}"
+        return f"init={self.init!r}, gate={self.gate_name!r}"

@@ -1,0 +1,193 @@
+"""Proof by reconstruction: injection rebuilds hand-written attention nets from their attention-free twins.
+
+Each case: the hand-written model (untrained, norms and running stats made to look trained), its
+attention-free counterpart holding the same weights (timm's twin architecture, or a copy with the
+attention modules replaced by nn.Identity), and the rule that puts the blocks back.
+
+* ``init="paper"``: the hand-written model's weights are loaded into the patched model (shared keys
+  by name; the new blocks' tensors by an explicit mapping: the hand-written model's attention tensors
+  and the patched model's new tensors, each in state_dict order, paired one to one with equal
+  shapes) and the outputs compared with ``torch.allclose`` (fp32, eval).
+* ``init="identity"`` (the default): the patched model must equal the attention-free one bit for bit.
+
+    python benchmarks/reconstruct.py            # all cases, 2x3x224x224
+    python benchmarks/reconstruct.py --quick    # regnety_002 only, 64x64
+
+Results go to ``benchmarks/results/reconstruct.json`` unless ``--json`` says otherwise. The tests
+(tests/test_placements.py) import the cases from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from attn_inject import inject
+from attn_inject.blocks import is_attention_block
+
+DEFAULT_JSON = Path(__file__).parent / "results" / "reconstruct.json"
+
+
+def look_trained(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random norm weights and running stats (fresh nets zero-init norms and look like identities)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def _strip(attr: str, path_of_block: Callable[[str, nn.Module], bool] = lambda p, m: True):
+    """An attention-free copy: every ``attr`` child (the SE module) replaced by nn.Identity."""
+
+    def strip(hand: nn.Module) -> nn.Module:
+        plain = copy.deepcopy(hand)
+        for path, module in list(plain.named_modules()):
+            child = getattr(module, attr, None) if isinstance(module, nn.Module) else None
+            if isinstance(child, nn.Module) and not isinstance(child, nn.Identity) and path_of_block(path, module):
+                setattr(module, attr, nn.Identity())
+        return plain
+
+    return strip
+
+
+def _timm_twin(name: str):
+    """The attention-free timm model of the same design, holding the hand-written one's weights."""
+
+    def twin(hand: nn.Module) -> nn.Module:
+        plain = timm.create_model(name).eval()
+        state = hand.state_dict()
+        plain.load_state_dict({k: state[k] for k in plain.state_dict()})
+        return plain
+
+    return twin
+
+
+def _torchvision_efficientnet_b0_strip(hand: nn.Module) -> nn.Module:
+    plain = copy.deepcopy(hand)
+    for module in plain.modules():
+        if isinstance(module, torchvision.models.efficientnet.MBConv):
+            block = module.block
+            for i, child in enumerate(block):
+                if isinstance(child, torchvision.ops.SqueezeExcitation):
+                    block[i] = nn.Identity()
+    return plain
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # the hand-written model
+    hand: Callable[[], nn.Module]
+    plain: Callable[[nn.Module], nn.Module]
+    block: str
+    rule: str
+    sites: int
+    include: Callable[[nn.Module], tuple[str, ...]] = lambda hand: ()  # blocks to patch, from the hand-written net
+
+
+def _mobilenetv3_se_blocks(hand: nn.Module) -> tuple[str, ...]:
+    return tuple(p for p, m in hand.named_modules() if isinstance(getattr(m, "se", None), nn.Module)
+                 and not isinstance(m.se, nn.Identity))  # fmt: skip
+
+
+CASES = [
+    Case("timm:regnety_002", lambda: timm.create_model("regnety_002"), _timm_twin("regnetx_002"), "se", "regnet_se", 13),
+    Case("timm:efficientnet_b0", lambda: timm.create_model("efficientnet_b0"), _strip("se"), "se", "mbconv_se", 16),
+    Case("timm:mobilenetv3_large_100", lambda: timm.create_model("mobilenetv3_large_100"), _strip("se"), "se",
+         "mobilenetv3_se", 8, _mobilenetv3_se_blocks),
+    Case("timm:seresnet18", lambda: timm.create_model("seresnet18"), _timm_twin("resnet18"), "se", "basic", 8),
+    Case("timm:ecaresnet26t", lambda: timm.create_model("ecaresnet26t"), _timm_twin("resnet26t"), "eca", "bottleneck", 8),
+    Case("torchvision:efficientnet_b0", lambda: torchvision.models.efficientnet_b0(), _torchvision_efficientnet_b0_strip,
+         "se", "mbconv_se", 16),
+]  # fmt: skip
+
+
+def attention_keys(hand: nn.Module, plain: nn.Module) -> list[str]:
+    """The hand-written model's attention tensors (its keys the attention-free model lacks), in order."""
+    plain_keys = set(plain.state_dict())
+    return [k for k in hand.state_dict() if k not in plain_keys]
+
+
+def load_by_order(patched: nn.Module, plain: nn.Module, hand: nn.Module) -> list[tuple[str, str]]:
+    """Load the hand-written model's weights into the patched one: shared keys by name, the new
+    blocks' tensors by order and shape. Returns the (hand key, patched key) pairs."""
+    hand_state, plain_keys = hand.state_dict(), set(plain.state_dict())
+    new_keys = [k for k in patched.state_dict() if k not in plain_keys]
+    old_keys = attention_keys(hand, plain)
+    assert len(new_keys) == len(old_keys), (len(new_keys), len(old_keys))
+    pairs = list(zip(old_keys, new_keys))
+    mismatched = [(a, b) for a, b in pairs if hand_state[a].shape != patched.state_dict()[b].shape]
+    assert not mismatched, mismatched[:3]
+    state = {k: hand_state[k] for k in plain_keys} | {b: hand_state[a] for a, b in pairs}
+    patched.load_state_dict(state, strict=True)
+    return pairs
+
+
+EXAMPLE = torch.randn(1, 3, 64, 64)  # the example forward for injection (small: analysis time grows with it)
+
+
+def rebuild(case: Case, init: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(hand-written, attention-free, patched) for a case; the patched model has ``init`` blocks."""
+    torch.manual_seed(0)
+    hand = look_trained(case.hand())
+    plain = case.plain(hand).eval()
+    patched = inject(copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), init=init,
+                     example_input=EXAMPLE)  # fmt: skip
+    return hand, plain, patched.eval()
+
+
+def measure(case: Case, size: int) -> dict:
+    """Rebuild one case both ways; the numbers of the BENCHMARKS.md table."""
+    start = time.perf_counter()
+    hand, plain, patched = rebuild(case, "paper")
+    pairs = load_by_order(patched, plain, hand)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    identity = inject(copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), example_input=EXAMPLE)
+    with torch.no_grad():
+        expected, got, without, same = hand(x), patched(x), plain(x), identity(x)
+    return {
+        "model": case.name, "block": case.block, "rule": case.rule,
+        "sites": sum(1 for m in patched.modules() if is_attention_block(m)), "tensors_mapped": len(pairs),
+        "paper_allclose": bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5)),
+        "paper_max_abs_diff": float((got - expected).abs().max()),
+        "attention_matters_max_abs_diff": float((without - expected).abs().max()),
+        "identity_bitwise": bool(torch.equal(same, without)),
+        "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="regnety_002 only, 64x64 inputs")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results (default {DEFAULT_JSON})")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = CASES[:1] if args.quick else CASES
+    rows = [measure(case, 64 if args.quick else 224) for case in cases]
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__, "rows": rows}, indent=1))
+    print("| model | block, rule | sites | paper init: allclose (max abs diff) | without attention (max abs diff) | identity init: bitwise |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['block']}, `{r['rule']}` | {r['sites']} | {r['paper_allclose']} ({r['paper_max_abs_diff']:.1e}) "
+              f"| {r['attention_matters_max_abs_diff']:.3g} | {r['identity_bitwise']} |")
+
+
+if __name__ == "__main__":
+    main()
