@@ -21,7 +21,7 @@ from .blocks import check_block_options, get_block
 from .errors import AttnInjectError
 from .located_yaml import LocatedDict, load_located_yaml
 from .plan import Plan
-from .rules import POSITIONS, WIDTHS, ConvSpec, Rule, parse_rule
+from .rules import WIDTHS, ConvSpec, Rule, frozen, parse_rule, position_applies
 
 FORMAT_VERSION = 1
 _ATTRIBUTE = "_attn_inject_recipe"
@@ -78,7 +78,7 @@ class Recipe:
     def to_json(self) -> str:
         for inj in self.injections:
             for key, value in inj.options:
-                if not isinstance(value, _JSON_SCALARS):
+                if not _json_option(value):
                     raise AttnInjectError(
                         f"block option {key}={value!r} cannot be written into a recipe",
                         hint="Use numbers, strings, booleans or None as block options to save the model.",
@@ -118,8 +118,9 @@ def _injection(fields: _Checked) -> Injection:
     fields.only({"block", "options", "rules", "include", "exclude", "position", "input_shapes", "modules"})
     block = fields.get("block", str)
     options = fields.get("options", dict, default={})
-    if not all(isinstance(v, _JSON_SCALARS) for v in options.values()):
-        raise fields.fail("options", "must map names to numbers, strings, booleans or null")
+    if not all(_json_option(v) for v in options.values()):
+        raise fields.fail("options", "must map names to numbers, strings, booleans, null or lists of them")
+    options = {k: frozen(v) for k, v in options.items()}
     try:
         get_block(block)  # an unknown block names the valid ones
         check_block_options(block, options)
@@ -135,13 +136,20 @@ def _injection(fields: _Checked) -> Injection:
     ):
         raise fields.fail("input_shapes", "must be a list of shapes (lists of positive ints) or null")
     position = fields.get("position", (str, type(None)))
-    if position is not None and position not in {p for ps in POSITIONS.values() for p in ps}:
-        raise fields.fail("position", f"must be null or a known position, not {position!r}")
+    if position is not None and not all(position_applies(rule.kind, position) for rule in rules):
+        raise fields.fail("position", f"must be null or a position its rules take, not {position!r}")
     return Injection(
         block, tuple(rules), tuple(sorted(options.items())), tuple(fields.strings("include")),
         tuple(fields.strings("exclude")), position, None if shapes is None else tuple(tuple(s) for s in shapes),
         tuple(fields.strings("modules")),
     )  # fmt: skip
+
+
+def _json_option(value: Any) -> bool:
+    """A block option a recipe can hold: a JSON scalar, or a list/tuple of such options (ECA kernel steps)."""
+    if isinstance(value, (list, tuple)):
+        return all(_json_option(v) for v in value)
+    return isinstance(value, _JSON_SCALARS)
 
 
 class _Checked:
@@ -225,10 +233,17 @@ def rule_document(rule: Rule) -> dict[str, Any]:
             match["conv"] = _conv_document(rule.convs[0], with_optional=False)
     elif rule.convs is not None:
         match["convs"] = [_conv_document(c, with_optional=True) for c in rule.convs]
-    return {
+    if rule.kind == "block":
+        if rule.class_glob is not None:
+            match["class"] = rule.class_glob
+        match["residual"] = "any" if rule.residual is None else rule.residual
+    doc = {
         "name": rule.name, "description": rule.description, "match": match, "insert": rule.insert,
         "include": list(rule.include), "exclude": list(rule.exclude),
     }  # fmt: skip
+    if rule.options:
+        doc["options"] = {block: {k: _plain(v) for k, v in values} for block, values in rule.options}
+    return doc
 
 
 def _conv_document(spec: ConvSpec, with_optional: bool) -> dict[str, Any]:
@@ -249,7 +264,7 @@ def _same_rule(parsed: Rule, rule: Rule) -> bool:
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
 

@@ -181,8 +181,16 @@ def check_rule(rule: Rule) -> Rule:
         raise fail("name", rule.name, "a string of letters, digits, '_' and '-' starting with a letter")
     if rule.kind not in POSITIONS:
         raise fail("kind", rule.kind, ", ".join(POSITIONS))
-    if rule.insert not in POSITIONS[rule.kind]:
+    if not isinstance(rule.insert, str) or not position_applies(rule.kind, rule.insert):
         raise fail("insert", rule.insert, f"{', '.join(POSITIONS[rule.kind])} for a {rule.kind} rule")
+    if rule.class_glob is not None and not isinstance(rule.class_glob, str):
+        raise fail("class_glob", rule.class_glob, "None or a glob on class names")
+    if rule.residual not in (None, True, False):
+        raise fail("residual", rule.residual, "None, True or False")
+    if not isinstance(rule.options, tuple) or not all(
+        isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) and isinstance(o[1], tuple) for o in rule.options
+    ):
+        raise fail("options", rule.options, "a tuple of (block, ((option, value), ...)) pairs")
     if rule.convs is not None and not (
         isinstance(rule.convs, tuple) and all(isinstance(c, ConvSpec) for c in rule.convs)
     ):
