@@ -13,6 +13,7 @@ mode under no_grad (the caller sets and restores the mode).
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,9 @@ import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
+from .align import align
 from .errors import AttnInjectError
+from .opaque_units import OpaqueUnit, PrimitiveCalls, conv_units
 from .ops import LearnedOp, function_op, is_primitive, module_kind, module_op
 from .patched import TensorSeq, patched_forward
 from .regions import GraphBits
@@ -37,11 +40,15 @@ class ModuleRecord:
     fixed: frozenset  # (name, value) arguments baked into the graph: the Nones, and scalars if needed
     graph: fx.Graph | None = None  # eval-mode graph; nodes carry meta "shape", "dtype", "device", "ops"
     train_graph: fx.Graph | None = None  # set only when the train-mode trace differs
+    train_names: dict[str, str] = field(default_factory=dict, repr=False)  # eval node -> its train node (align.py)
     train_reason: str | None = None  # why the train-mode trace failed
     reason: str | None = None  # why the module could not be traced
     constants: dict = field(default_factory=dict)  # tensors fx stowed as attributes during tracing
     ops: tuple[LearnedOp, ...] = ()  # learned ops on its main path, gates excluded
     bits: GraphBits | None = None
+    unit: tuple[LearnedOp, ...] = ()  # set when the module ends a conv unit of an untraceable parent
+    # tensor placeholder -> (record, node) of the caller's graph that produced that tensor
+    sources: dict[fx.Node, tuple[ModuleRecord, fx.Node]] = field(default_factory=dict, repr=False)
 
     @property
     def traced(self) -> bool:
@@ -138,6 +145,24 @@ class _Analyzer:
     def __init__(self, analysis: Analysis):
         self.analysis = analysis
         self.seen: dict[tuple, ModuleRecord] = {}
+        # one scope per module being run: id(tensor) -> (weakref, record, node) of its graph's nodes
+        # that produced it; None for a module run eagerly (its data flow is not seen)
+        self.scopes: list[dict[int, tuple] | None] = []
+        self.intercepting: object | None = None  # the untraceable module whose calls are analysed in place
+
+    def produced(self, value: Any, record: ModuleRecord, node: fx.Node) -> None:
+        """Remember ``node`` as the producer of a tensor, or of the tensors a container holds."""
+        scope = self.scopes[-1]
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                scope[id(item)] = (weakref.ref(item), record, node)
+
+    def producer(self, value: Any) -> tuple[ModuleRecord, fx.Node] | None:
+        """The caller's node that produced this tensor argument, if the caller was traced."""
+        caller = self.scopes[-2] if len(self.scopes) > 1 else None
+        entry = caller.get(id(value)) if caller is not None and isinstance(value, torch.Tensor) else None
+        return entry[1:] if entry is not None and entry[0]() is value else None
 
     def run(self, module: nn.Module, path: str, args: tuple, kwargs: dict, method: str = "forward") -> Any:
         out, _ = self.run_recorded(module, path, args, kwargs, method)
@@ -164,7 +189,11 @@ class _Analyzer:
             return self._run_opaque(record, args, kwargs), record
         self._trace_train_mode(record, graph)
         record.graph = graph
-        leaves = _RecordingInterpreter(self, record).run(*_placeholder_values(record, graph, bound), enable_io_processing=False)
+        self.scopes.append({})
+        try:
+            leaves = _RecordingInterpreter(self, record).run(*_placeholder_values(record, graph, bound), enable_io_processing=False)
+        finally:
+            self.scopes.pop()
         out = graph.process_outputs(leaves)
         record.bits = GraphBits(graph)
         record.ops = record.bits.main_path_ops()
@@ -184,6 +213,8 @@ class _Analyzer:
             return graph
 
     def _trace_train_mode(self, record: ModuleRecord, eval_graph: fx.Graph) -> None:
+        if not getattr(eval_graph, "reads_training", True):
+            return  # the forward never looked at self.training: both modes trace alike
         try:
             train_graph, constants = trace_module(record.module, record.method, record.fixed, training=True)
         except TraceFailure as exc:
@@ -195,36 +226,103 @@ class _Analyzer:
                     record.constants[f"{node.target}_train"] = constants[node.target]
                     node.target = f"{node.target}_train"
             record.train_graph = train_graph
+            record.train_names = align(eval_graph, train_graph)
 
     def _run_opaque(self, record: ModuleRecord, args: tuple, kwargs: dict) -> Any:
-        """Run an untraceable module eagerly, then analyse the child calls it made."""
-        calls: list[tuple[str, nn.Module, tuple, dict]] = []
-        handles = [
-            sub.register_forward_pre_hook(
-                lambda m, a, k, _p=sub_path: calls.append((_p, m, a, k)), with_kwargs=True
-            )
+        """Run an untraceable module eagerly; the calls it makes to its descendants are analysed in
+        place (one pass: a call's output is the analysis' output). Where that cannot be observed
+        (children called inside torch.cond), the module runs unobserved instead."""
+        token, start = object(), len(self.analysis.records)
+        stand_ins = [
+            _AnalysedCall(self, token, sub, _join(record.path, sub_path))
             for sub_path, sub in record.module.named_modules()
             if sub is not record.module and not is_primitive(sub)
         ]
+        own = PrimitiveCalls(record.module, record.path, lambda: self.intercepting is token and not torch.compiler.is_compiling())
+        outer, self.intercepting = self.intercepting, token
+        self.scopes.append(None)  # an eager caller: its children's arguments have no known producers
         refused = None
         try:
             out = call_method(record.module, record.method, args, kwargs)
-        except Exception as exc:  # hooks inside torch.cond & co. are refused
+        except Exception as exc:  # torch.cond & co. refuse the stand-ins
             refused = exc
         finally:
-            for handle in handles:
-                handle.remove()
-        if refused is not None:  # run it unobserved
-            calls.clear()
+            self.scopes.pop()
+            self.intercepting = outer
+            own.remove()
+            for stand_in in reversed(stand_ins):
+                stand_in.remove()
+        if refused is not None:  # forget what was seen of it, run it unobserved
+            for dropped in self.analysis.records[start:]:
+                self.seen = {k: v for k, v in self.seen.items() if v is not dropped}
+            del self.analysis.records[start:]
             out = call_method(record.module, record.method, args, kwargs)
             record.reason += f"; its children's calls cannot be observed ({type(refused).__name__})"
-        for sub_path, sub, sub_args, sub_kwargs in calls:
-            self.run(sub, _join(record.path, sub_path), sub_args, sub_kwargs)
+        else:
+            for unit in conv_units(own.calls):
+                self._unit_record(unit)
         record.ops = tuple(
             op for sub_path, sub in record.module.named_modules()
             if (op := module_op(sub, _join(record.path, sub_path), None)) is not None
         )  # fmt: skip
         return out
+
+
+    def _unit_record(self, unit: OpaqueUnit) -> None:
+        """A record for the last module of a unit inside an untraceable module: its own forward,
+        traced and run on the input it had, is where the block goes."""
+        end = unit.end
+        record = ModuleRecord(end.path, end.module, "forward", frozenset(), unit=unit.ops)
+        try:
+            graph, record.constants = trace_module(end.module, "forward", frozenset(), training=False)
+        except TraceFailure:
+            return
+        self._trace_train_mode(record, graph)
+        record.graph = graph
+        self.scopes.append({})
+        try:
+            _RecordingInterpreter(self, record).run(end.input)
+        finally:
+            self.scopes.pop()
+        record.bits = GraphBits(graph)
+        self.analysis.records.append(record)
+
+
+_MISSING = object()
+
+
+class _AnalysedCall:
+    """Stands in for a descendant's ``forward`` while an untraceable module runs: a call the module
+    makes itself is analysed there and then; calls made from inside that analysis, or under
+    torch.compile, go to the forward it replaced."""
+
+    def __init__(self, analyzer: _Analyzer, token: object, module: nn.Module, path: str):
+        self.analyzer, self.token, self.module, self.path = analyzer, token, module, path
+        self.previous = module.__dict__.get("forward", _MISSING)
+        module.__dict__["forward"] = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        analyzer = self.analyzer
+        if analyzer.intercepting is not self.token or torch.compiler.is_compiling():
+            return self._previous(*args, **kwargs)
+        analyzer.intercepting = None
+        self.remove()  # the analysis sees the module's own forward
+        try:
+            return analyzer.run(self.module, self.path, args, kwargs)
+        finally:
+            self.module.__dict__["forward"] = self
+            analyzer.intercepting = self.token
+
+    def _previous(self, *args: Any, **kwargs: Any) -> Any:
+        if self.previous is _MISSING:
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return self.previous(*args, **kwargs)
+
+    def remove(self) -> None:
+        if self.previous is _MISSING:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.__dict__["forward"] = self.previous
 
 
 def _placeholder_values(record: ModuleRecord, graph: fx.Graph, bound: inspect.BoundArguments) -> list[Any]:
@@ -266,7 +364,13 @@ class _RecordingInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.child_record = None
         result = super().run_node(n)
+        if n.op == "placeholder" and (source := self.analyzer.producer(result)) is not None:
+            self.record.sources[n] = source
+        self.analyzer.produced(result, self.record, n)
         tensor = result if isinstance(result, torch.Tensor) else None
+        n.meta["container"] = isinstance(result, (list, tuple, dict)) and any(
+            isinstance(v, torch.Tensor) for v in (result.values() if isinstance(result, dict) else result)
+        )
         n.meta["shape"] = tuple(tensor.shape) if tensor is not None else None
         n.meta["dtype"] = tensor.dtype if tensor is not None else None
         n.meta["device"] = tensor.device if tensor is not None else None

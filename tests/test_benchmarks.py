@@ -49,3 +49,11 @@ def test_inject_time_quick(tmp_path):
         phases = row["phases_s"]
         assert all(phases[p] >= 0 for p in ("reference_forward", "tracing", "interpreter", "verify_forward"))
         assert abs(sum(phases.values()) - row["median_s"]) < 0.5 * row["median_s"]  # medians of parts ~ the whole
+
+
+def test_whole_model_time_quick(tmp_path):
+    result = run_script("whole_model_time", tmp_path)
+    (row,) = result["rows"]
+    assert row["model"] == "fasterrcnn_mobilenet_v3_large_320_fpn" and row["image"] == 320 and row["sites"] == 10
+    assert row["stem_passes"] == 3  # the reference forward, the analysis, the verification: no re-runs
+    assert row["inject_s"] >= sum(row["steps_s"].values()) > 0 and row["forward_s"] > 0
