@@ -4,7 +4,9 @@ Each module met during the forward is traced on its own (children as leaves) and
 run by an fx Interpreter with the real arguments it was called with; a child call recurses into
 the child. That gives, for every node, the shape and dtype it produced, and for every module the
 convs and norms on its main path (what its parent sees through it). A module whose forward cannot
-be traced runs eagerly while its children's calls are recorded, so they are analysed anyway.
+be traced runs eagerly, and the calls it makes to its children are analysed as they happen, so they
+are analysed anyway (and its own conv units found: opaque_units.py). Every tensor a traced module
+receives is linked to the caller's node that produced it (dataflow.py follows residuals with it).
 
 Nothing here changes the model: tracing works on detached copies, and the model runs in eval
 mode under no_grad (the caller sets and restores the mode).
@@ -253,8 +255,8 @@ class _Analyzer:
             for stand_in in reversed(stand_ins):
                 stand_in.remove()
         if refused is not None:  # forget what was seen of it, run it unobserved
-            for dropped in self.analysis.records[start:]:
-                self.seen = {k: v for k, v in self.seen.items() if v is not dropped}
+            dropped = {id(r) for r in self.analysis.records[start:]}
+            self.seen = {k: v for k, v in self.seen.items() if id(v) not in dropped}
             del self.analysis.records[start:]
             out = call_method(record.module, record.method, args, kwargs)
             record.reason += f"; its children's calls cannot be observed ({type(refused).__name__})"
@@ -266,7 +268,6 @@ class _Analyzer:
             if (op := module_op(sub, _join(record.path, sub_path), None)) is not None
         )  # fmt: skip
         return out
-
 
     def _unit_record(self, unit: OpaqueUnit) -> None:
         """A record for the last module of a unit inside an untraceable module: its own forward,
