@@ -4,7 +4,9 @@ Each module met during the forward is traced on its own (children as leaves) and
 run by an fx Interpreter with the real arguments it was called with; a child call recurses into
 the child. That gives, for every node, the shape and dtype it produced, and for every module the
 convs and norms on its main path (what its parent sees through it). A module whose forward cannot
-be traced runs eagerly while its children's calls are recorded, so they are analysed anyway.
+be traced runs eagerly, and the calls it makes to its children are analysed as they happen, so they
+are analysed anyway (and its own conv units found: opaque_units.py). Every tensor a traced module
+receives is linked to the caller's node that produced it (dataflow.py follows residuals with it).
 
 Nothing here changes the model: tracing works on detached copies, and the model runs in eval
 mode under no_grad (the caller sets and restores the mode).
@@ -13,6 +15,7 @@ mode under no_grad (the caller sets and restores the mode).
 from __future__ import annotations
 
 import inspect
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -21,6 +24,8 @@ import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
+from .align import align
+from .opaque_units import OpaqueUnit, PrimitiveCalls, conv_units
 from .ops import LearnedOp, function_op, is_primitive, module_kind, module_op
 from .patched import TensorSeq, patched_forward
 from .regions import GraphBits
@@ -38,11 +43,15 @@ class ModuleRecord:
     fixed: frozenset  # (name, value) arguments baked into the graph: the Nones, and scalars if needed
     graph: fx.Graph | None = None  # eval-mode graph; nodes carry meta "shape", "dtype", "device", "ops"
     train_graph: fx.Graph | None = None  # set only when the train-mode trace differs
+    train_names: dict[str, str] = field(default_factory=dict, repr=False)  # eval node -> its train node (align.py)
     train_reason: str | None = None  # why the train-mode trace failed
     reason: str | None = None  # why the module could not be traced
     constants: dict = field(default_factory=dict)  # tensors fx stowed as attributes during tracing
     ops: tuple[LearnedOp, ...] = ()  # learned ops on its main path, gates excluded
     bits: GraphBits | None = None
+    unit: tuple[LearnedOp, ...] = ()  # set when the module ends a conv unit of an untraceable parent
+    # tensor placeholder -> (record, node) of the caller's graph that produced that tensor
+    sources: dict[fx.Node, tuple[ModuleRecord, fx.Node]] = field(default_factory=dict, repr=False)
 
     @property
     def traced(self) -> bool:
@@ -123,21 +132,17 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwar
 
 
 @contextmanager
-def _user_hooks_set_aside(model: nn.Module) -> Iterator[None]:
-    """Every module's forward hooks and pre-hooks emptied, and restored (same dict objects) on exit:
-    a call the analysis repeats must not run them twice (timm's ``feature_cls="hook"`` would keep
-    the repeat's outputs in its state)."""
-    saved = []
-    for module in model.modules():
-        for name in _HOOK_DICTS:
-            hooks = module.__dict__.get(name)
-            if hooks:
-                saved.append((module, name, hooks))
-                object.__setattr__(module, name, type(hooks)())
+def _own_hooks_set_aside(module: nn.Module) -> Iterator[None]:
+    """The module's own forward hooks and pre-hooks emptied, and restored (same dict objects) on exit:
+    the real call around its analysis runs them, and they must not run twice (timm's
+    ``feature_cls="hook"`` would keep the repeat's outputs in its state)."""
+    saved = {name: hooks for name in _HOOK_DICTS if (hooks := module.__dict__.get(name))}
+    for name, hooks in saved.items():
+        object.__setattr__(module, name, type(hooks)())
     try:
         yield
     finally:
-        for module, name, hooks in saved:
+        for name, hooks in saved.items():
             object.__setattr__(module, name, hooks)
 
 
@@ -160,6 +165,24 @@ class _Analyzer:
     def __init__(self, analysis: Analysis):
         self.analysis = analysis
         self.seen: dict[tuple, ModuleRecord] = {}
+        # one scope per module being run: id(tensor) -> (weakref, record, node) of its graph's nodes
+        # that produced it; None for a module run eagerly (its data flow is not seen)
+        self.scopes: list[dict[int, tuple] | None] = []
+        self.intercepting: object | None = None  # the untraceable module whose calls are analysed in place
+
+    def produced(self, value: Any, record: ModuleRecord, node: fx.Node) -> None:
+        """Remember ``node`` as the producer of a tensor, or of the tensors a container holds."""
+        scope = self.scopes[-1]
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                scope[id(item)] = (weakref.ref(item), record, node)
+
+    def producer(self, value: Any) -> tuple[ModuleRecord, fx.Node] | None:
+        """The caller's node that produced this tensor argument, if the caller was traced."""
+        caller = self.scopes[-2] if len(self.scopes) > 1 else None
+        entry = caller.get(id(value)) if caller is not None and isinstance(value, torch.Tensor) else None
+        return entry[1:] if entry is not None and entry[0]() is value else None
 
     def run(self, module: nn.Module, path: str, args: tuple, kwargs: dict, method: str = "forward") -> Any:
         out, _ = self.run_recorded(module, path, args, kwargs, method)
@@ -187,6 +210,7 @@ class _Analyzer:
             return self._run_opaque(record, args, kwargs), record
         self._trace_train_mode(record, graph)
         record.graph = graph
+        self.scopes.append({})
         try:
             leaves = _RecordingInterpreter(self, record).run(*_placeholder_values(record, graph, bound), enable_io_processing=False)
             out = graph.process_outputs(leaves)
@@ -195,6 +219,8 @@ class _Analyzer:
             record.constants = {}
             record.reason = f"traced, but its graph failed on the example: {one_line(exc)}"
             return self._run_opaque(record, args, kwargs), record
+        finally:
+            self.scopes.pop()
         record.bits = GraphBits(graph)
         record.ops = record.bits.main_path_ops()
         return out, record
@@ -213,6 +239,8 @@ class _Analyzer:
             return graph
 
     def _trace_train_mode(self, record: ModuleRecord, eval_graph: fx.Graph) -> None:
+        if not getattr(eval_graph, "reads_training", True):
+            return  # the forward never looked at self.training: both modes trace alike
         try:
             train_graph, constants = trace_module(record.module, record.method, record.fixed, training=True)
         except TraceFailure as exc:
@@ -224,43 +252,106 @@ class _Analyzer:
                     record.constants[f"{node.target}_train"] = constants[node.target]
                     node.target = f"{node.target}_train"
             record.train_graph = train_graph
+            record.train_names = align(eval_graph, train_graph)
 
     def _run_opaque(self, record: ModuleRecord, args: tuple, kwargs: dict) -> Any:
-        """Run an untraceable module eagerly, then analyse the child calls it made."""
-        calls: list[tuple[str, nn.Module, tuple, dict]] = []
-
-        def seen(module: nn.Module, args: tuple, kwargs: dict, path: str, primitive: bool) -> None:
-            self.analysis.called.add(id(module))
-            if not primitive:
-                calls.append((path, module, args, kwargs))
-
-        handles = [
-            sub.register_forward_pre_hook(
-                lambda m, a, k, _p=sub_path, _leaf=is_primitive(sub): seen(m, a, k, _p, _leaf), with_kwargs=True
-            )
+        """Run an untraceable module eagerly; the calls it makes to its descendants are analysed in
+        place (one pass: a call's output is the analysis' output). Where that cannot be observed
+        (children called inside torch.cond), the module runs unobserved instead."""
+        token, start = object(), len(self.analysis.records)
+        stand_ins = [
+            _AnalysedCall(self, token, sub, _join(record.path, sub_path))
             for sub_path, sub in record.module.named_modules()
             if sub is not record.module
         ]
+        own = PrimitiveCalls(record.module, record.path, lambda: self.intercepting is token and not torch.compiler.is_compiling())
+        outer, self.intercepting = self.intercepting, token
+        self.scopes.append(None)  # an eager caller: its children's arguments have no known producers
         refused = None
         try:
             out = call_method(record.module, record.method, args, kwargs)
-        except Exception as exc:  # hooks inside torch.cond & co. are refused
+        except Exception as exc:  # torch.cond & co. refuse the stand-ins
             refused = exc
         finally:
-            for handle in handles:
-                handle.remove()
-        if refused is not None:  # run it unobserved
-            calls.clear()
+            self.scopes.pop()
+            self.intercepting = outer
+            own.remove()
+            for stand_in in reversed(stand_ins):
+                stand_in.remove()
+        if refused is not None:  # forget what was seen of it, run it unobserved
+            dropped = {id(r) for r in self.analysis.records[start:]}
+            self.seen = {k: v for k, v in self.seen.items() if id(v) not in dropped}
+            del self.analysis.records[start:]
             out = call_method(record.module, record.method, args, kwargs)
             record.reason += f"; its children's calls cannot be observed ({type(refused).__name__})"
-        for sub_path, sub, sub_args, sub_kwargs in calls:  # their hooks ran in the real call above
-            with _user_hooks_set_aside(sub):
-                self.run(sub, _join(record.path, sub_path), sub_args, sub_kwargs)
+        else:
+            for unit in conv_units(own.calls):
+                self._unit_record(unit)
         record.ops = tuple(
             op for sub_path, sub in record.module.named_modules()
             if (op := module_op(sub, _join(record.path, sub_path), None)) is not None
         )  # fmt: skip
         return out
+
+    def _unit_record(self, unit: OpaqueUnit) -> None:
+        """A record for the last module of a unit inside an untraceable module: its own forward,
+        traced and run on the input it had, is where the block goes."""
+        end = unit.end
+        record = ModuleRecord(end.path, end.module, "forward", frozenset(), unit=unit.ops)
+        try:
+            graph, record.constants = trace_module(end.module, "forward", frozenset(), training=False)
+        except TraceFailure:
+            return
+        self._trace_train_mode(record, graph)
+        record.graph = graph
+        self.scopes.append({})
+        try:
+            _RecordingInterpreter(self, record).run(end.input)
+        finally:
+            self.scopes.pop()
+        record.bits = GraphBits(graph)
+        self.analysis.records.append(record)
+
+
+_MISSING = object()
+
+
+class _AnalysedCall:
+    """Stands in for a descendant's ``forward`` while an untraceable module runs: a call the module
+    makes itself is analysed there and then; calls made from inside that analysis, or under
+    torch.compile, go to the forward it replaced."""
+
+    def __init__(self, analyzer: _Analyzer, token: object, module: nn.Module, path: str):
+        self.analyzer, self.token, self.module, self.path = analyzer, token, module, path
+        self.previous = module.__dict__.get("forward", _MISSING)
+        module.__dict__["forward"] = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        analyzer = self.analyzer
+        if analyzer.intercepting is not self.token or torch.compiler.is_compiling():
+            return self._previous(*args, **kwargs)
+        if is_primitive(self.module):  # nothing to analyse: run it as it is
+            analyzer.analysis.called.add(id(self.module))
+            return self._previous(*args, **kwargs)
+        analyzer.intercepting = None
+        self.remove()  # the analysis sees the module's own forward
+        try:
+            with _own_hooks_set_aside(self.module):  # the real call around this one runs them
+                return analyzer.run(self.module, self.path, args, kwargs)
+        finally:
+            self.module.__dict__["forward"] = self
+            analyzer.intercepting = self.token
+
+    def _previous(self, *args: Any, **kwargs: Any) -> Any:
+        if self.previous is _MISSING:
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return self.previous(*args, **kwargs)
+
+    def remove(self) -> None:
+        if self.previous is _MISSING:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.__dict__["forward"] = self.previous
 
 
 def _placeholder_values(record: ModuleRecord, graph: fx.Graph, bound: inspect.BoundArguments) -> list[Any]:
@@ -302,7 +393,13 @@ class _RecordingInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.child_record = None
         result = super().run_node(n)
+        if n.op == "placeholder" and (source := self.analyzer.producer(result)) is not None:
+            self.record.sources[n] = source
+        self.analyzer.produced(result, self.record, n)
         tensor = result if isinstance(result, torch.Tensor) else None
+        n.meta["container"] = isinstance(result, (list, tuple, dict)) and any(
+            isinstance(v, torch.Tensor) for v in (result.values() if isinstance(result, dict) else result)
+        )
         n.meta["shape"] = tuple(tensor.shape) if tensor is not None else None
         n.meta["dtype"] = tensor.dtype if tensor is not None else None
         n.meta["device"] = tensor.device if tensor is not None else None

@@ -2,8 +2,9 @@
 
 Two kinds of candidates:
 
-* residual: an add of two equal-shape NCHW maps that fork from a common node in the same graph.
-  The branch is the side with more learned ops (convs, then norms, then nodes); the other is the
+* residual: an add of two equal-shape NCHW maps that fork from one tensor, followed across module
+  boundaries (dataflow.py: the branch may start in a parent); an add of maps that do not fork
+  from one tensor is a merge (FPN, LR-ASPP), reported as a miss. The branch is the side with more learned ops (convs, then norms, then nodes); the other is the
   shortcut (identity, or a projection with fewer convs) and never gets a block. The branch must
   hold a conv or norm whose channels are the map's channel dim (so NHWC and token residuals are
   reported, not patched).
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from .analyze import Analysis, ModuleRecord
+from .dataflow import Merge, find_fork
 from .ops import LearnedOp, function_op, is_activation_node, is_add, module_kind
 from .rules import ConvSpec, Rule
 
@@ -56,6 +58,9 @@ def find_candidates(analysis: Analysis) -> tuple[list[Candidate], list[Miss]]:
     misses: list[Miss] = []
     for record in analysis.records:
         if not record.traced:
+            continue
+        if record.unit:
+            candidates.append(_opaque_unit(record))
             continue
         for node in record.graph.nodes:
             if is_add(node):
@@ -106,24 +111,26 @@ def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
     where = record.path or "<model>"
     if len(shape) != 4:
         return Miss(where, f"residual {add.name} is on a {len(shape)}-D tensor {list(shape)}, not an NCHW map")
-    bits = record.bits
-    common = bits.upto(a) & bits.upto(b)
-    if not common and not (bits.upto(a) & bits.inputs and bits.upto(b) & bits.inputs):
-        return None  # not both from this module's inputs: no residual here
+    fork = find_fork(record, a, b)
+    if fork is None:
+        return None  # not both from the inputs: no residual here
+    if isinstance(fork, Merge):
+        return Miss(where, f"add {add.name} merges two maps that do not fork from one tensor "
+                           f"(seen in {fork.where}): not a residual")  # fmt: skip
     sides = []
-    for side in (a, b):
-        region = bits.upto(side) & ~common
-        ops = bits.ops_in(region)
+    for i, side in enumerate((a, b)):
+        ops = fork.ops(i)
         convs = sum(o.kind == "conv" for o in ops)
-        sides.append(((convs, sum(o.kind == "norm" for o in ops), bin(region).count("1")), side, ops))
+        size = bin(fork.local_bits(i)).count("1")
+        sides.append(((convs, sum(o.kind == "norm" for o in ops), size), side, ops))
     (score_a, _, _), (score_b, _, _) = sides
     if score_a == score_b:
         if score_a[0]:
             return None  # parallel conv branches summed (RepVGG, Inception): not a residual
         return Miss(where, f"residual {add.name}: both inputs look alike, cannot tell branch from shortcut")
     (_, branch, ops), (shortcut_score, _, _) = sorted(sides, key=lambda s: s[0], reverse=True)
-    if not common and shortcut_score[0]:
-        return None  # two computed inputs from different arguments: a merge, not a shortcut
+    if not fork.followed and shortcut_score[0]:
+        return None  # two computed inputs from different arguments of an opaque caller's call
     learned = [o for o in ops if o.kind in ("conv", "norm")]
     if not learned:
         return Miss(where, f"residual {add.name}: the branch has no conv or norm")
@@ -182,6 +189,13 @@ def _unit(record: ModuleRecord, conv: fx.Node) -> Candidate | None:
     end = _chain_end(record, end)
     ops = (_conv_op(record, conv),) + ((norm_op,) if norm_op else ())
     return Candidate("unit", record, ops[0].path, end.name, end.name, end.name, None, ops, shape, norm_op is not None)
+
+
+def _opaque_unit(record: ModuleRecord) -> Candidate:
+    """A unit of an untraceable module, ending in ``record``'s module (analyze.py, opaque_units.py)."""
+    end = next(iter(record.graph.find_nodes(op="output"))).args[0]
+    ops = record.unit
+    return Candidate("unit", record, ops[0].path, end.name, end.name, end.name, None, ops, end.meta["shape"], len(ops) > 1)
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:

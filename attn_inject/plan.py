@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .align import same_source
 from .analyze import Analysis, ModuleRecord
 from .blocks import block_options, get_block
 from .errors import AttnInjectError
@@ -203,20 +204,20 @@ def _site_cost(block: str, site_options: tuple, cand: Candidate, rule: Rule, pat
 def _train_mode_problem(record: ModuleRecord, anchor: str, consumer: str | None, consumer_arg: int | None) -> str | None:
     """A site must be found in the train-mode graph too, when the forward differs between modes.
 
-    At a branch end the add must be there with the same shortcut (the branch may differ, e.g. a
-    dropout in train mode only); elsewhere the anchor must be there with the same inputs.
+    The graphs are matched by structure (align.py), not by fx's node names. At a branch end the add
+    must be there with the same shortcut (the branch may differ, e.g. a dropout or stochastic depth
+    in train mode only); elsewhere the anchor must be there with the same inputs.
     """
     if record.train_reason:
         return f"its forward traces in eval mode but not in train mode ({record.train_reason})"
     if record.train_graph is None:
         return None
-    eval_nodes = {n.name: n for n in record.graph.nodes}
-    train_nodes = {n.name: n for n in record.train_graph.nodes}
     name = consumer or anchor
-    a, b = eval_nodes[name], train_nodes.get(name)
+    a = next(n for n in record.graph.nodes if n.name == name)
+    b = next((n for n in record.train_graph.nodes if n.name == record.train_names.get(name)), None)
     if b is None or (a.op, a.target, len(a.args)) != (b.op, b.target, len(b.args)):
         return f"its forward differs between train and eval mode at {name}"
-    same_inputs = [str(x) == str(y) for x, y in zip(a.args, b.args)]
+    same_inputs = [same_source(x, y, record.train_names) for x, y in zip(a.args, b.args)]
     if consumer is not None:
         del same_inputs[consumer_arg]  # the branch itself may differ between modes
     if not all(same_inputs):
@@ -252,7 +253,7 @@ class _Names:
         base = "{block}"
         if position == "block_output":
             base = "{block}_out"
-        elif position == "unit_output":
+        elif position == "unit_output" and cand.ops[0].path.startswith(f"{record.path}." if record.path else ""):
             local = cand.ops[0].path[len(record.path) + 1 if record.path else 0:]
             base = local.replace(".", "_").replace(":", "") + "_{block}"
         base = base.format(block=self.block)

@@ -20,17 +20,33 @@ class GraphBits:
         self.nodes = list(graph.nodes)
         self.index = {node: i for i, node in enumerate(self.nodes)}
         self.anc: dict[fx.Node, int] = {}
+        metadata: set[fx.Node] = set()
         for node in self.nodes:
+            if _reads_metadata(node, metadata):
+                metadata.add(node)
             bits = 0
-            for parent in node.all_input_nodes:
-                bits |= self.anc[parent] | (1 << self.index[parent])
+            for parent in data_inputs(node):
+                if parent not in metadata:
+                    bits |= self.anc[parent] | (1 << self.index[parent])
             self.anc[node] = bits
         self.gates = self._gate_bits()
         self.inputs = sum(1 << self.index[n] for n in graph.find_nodes(op="placeholder") if n.meta.get("shape"))
+        placeholders = sum(1 << self.index[n] for n in graph.find_nodes(op="placeholder"))
+        self.from_inputs = placeholders
+        for i, node in enumerate(self.nodes):
+            if self.anc[node] & placeholders:
+                self.from_inputs |= 1 << i
 
     def upto(self, node: fx.Node) -> int:
         """The node and all its ancestors."""
         return self.anc[node] | (1 << self.index[node])
+
+    def frontier(self, bits: int) -> int:
+        """The nodes of a region that are not ancestors of another node of it (its latest nodes)."""
+        older = 0
+        for node in self.nodes_in(bits):
+            older |= self.anc[node]
+        return bits & ~older
 
     def nodes_in(self, bits: int) -> list[fx.Node]:
         return [n for i, n in enumerate(self.nodes) if bits >> i & 1]
@@ -63,6 +79,30 @@ class GraphBits:
             small, big = (a, b) if size_a < size_b else (b, a)
             gates |= self.upto(small) & ~self.upto(big)
         return gates
+
+
+_METADATA_METHODS = {"size", "dim", "numel", "stride", "is_contiguous"}
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+_TEMPLATE_METHODS = {"expand_as", "view_as", "reshape_as", "type_as"}  # the 2nd tensor gives only a shape/dtype
+
+
+def data_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values (not just their shape) flow into ``node``."""
+    if node.op == "call_method" and node.target in _TEMPLATE_METHODS and isinstance(node.args[0], fx.Node):
+        return [node.args[0]]
+    return node.all_input_nodes
+
+
+def _reads_metadata(node: fx.Node, metadata: set[fx.Node]) -> bool:
+    """A node computing a size, dtype or such from tensors (``x.shape[-2:]``, ``x.size(1) // 2``)."""
+    if node.op == "call_method" and node.target in _METADATA_METHODS:
+        return True
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1 and node.args[1] in _METADATA_ATTRS:
+        return True
+    if node.op == "call_function" and node.target is len:
+        return True
+    inputs = node.all_input_nodes
+    return node.op == "call_function" and node.meta.get("shape") is None and bool(inputs) and all(i in metadata for i in inputs)
 
 
 def _unexpanded_shape(node: fx.Node) -> tuple[int, ...] | None:

@@ -8,6 +8,7 @@ an Undo that restores the model exactly (used when verification fails).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -70,7 +71,8 @@ def splice(plan: Plan, blocks: dict[str, nn.Module]) -> Undo:
                     variants[(record.fixed, None)] = GraphCode.from_graph(_edited(record.graph, sites, fresh))
                 else:
                     variants[(record.fixed, False)] = GraphCode.from_graph(_edited(record.graph, sites, fresh))
-                    variants[(record.fixed, True)] = GraphCode.from_graph(_edited(record.train_graph, sites, fresh))
+                    train_sites = [_in_train_graph(s, record.train_names) for s in sites]
+                    variants[(record.fixed, True)] = GraphCode.from_graph(_edited(record.train_graph, train_sites, fresh))
             for site in {s.name: s for r in records for s in by_record[r]}.values():
                 if site.name in module.__dict__:  # an empty attention slot (timm's ``self.se = None``)
                     undo.slots.append((module, site.name, module.__dict__.pop(site.name)))
@@ -109,6 +111,12 @@ def _edited(graph: fx.Graph, sites: list[Site], fresh: set[str]) -> fx.Graph:
             anchor.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
     graph.lint()
     return graph
+
+
+def _in_train_graph(site: Site, names: dict[str, str]) -> Site:
+    """The site with its nodes named as in the train-mode graph (matched by structure)."""
+    consumer = names[site.consumer] if site.consumer is not None else None
+    return dataclasses.replace(site, anchor=names.get(site.anchor, site.anchor), consumer=consumer)
 
 
 def _can_add_in_place(add: fx.Node) -> bool:

@@ -80,10 +80,16 @@ def trace_module(module: nn.Module, method: str, fixed: frozenset, training: boo
     Returns the graph and the constants fx stored on the traced copy (``_tensor_constant0``...),
     which the graph reads with get_attr and which must be set on the module when it is patched.
     """
+    plain = patched_forward(module, method) is None and bound_on_instance(module, method) is None
+    if plain and method == "forward" and not fixed and type(module).forward is nn.Sequential.forward:
+        return _sequential_graph(module), {}  # what fx would trace, without its per-trace patching of nn.Module
     clone = _detached_copy(module, training)
     function = _instance_function(module, method, fixed, training)
+    mode = _ModeReads(training)
+    members = {"training": property(mode.get, mode.set)}  # notes whether the forward reads self.training
     if function is not None:  # trace what the instance really runs, not the class's method
-        clone.__class__ = type(type(module).__name__, (type(module),), {method: function})
+        members[method] = function
+    clone.__class__ = type(type(module).__name__, (type(module),), members)
     concrete = {name: value.placeholders() if isinstance(value, TensorSeq) else value for name, value in fixed}
     tracer = _ChildrenAsLeaves(method)
     versions = _tensor_versions(module)
@@ -104,6 +110,7 @@ def trace_module(module: nn.Module, method: str, fixed: frozenset, training: boo
         _rename_fixed_placeholders(graph, {name for name, _ in fixed})
     _drop_specialization_asserts(graph)
     explicit_inplace(graph, module)
+    graph.reads_training = mode.read  # False: the other mode traces to the same graph
     constants = {k: v for k, v in clone.__dict__.items() if k not in module.__dict__ and k != "__class__"}
     return graph, constants
 
@@ -154,6 +161,36 @@ def _output_nodes(graph: fx.Graph) -> list[fx.Node]:
     nodes: list[fx.Node] = []
     fx.node.map_arg(graph.output_node().args, nodes.append)
     return nodes
+
+
+def _sequential_graph(module: nn.Sequential) -> fx.Graph:
+    """The graph of ``nn.Sequential.forward``: each child called on the previous one's output.
+
+    Built directly: tracing patches ``nn.Module.__call__`` / ``__getattr__`` on the class, which
+    costs milliseconds per trace in a process with many module classes, and a detection model has
+    hundreds of Sequentials (torchvision's Conv2dNormActivation).
+    """
+    graph = fx.Graph()
+    value = graph.placeholder("input")
+    for name, _ in module.named_children():
+        value = graph.call_module(name, (value,))
+    graph.output(value)
+    graph.reads_training = False
+    return graph
+
+
+class _ModeReads:
+    """The ``training`` flag of a traced copy, remembering whether the traced code read it."""
+
+    def __init__(self, training: bool):
+        self.training, self.read = training, False
+
+    def get(self, _module: nn.Module) -> bool:
+        self.read = True
+        return self.training
+
+    def set(self, _module: nn.Module, value: bool) -> None:
+        self.training = value
 
 
 def _instance_function(module: nn.Module, method: str, fixed: frozenset, training: bool):

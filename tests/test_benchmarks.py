@@ -85,3 +85,11 @@ def test_reconstruct_quick(tmp_path):
     (row,) = run_script("reconstruct", tmp_path)["rows"]
     assert row["model"] == "timm:regnety_002" and row["sites"] == 13 and row["tensors_mapped"] == 52
     assert row["paper_allclose"] and row["identity_bitwise"] and row["attention_matters_max_abs_diff"] > 0
+
+
+def test_whole_model_time_quick(tmp_path):
+    result = run_script("whole_model_time", tmp_path)
+    (row,) = result["rows"]
+    assert row["model"] == "fasterrcnn_mobilenet_v3_large_320_fpn" and row["image"] == 320 and row["sites"] == 10
+    assert row["stem_passes"] == 3  # the reference forward, the analysis, the verification: no re-runs
+    assert row["inject_s"] >= sum(row["steps_s"].values()) > 0 and row["forward_s"] > 0

@@ -109,7 +109,11 @@ def test_sequential_model_and_conv_units():
 def test_block_called_with_and_without_a_shortcut_argument():
     model = TwoCallNet().eval()
     before = outputs(model)
-    inject(model, "eca", after="basic", example_input=EXAMPLE)
+    # b's shortcut skips a too: from the fork its branch holds a's and b's convs (residual, not basic)
+    assert [(s.path, s.rule) for s in plan(model, "eca", after=["basic", "residual"], example_input=EXAMPLE)] == [
+        ("a", "basic"), ("b", "residual")
+    ]
+    inject(model, "eca", after="residual", example_input=EXAMPLE)
     assert sorted(attention_blocks(model)) == ["a.eca", "b.eca"]
     assert torch.equal(outputs(model), before)
     with torch.no_grad():

@@ -192,4 +192,4 @@ class StructuredNet(nn.Module):
         h, w = a.shape[2:]
         tokens = self.pos(a.flatten(2).transpose(1, 2), (h, w))
         a = tokens.transpose(1, 2).reshape(a.shape)
-        return self.bound(a + b).mean((2, 3))
+        return self.bound(a + x).mean((2, 3)) + b.mean((2, 3))  # a + b would be a merge, a + x is a residual
