@@ -101,11 +101,11 @@ def trace_module(module: nn.Module, method: str, fixed: frozenset, training: boo
     finally:
         drew = not same_rng(rng_states(), rng)
         set_rng_states(rng)
+    if not _output_nodes(graph):
+        raise TraceFailure("its result does not depend on its inputs or children (it is read from Python state, e.g. collected by forward hooks)")
     lost = _unrecorded_effects(module, clone, tracer.stowed, versions) or ("draws random numbers fx runs once at trace time" if drew else None)
     if lost:  # the graph would leave this out: the module keeps its own forward
         raise TraceFailure(f"its forward {lost}, which a traced graph would not repeat")
-    if not _output_nodes(graph):
-        raise TraceFailure("its result does not depend on its inputs or children (it is read from Python state, e.g. collected by forward hooks)")
     if not hasattr(graph._codegen, "pytree_info"):  # list arguments keep fx's flattened names
         _rename_fixed_placeholders(graph, {name for name, _ in fixed})
     _drop_specialization_asserts(graph)
@@ -133,11 +133,23 @@ def _unrecorded_effects(module: nn.Module, clone: nn.Module, stowed: set[str], v
         if name not in module.__dict__:
             return f"sets attribute {name!r}"
         original = module.__dict__[name]
-        if isinstance(original, (dict, list, set)) and not _same_items(original, value):
-            return f"changes the contents of attribute {name!r}"
-        if not isinstance(original, (dict, list, set)) and value is not original:
-            return f"sets attribute {name!r}"
+        if _changed(original, value):
+            copied = type(value) is type(original) and (isinstance(original, (dict, list, set)) or _is_helper_object(original))
+            return f"{'changes the contents of' if copied else 'sets'} attribute {name!r}"
     return None
+
+
+def _changed(original: Any, value: Any, depth: int = 1) -> bool:
+    """Whether the traced copy's ``value`` of an attribute differs from the module's ``original``,
+    seeing through the copies ``_detached_value`` made (containers, helper objects' __dict__)."""
+    if value is original:
+        return False
+    if isinstance(original, (dict, list, set)):
+        return not _same_items(original, value)
+    if depth and _is_helper_object(original) and type(value) is type(original) and hasattr(value, "__dict__"):
+        a, b = vars(original), vars(value)
+        return a.keys() != b.keys() or any(_changed(a[k], b[k], depth - 1) for k in a)
+    return True
 
 
 def _same_items(a: dict | list | set, b: dict | list | set) -> bool:
