@@ -2,11 +2,13 @@
 block options from the site, and hand-written attention nets rebuilt exactly by injection."""
 
 import copy
+import io
 
 import pytest
 import torch
 import torchvision
 from reconstruct import CASES, attention_keys, load_by_order, look_trained, rebuild
+from rich.console import Console
 from tiny_models import TorchAddBottleneck
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
@@ -14,6 +16,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from attn_inject import AttnInjectError, inject, plan
 from attn_inject.analyze import analyze
 from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite, eca_kernel_size
+from attn_inject.console import plan_table
 from attn_inject.plan import build_plan
 from attn_inject.rules import resolve_rules
 
@@ -77,6 +80,9 @@ def test_eca_mobilenet_v2_as_published(mobilenet_v2_plan):
     assert [s.where for s in authors] == ["branch end (before the add)" if k else "block output (no add)" for k in skip]
     assert [s.module_name for s in authors] == [f"{p}.eca" for p in paths]
     assert [s.params for s in authors] == [1] * 10 + [3] * 7  # k = 1 below 96 channels, 3 from 96 up
+    table = Console(file=io.StringIO(), width=200)
+    table.print(plan_table(authors))
+    assert table.file.getvalue().count("branch end (before the add)") == 10
     adaptive = mobilenet_v2_plan("eca", "inverted_residual_all", kernel_size="adaptive")
     assert [s.params for s in adaptive] == [eca_kernel_size(c) for c in channels] == [3] * 13 + [5] * 4
 
