@@ -37,6 +37,16 @@ def test_overhead_quick(tmp_path):
     assert rows["resnet50+se"]["vs_hand_written"] > 0 and rows["seresnet50"]["vs_hand_written"] is None
 
 
+def test_patch_time_quick(tmp_path):
+    result = run_script("patch_time", tmp_path)
+    (row,) = result["rows"]
+    assert row["model"] == "resnet18" and row["sites"] == 8 and row["input"] == [1, 3, 224, 224]
+    assert set(row["baseline_parts_s"]) == {"torch_load", "save_file", "forward"} and row["baseline_s"] > 0
+    assert set(row["patch_phases_s"]) == {"read", "build", "reference_forward", "inject", "write", "verify", "other"}
+    assert abs(sum(row["patch_phases_s"].values()) - row["patch_s"]) < 1e-6  # the phases add up to the whole
+    assert row["ratio"] == row["patch_s"] / row["baseline_s"] and row["patch_full_s"] > row["patch_full_reload_s"] > 0
+
+
 def test_inject_time_quick(tmp_path):
     result = run_script("inject_time", tmp_path)
     rows = {r["model"]: r for r in result["rows"]}
@@ -50,12 +60,3 @@ def test_inject_time_quick(tmp_path):
         assert all(phases[p] >= 0 for p in ("reference_forward", "tracing", "interpreter", "verify_forward"))
         assert abs(sum(phases.values()) - row["median_s"]) < 0.5 * row["median_s"]  # medians of parts ~ the whole
 
-
-def test_patch_time_quick(tmp_path):
-    result = run_script("patch_time", tmp_path)
-    (row,) = result["rows"]
-    assert row["model"] == "resnet18" and row["sites"] == 8 and row["input"] == [1, 3, 224, 224]
-    assert set(row["baseline_parts_s"]) == {"torch_load", "save_file", "forward"} and row["baseline_s"] > 0
-    assert set(row["patch_phases_s"]) == {"read", "build", "reference_forward", "inject", "write", "verify", "other"}
-    assert abs(sum(row["patch_phases_s"].values()) - row["patch_s"]) < 1e-6  # the phases add up to the whole
-    assert row["ratio"] == row["patch_s"] / row["baseline_s"] and row["patch_full_s"] > row["patch_full_reload_s"] > 0
