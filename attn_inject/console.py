@@ -123,4 +123,3 @@ def plan_notes(plan: Plan) -> list[str]:
     if plan.misses:
         notes.append(f"{len(plan.misses)} residual add(s) were not usable, e.g. {plan.misses[0].path}: {plan.misses[0].reason}")
     return notes
-

@@ -59,4 +59,3 @@ def test_inject_time_quick(tmp_path):
         phases = row["phases_s"]
         assert all(phases[p] >= 0 for p in ("reference_forward", "tracing", "interpreter", "verify_forward"))
         assert abs(sum(phases.values()) - row["median_s"]) < 0.5 * row["median_s"]  # medians of parts ~ the whole
-
