@@ -133,10 +133,9 @@ def _built_on_meta(arch: str, num_classes: int | None) -> nn.Module | None:
 
 
 def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``value`` in ``target``'s dtype, in memory of its own when it is a misaligned view (safetensors
-    packs tensors at 8-byte offsets; CPU kernels round differently on misaligned weights)."""
-    if value.dtype != target.dtype:
-        return value.to(target.dtype)
+    value = value if value.dtype == target.dtype else value.to(target.dtype)
+    # safetensors hands out tensors at unaligned addresses; CPU kernels then take other paths whose
+    # results differ in the last bits, so such a tensor gets (aligned) memory of its own.
     return value.clone() if value.data_ptr() % 64 else value
 
 

@@ -59,9 +59,9 @@ def test_every_format_and_wrapper_round_trips(tmp_path, r18, name):
 
 
 def test_torchvision_and_factory_archs_round_trip_with_full_verification(tmp_path, monkeypatch):
-    (tmp_path / "mynets.py").write_text("import torchvision\ndef net(num_classes=1000):\n    return torchvision.models.resnet18(num_classes=num_classes)\n")
+    (tmp_path / "patch_nets.py").write_text("import torchvision\ndef net(num_classes=1000):\n    return torchvision.models.resnet18(num_classes=num_classes)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for arch in ("torchvision:resnet18", "mynets:net"):
+    for arch in ("torchvision:resnet18", "patch_nets:net"):
         model = looks_trained(create_model(arch, num_classes=10))
         torch.save(model.state_dict(), tmp_path / "w.pth")
         out = tmp_path / f"{arch.replace(':', '_')}.safetensors"

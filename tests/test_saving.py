@@ -193,12 +193,12 @@ def test_a_hostile_recipe_naming_a_factory_runs_nothing(tmp_path, monkeypatch):
 
 
 def test_factory_arch_round_trip(tmp_path, monkeypatch):
-    (tmp_path / "mynets.py").write_text(
+    (tmp_path / "saving_nets.py").write_text(
         "import timm\ndef small_resnet(num_classes=5):\n    return timm.create_model('resnet18', num_classes=num_classes)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = looks_trained(create_model("mynets:small_resnet"))
+    model = looks_trained(create_model("saving_nets:small_resnet"))
     inject(model, "se", "basic", example_input=X[:1])
     path = save(off_identity(model), tmp_path / "m.safetensors")
-    assert recipe_of(load(path, "mynets:small_resnet")).arch == "mynets:small_resnet"
+    assert recipe_of(load(path, "saving_nets:small_resnet")).arch == "saving_nets:small_resnet"
     assert torch.equal(load(path, trust_remote_code=True)(X), model(X))
