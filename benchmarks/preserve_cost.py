@@ -57,6 +57,10 @@ def _copied(make) -> tuple[int, int]:
     return len(saved), sum(old.numel() * old.element_size() for _, old in saved)
 
 
+def _count_call(module, args) -> None:
+    module.calls.add_(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "convnext_small"])
@@ -70,7 +74,7 @@ def main() -> None:
             for m in model.modules():  # a call counter per block: what copy-on-write has to save
                 if type(m).__name__ in ("BasicBlock", "Bottleneck", "ConvNeXtBlock"):
                     m.register_buffer("calls", torch.zeros((), dtype=torch.long))
-                    m.register_forward_pre_hook(lambda mod, a: mod.calls.add_(1))
+                    m.register_forward_pre_hook(_count_call)
             return model
 
         _inject_seconds(make, True)  # warm-up

@@ -148,6 +148,7 @@ net_spec = st.fixed_dictionaries({
     "channels": st.sampled_from([4, 8, 12]),
     "blocks": st.lists(st.tuples(st.sampled_from(["unit", "residual", "nhwc", "loop", "tensor_if", "flag_if"]), branch_spec), min_size=1, max_size=4),
     "channels_last": st.booleans(),
+    "train_mode": st.booleans(),  # inject works in either mode; outputs are compared in eval mode
     "seed": st.integers(0, 2**16),
 })  # fmt: skip
 
@@ -161,7 +162,7 @@ def build(spec: dict) -> nn.Module:
                 m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5)
-    model.eval()
+    model.train(spec["train_mode"])
     return model.to(memory_format=torch.channels_last) if spec["channels_last"] else model
 
 
@@ -264,9 +265,8 @@ def check_case(net: dict, rule, block_and_options, where) -> str:
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     if net["channels_last"]:
         x = x.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        expected = model(x)
     before = snapshot(model)
+    expected = eval_output(model, x)
     block, opts = block_and_options
     with tempfile.TemporaryDirectory() as folder:
         if isinstance(rule, tuple):
@@ -284,14 +284,26 @@ def check_case(net: dict, rule, block_and_options, where) -> str:
     assert blocks
     tensors = model.state_dict()
     assert all(torch.equal(tensors[k], v) for k, v in before[0].items())
+    assert all(b.training == net["train_mode"] for b in blocks)
+    if opts.get("init", "identity") == "identity":
+        assert torch.equal(eval_output(model, x), expected)
     with torch.no_grad():
-        if opts.get("init", "identity") == "identity":
-            assert torch.equal(model(x), expected)
         for b in blocks:  # moved off the identity, the blocks change the output
             for p in b.parameters():
                 p.normal_()
-        assert not torch.equal(model(x), expected)
+    assert not torch.equal(eval_output(model, x), expected)
     return "patched"
+
+
+def eval_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output in eval mode, leaving the mode flags as they were."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    for m, mode in modes.items():
+        m.training = mode
+    return out
 
 
 @settings(max_examples=12, **SETTINGS)
