@@ -4,7 +4,8 @@ Each module met during the forward is traced on its own (children as leaves) and
 run by an fx Interpreter with the real arguments it was called with; a child call recurses into
 the child. That gives, for every node, the shape and dtype it produced, and for every module the
 convs and norms on its main path (what its parent sees through it). A module whose forward cannot
-be traced runs eagerly while its children's calls are recorded, so they are analysed anyway.
+be traced, or whose graph fails on the real arguments, runs eagerly while its children's calls are
+recorded, so they are analysed anyway (their hooks set aside: they ran in the real call).
 
 Nothing here changes the model: tracing works on detached copies, and the model runs in eval
 mode under no_grad (the caller sets and restores the mode).
