@@ -232,10 +232,12 @@ class _Analyzer:
     def _run_opaque(self, record: ModuleRecord, args: tuple, kwargs: dict) -> Any:
         """Run an untraceable module eagerly, then analyse the child calls it made."""
         calls: list[tuple[str, nn.Module, tuple, dict]] = []
+        leaves_called: set[int] = set()
 
         def seen(module: nn.Module, args: tuple, kwargs: dict, path: str, primitive: bool) -> None:
-            self.analysis.called.add(id(module))
-            if not primitive:
+            if primitive:
+                leaves_called.add(id(module))
+            else:
                 calls.append((path, module, args, kwargs))
 
         handles = [
@@ -257,6 +259,8 @@ class _Analyzer:
             calls.clear()
             out = call_method(record.module, record.method, args, kwargs)
             record.reason += f"; its children's calls cannot be observed ({type(refused).__name__})"
+        else:
+            self.analysis.called |= leaves_called
         for sub_path, sub, sub_args, sub_kwargs in calls:  # their hooks ran in the real call above
             with _user_hooks_set_aside(sub):
                 self.run(sub, _join(record.path, sub_path), sub_args, sub_kwargs)
