@@ -4,7 +4,7 @@ Each module met during the forward is traced on its own (children as leaves) and
 run by an fx Interpreter with the real arguments it was called with; a child call recurses into
 the child. That gives, for every node, the shape and dtype it produced, and for every module the
 convs and norms on its main path (what its parent sees through it). A module whose forward cannot
-be traced runs eagerly, and the calls it makes to its children are analysed as they happen, so they
+be traced, or whose graph fails on the real arguments, runs eagerly, and the calls it makes to its children are analysed as they happen, so they
 are analysed anyway (and its own conv units found: opaque_units.py). Every tensor a traced module
 receives is linked to the caller's node that produced it (dataflow.py follows residuals with it).
 
@@ -259,6 +259,7 @@ class _Analyzer:
         place (one pass: a call's output is the analysis' output). Where that cannot be observed
         (children called inside torch.cond), the module runs unobserved instead."""
         token, start = object(), len(self.analysis.records)
+        called_before = set(self.analysis.called)
         stand_ins = [
             _AnalysedCall(self, token, sub, _join(record.path, sub_path))
             for sub_path, sub in record.module.named_modules()
@@ -279,6 +280,7 @@ class _Analyzer:
             for stand_in in reversed(stand_ins):
                 stand_in.remove()
         if refused is not None:  # forget what was seen of it, run it unobserved
+            self.analysis.called = called_before
             dropped = {id(r) for r in self.analysis.records[start:]}
             self.seen = {k: v for k, v in self.seen.items() if id(v) not in dropped}
             del self.analysis.records[start:]

@@ -69,7 +69,8 @@ TRANSFORMERS = {
     "efficientnet": ("EfficientNetForImageClassification", "EfficientNetConfig", {}),
     "bit": ("BitForImageClassification", "BitConfig", {}),
     "mobilevit": ("MobileViTForImageClassification", "MobileViTConfig", {}),
-    "dpt_hybrid": ("DPTForDepthEstimation", "DPTConfig", {"is_hybrid": True}),
+    # DPTConfig(is_hybrid=True) alone does not run (its neck sizes are the ViT's); these are DPT-hybrid-MiDaS's
+    "dpt_hybrid": ("DPTForDepthEstimation", "DPTConfig", {"is_hybrid": True, "neck_hidden_sizes": [256, 512, 768, 768]}),
 }
 DETECTION_SIZE = 224  # torchvision detection models resize every image to this side (default 800)
 
