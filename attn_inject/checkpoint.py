@@ -133,10 +133,18 @@ def _built_on_meta(arch: str, num_classes: int | None) -> nn.Module | None:
 
 
 def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    value = value if value.dtype == target.dtype else value.to(target.dtype)
-    # safetensors hands out tensors at unaligned addresses; CPU kernels then take other paths whose
-    # results differ in the last bits, so such a tensor gets (aligned) memory of its own.
-    return value.clone() if value.data_ptr() % 64 else value
+    """``value`` as the model's own tensor would hold it: ``target``'s dtype and strides, aligned.
+
+    CPU kernels take other paths, whose results differ in the last bits, for weights in another
+    memory layout (a checkpoint saved channels-last, or from another implementation) or at an
+    unaligned address (safetensors packs tensors at 8-byte offsets). load_state_dict without
+    ``assign`` copies into the model's own memory; this gives the same tensors without the copy
+    where none is needed.
+    """
+    if value.dtype == target.dtype and value.stride() == target.stride() and not value.data_ptr() % 64:
+        return value
+    out = torch.empty_strided(target.shape, target.stride(), dtype=target.dtype, device=value.device)
+    return out.copy_(value)
 
 
 def _meta_left(model: nn.Module) -> bool:

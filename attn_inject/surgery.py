@@ -153,7 +153,7 @@ def _analyse_and_plan(model, block, after, include, exclude, position, example_i
     rules = resolve_rules(after)
     if position is not None:
         if not isinstance(position, str):
-            raise AttnInjectError(f"position must be a string, not {position!r}", hint="Valid: branch_end, block_output, unit_output.")
+            raise AttnInjectError(f"position must be a string, not {position!r}", hint="Valid: branch_end, block_output, unit_output, or after_convN (N a conv index: 1, 2, ..., -1).")
         rules = [r.with_position(position) for r in rules]
     include, exclude = check_globs("include", include), check_globs("exclude", exclude)
     args = example_args(model, example_input)

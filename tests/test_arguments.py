@@ -12,11 +12,11 @@ from attn_inject.blocks import register_block
 from attn_inject.blocks.registry import _BLOCKS, _FRESH_OUTPUT
 
 EXAMPLE = torch.randn(1, 3, 32, 32)
-OPTIONS = r"Its options and defaults: \{'reduction': 16, 'rd_channels': None, 'rd_divisor': 8, 'init': 'identity'\}"
+OPTIONS = r"Its options and defaults: \{'reduction': 16, 'rd_channels': None, 'rd_divisor': 8, 'rd_ratio': None, 'rd_of': 'channels', 'rd_round_limit': 0\.0, 'act': 'relu', 'gate': 'sigmoid', 'block_in_channels': None, 'init': 'identity'\}"
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(block="eca", after=None), r"^after= must be a rule name, a YAML rule file, a Rule or a list of these, not None Valid built-in rules: basic, bottleneck, conv, inverted_residual, residual\.$"),
+    (dict(block="eca", after=None), r"^after= must be a rule name, a YAML rule file, a Rule or a list of these, not None Valid built-in rules: basic, bottleneck, conv, inception, inverted_residual, inverted_residual_all, mbconv_se, mmcv_after_conv2, mobilenetv3_se, regnet_se, residual\.$"),
     (dict(block="eca", after=42), r"^after= must be .*, not 42 "),
     (dict(block="eca", after="residual", include=None), r"^include= must be a glob on module paths or a list of globs, not None For example"),
     (dict(block="eca", after="residual", exclude=[1]), r"^exclude= must be a glob on module paths or a list of globs, not \[1\]"),
@@ -25,13 +25,13 @@ OPTIONS = r"Its options and defaults: \{'reduction': 16, 'rd_channels': None, 'r
     (dict(block="se", after="residual", reduction=float("nan")), r"^block 'se': option reduction=nan must be a finite number"),
     (dict(block="se", after="residual", reduction=float("inf")), r"^block 'se': option reduction=inf must be a finite number"),
     (dict(block="se", after="residual", rd_divisor=2.5), r"^block 'se': option rd_divisor=2\.5 must be int, not float"),
-    (dict(block="eca", after="residual", kernel_size=3.0), r"^block 'eca': option kernel_size=3\.0 must be int or None, not float"),
-    (dict(block="eca", after="residual", kernel_size=4), r"^ECA needs gamma > 0 and an odd kernel_size >= 1; got gamma=2, kernel_size=4"),
+    (dict(block="eca", after="residual", kernel_size=3.0), r"^ECA kernel_size must be an odd int, 'adaptive', or steps \[\[min_channels, k\], \.\.\.\]; got 3\.0"),
+    (dict(block="eca", after="residual", kernel_size=4), r"^ECA needs an odd kernel_size >= 1; got kernel_size=4$"),
     (dict(block="eca", after="residual", kernel_size=10**9 + 1), r"^block 'eca' with kernel_size=1000000001 would add 1,000,000,001 parameters at block1 \(16 channels\), more than 1,048,576"),
     (dict(block="se", after="residual", reduction=1e-9), r"^block 'se' with reduction=1e-09 would add 528,000,000,016 parameters at block1"),
     (dict(block="eca", after="residual", init="zeros"), r"^unknown init 'zeros' Valid inits: identity, paper\."),
     (dict(block="eca", after="residual", init=3), r"^block 'eca': option init=3 must be str, not int"),
-    (dict(block="eca", after="residual", position=3), r"^position must be a string, not 3 Valid: branch_end, block_output, unit_output\."),
+    (dict(block="eca", after="residual", position=3), r"^position must be a string, not 3 Valid: branch_end, block_output, unit_output, or after_convN \(N a conv index"),
     (dict(block=None, after="residual"), r"^unknown block None Valid blocks: eca, se\."),
     (dict(block="eca", after="residual", verify="yes"), r"^verify= must be True or False, not 'yes'"),
     (dict(block="eca", after="residual", stack=1), r"^stack= must be True or False, not 1"),

@@ -90,3 +90,20 @@ def test_real_efficientnet_lite0_weights_map_onto_timm():
     fitted, mapped = fit_state_dict(model, state, "lite0")
     assert mapped
     model.load_state_dict(fitted)
+
+
+def test_load_pretrained_gives_the_models_own_layout(tmp_path):
+    """A checkpoint saved channels-last (or by another implementation) loads into the model's own
+    strides: CPU convolutions round differently on another layout, and a patched file read back
+    (safetensors, contiguous) must compute what the original did, bit for bit."""
+    from attn_inject.checkpoint import load_pretrained
+
+    reference = timm.create_model("resnet18", num_classes=10).eval()
+    state = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in reference.state_dict().items()}
+    assert not state["conv1.weight"].is_contiguous()
+    torch.save(state, tmp_path / "cl.pth")
+    model = load_pretrained(tmp_path / "cl.pth", "resnet18", num_classes=10)
+    assert all(v.is_contiguous() for v in model.state_dict().values())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))

@@ -36,5 +36,5 @@ def test_other_positions_and_models_without_a_slot_keep_the_block_name():
     tv = torchvision.models.resnet18().eval()
     inject(tv, "se", "basic", example_input=torch.randn(1, 3, 64, 64))
     assert "layer1.0.se.fc1.weight" in tv.state_dict()
-    inject(tv, "se", "basic", example_input=torch.randn(1, 3, 64, 64))  # a second SE: the name is taken
+    inject(tv, "se", "basic", example_input=torch.randn(1, 3, 64, 64), stack=True)  # a second SE: the name is taken
     assert "layer1.0.se_1.fc1.weight" in tv.state_dict()

@@ -82,10 +82,10 @@ def good() -> dict:
     (lambda d: {**d, "injections": [{**d["injections"][0], "block": "cbam"}]}, r"unknown block 'cbam' Valid blocks: eca, se"),
     (lambda d: {**d, "injections": [{**d["injections"][0], "options": {"ratio": 2}}]}, r"block 'eca' has no option 'ratio'"),
     (lambda d: {**d, "injections": [{**d["injections"][0], "rules": ["name: x\nmatch: {kind: blob}\n"]}]},
-     r"injections\[0\]\.rules\[0\]:2: rule 'x': field 'match\.kind' must be one of residual, unit, not 'blob'"),
+     r"injections\[0\]\.rules\[0\]:2: rule 'x': field 'match\.kind' must be one of residual, unit, block, not 'blob'"),
     (lambda d: {**d, "injections": [{**d["injections"][0], "rules": []}]}, r"'injections\[0\]\.rules' must hold at least one rule"),
     (lambda d: {**d, "injections": [{**d["injections"][0], "input_shapes": [[1, -3]]}]}, r"'injections\[0\]\.input_shapes' must be a list of shapes"),
-    (lambda d: {**d, "injections": [{**d["injections"][0], "position": "middle"}]}, r"'injections\[0\]\.position' must be null or a known position"),
+    (lambda d: {**d, "injections": [{**d["injections"][0], "position": "middle"}]}, r"'injections\[0\]\.position' must be null or a position its rules take, not 'middle'"),
 ])  # fmt: skip
 def test_a_bad_recipe_is_refused_clearly(change, message):
     data = change(good())

@@ -60,7 +60,8 @@ def resolve_kernel_size(channels: int, kernel_size: KernelSize, gamma: float = 2
             f"ECA kernel_size must be an odd int, 'adaptive', or steps [[min_channels, k], ...]; got {kernel_size!r}"
         )
     if k < 1 or k % 2 == 0:
-        raise AttnInjectError(f"ECA needs an odd kernel_size >= 1; got kernel_size={k} for {channels} channels")
+        at = "" if isinstance(kernel_size, int) else f" for {channels} channels (from the steps {_plain(kernel_size)})"
+        raise AttnInjectError(f"ECA needs an odd kernel_size >= 1; got kernel_size={k}{at}")
     return k
 
 
