@@ -6,23 +6,13 @@ import torch
 import torchvision
 from graph_models import BackboneWithFPNLike, LRASPPLike, SplitEfficientNet
 from torch import nn
+from trained import looks_trained
 
 from attn_inject import AttnInjectError, inject, plan
 from attn_inject.blocks import is_attention_block
 
 X = torch.randn(2, 3, 64, 64)
 EXAMPLE = torch.randn(1, 3, 64, 64)
-
-
-def looks_trained(model: nn.Module) -> nn.Module:
-    """Random norm weights and running statistics, so no branch is the identity by construction."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def outputs(model, x=X):

@@ -3,7 +3,7 @@
 Every model here has its attention blocks moved away from the identity init (random SE ``fc2``,
 random ECA ``conv``) and realistic BatchNorm statistics, so a block that went missing from the
 compiled / traced / exported program changes the outputs; each test also counts the blocks'
-sigmoids in the program itself. Outputs are compared with the eager outputs of the same patched
+gates in the program itself (one tanh each: the gain-2 gate is ``x + x * tanh(z / 2)``). Outputs are compared with the eager outputs of the same patched
 model: bitwise for jit.trace and torch.export (the same aten kernels run), with a float tolerance
 for inductor and onnxruntime (other kernels, fused and reordered).
 
@@ -14,7 +14,7 @@ What does not work, and why (see BENCHMARKS.md, "Export"):
   work. A forward branching on a *shape* is untraceable by fx but exports fine (ShapeBranchyNet).
 - torch.jit.script does not support the instance-attribute forward (README, "Limits").
 
-Run: /work/venv/bin/python -m pytest tests/test_export.py -v   (-m slow adds mobilenet_v2 compile)
+Run: .venv/bin/python -m pytest tests/test_export.py -v   (-m slow adds mobilenet_v2 compile)
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def test_jit_trace_is_bitwise_equal(name):
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated in 2.14
         traced = torch.jit.trace(c.model, X, check_trace=False)
     kinds = [n.kind() for n in traced.inlined_graph.nodes()]
-    assert kinds.count("aten::sigmoid") == c.blocks
+    assert kinds.count("aten::tanh") == c.blocks
     out = eager(traced, X)
     report_diff("jit.trace", name, out, c.reference)
     assert torch.equal(out, c.reference)
@@ -175,8 +175,8 @@ def test_jit_trace_is_bitwise_equal(name):
 EXPORTABLE = ["timm_resnet18_se", "tv_mobilenet_v2_eca", "shape_branchy_eca"]
 
 
-def sigmoids(ep: torch.export.ExportedProgram) -> int:
-    return sum(1 for n in ep.graph.nodes if n.target is torch.ops.aten.sigmoid.default)
+def gates(ep: torch.export.ExportedProgram) -> int:
+    return sum(1 for n in ep.graph.nodes if n.target is torch.ops.aten.tanh.default)
 
 
 def used_params(ep: torch.export.ExportedProgram) -> set[str]:
@@ -188,7 +188,7 @@ def used_params(ep: torch.export.ExportedProgram) -> set[str]:
 def test_export_is_bitwise_equal(name):
     c = case(name)
     ep = torch.export.export(c.model, (X,))
-    assert sigmoids(ep) == c.blocks
+    assert gates(ep) == c.blocks
     assert block_params(c.model) <= used_params(ep)  # every block weight feeds the exported graph
     out = ep.module()(X)
     report_diff("export", name, out, c.reference)
@@ -200,7 +200,7 @@ def test_export_with_dynamic_batch(name):
     c = case(name)
     batch = torch.export.Dim("batch", min=1, max=64)
     ep = torch.export.export(c.model, (X,), dynamic_shapes=({0: batch},))
-    assert sigmoids(ep) == c.blocks
+    assert gates(ep) == c.blocks
     module = ep.module()
     for x in (X_OTHER, X_OTHER[:1]):
         assert torch.equal(module(x), eager(c.model, x))
@@ -241,7 +241,7 @@ def run_onnx(session, x: torch.Tensor) -> torch.Tensor:
 def test_onnx_with_dynamic_batch_matches_eager_in_onnxruntime(name):
     c = case(name)
     proto, session = onnx_session(c.model, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
-    assert [n.op_type for n in proto.graph.node].count("Sigmoid") == c.blocks
+    assert [n.op_type for n in proto.graph.node].count("Tanh") == c.blocks
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic batch, not 2
     out = run_onnx(session, X)
     report_diff("onnx", name, out, c.reference)
@@ -274,8 +274,8 @@ def compile_and_run(model: nn.Module, fullgraph: bool) -> tuple[torch.Tensor, li
     return out, graphs
 
 
-def graph_sigmoids(gm: torch.fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.target in ("sigmoid", torch.sigmoid, torch.ops.aten.sigmoid.default))
+def graph_gates(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target in ("tanh", torch.tanh, torch.ops.aten.tanh.default))
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,7 @@ def graph_sigmoids(gm: torch.fx.GraphModule) -> int:
 def test_compile_matches_eager(name, fullgraph):
     c = case(name)
     out, graphs = compile_and_run(c.model, fullgraph)
-    assert sum(graph_sigmoids(g) for g in graphs) == c.blocks
+    assert sum(graph_gates(g) for g in graphs) == c.blocks
     if not fullgraph:
         assert len(graphs) >= 2
     report_diff("compile", name, out, c.reference)

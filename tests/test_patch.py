@@ -238,14 +238,14 @@ def test_inspect_and_eject_refuse_bad_files(tmp_path, capsys):
 
 
 def test_compile_a_loaded_model(tmp_path, r18):
-    from test_export import X as EXPORT_X, compile_and_run, graph_sigmoids
+    from test_export import X as EXPORT_X, compile_and_run, graph_gates
 
     state, _ = r18
     torch.save(state, tmp_path / "in.pth")
     patch_checkpoint(tmp_path / "in.pth", "resnet18", "eca", "basic", tmp_path / "o.safetensors", img_size=64)
     model = off_identity(load(tmp_path / "o.safetensors"))
     out, graphs = compile_and_run(model, fullgraph=True)
-    assert sum(graph_sigmoids(g) for g in graphs) == 8
+    assert sum(graph_gates(g) for g in graphs) == 8
     with torch.no_grad():
         torch.testing.assert_close(out, model(EXPORT_X), rtol=1e-4, atol=1e-5)
 
