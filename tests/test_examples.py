@@ -31,4 +31,7 @@ def test_finetune_own_loop_runs(capsys):
     assert lines[1] == "step 0: training attention: trainable params: 12,843 || all params: 3,383,851 || trainable%: 0.3795"
     assert lines[2] == "step 10: training all: trainable params: 3,383,851 || all params: 3,383,851 || trainable%: 100.0000"
     before, after = (float(line.rsplit(" ", 1)[1]) for line in (lines[0], lines[3]))
-    assert after > before + 0.3  # it learns
+    # It learns: chance is 0.1. The 40-step trajectory is sensitive to rounding (AdamW turns the
+    # near-zero gradients of biases before a train-mode BatchNorm into full-size steps): the two exact
+    # forms of the gain-2 gate, x * (2 * sigmoid(z)) and x + x * tanh(z / 2), end at 0.51 and 0.30.
+    assert after > before + 0.15
