@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -40,6 +39,7 @@ from PIL import Image
 
 from attn_inject import inject
 from attn_inject.finetune.loop import TrainConfig, finetune
+from results_file import loadavg
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_JSON = RESULTS / "finetune.json"
@@ -308,7 +308,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    loadavg_before = [round(v, 2) for v in os.getloadavg()]
+    loadavg_before = loadavg()
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_digits(Path(tmp) / "digits", per_class=(10, 5) if q else None)
@@ -323,7 +323,7 @@ def main() -> None:
     result["config"] = {
         "quick": q, "parts": args.parts, "seeds": args.seeds, "epochs": args.epochs, "size": args.size,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
-        "loadavg_before": loadavg_before, "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+        "loadavg_before": loadavg_before, "loadavg_after": loadavg(),
     }  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch
 
 from attn_inject import inject
 from attn_inject.verify import example_args
+from results_file import loadavg, write_results
 
 # model -> its natural rule (None: only the generic "residual" rule applies)
 MODELS = {
@@ -239,7 +239,7 @@ def main() -> None:
     runs = args.runs or (2 if args.quick else 3)
     cold = not args.quick if args.cold is None else args.cold
 
-    loadavg_before = [round(v, 2) for v in os.getloadavg()]
+    loadavg_before = loadavg()
     inject(timm.create_model("resnet18"), "eca", after="residual")  # one-time process costs, untimed
     rows = []
     for name in names:
@@ -255,11 +255,8 @@ def main() -> None:
         "cold_forward_s": {name: cold_seconds(name, "residual", "forward") for name in names} if cold else {},
         "fits": fits(rows),
     }  # fmt: skip
-    result["config"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    print_report(result)
-    print(f"\nraw results: {args.json}")
+    result["config"]["loadavg_after"] = loadavg()
+    write_results(args.json, result, print_report)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
 import time
 import weakref
@@ -42,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attn_inject import inject, list_blocks, plan
 from attn_inject.blocks import get_block
+from results_file import loadavg, write_results
 
 # pair -> (base model, block, rule, timm's hand-written model)
 PAIRS = {
@@ -242,7 +241,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    loadavg_before = [round(v, 2) for v in os.getloadavg()]
+    loadavg_before = loadavg()
     models, checks = build_models(args.pairs, size)
     params = {name: n_params(info["model"]) for name, info in models.items()}
     flops, gated = {}, {}
@@ -269,16 +268,13 @@ def main() -> None:
         "config": {
             "quick": args.quick, "pairs": args.pairs, "batches": batches, "size": size, "warmup": warmup,
             "reps": reps, "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
-            "loadavg_before": loadavg_before, "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+            "loadavg_before": loadavg_before, "loadavg_after": loadavg(),
         },
         "models": stats,
         "checks": checks,
         "latency": latency,
     }  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    print_report(result)
-    print(f"\nraw results: {args.json}")
+    write_results(args.json, result, print_report)
 
 
 if __name__ == "__main__":

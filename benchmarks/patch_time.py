@@ -23,8 +23,6 @@ Raw results go to ``benchmarks/results/patch_time.json`` unless ``--json`` says 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import tempfile
 import time
@@ -36,6 +34,7 @@ from safetensors.torch import save_file
 
 from attn_inject.patch import patch_checkpoint
 from attn_inject.verify import example_args
+from results_file import loadavg, write_results
 
 MODELS = {"resnet18": "basic", "resnet50": "bottleneck", "resnet101": "bottleneck", "efficientnet_b0": "inverted_residual"}
 DEFAULT_MODELS = ["resnet50"]
@@ -127,7 +126,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     names = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
     runs = args.runs or (1 if args.quick else 3)
-    loadavg_before = [round(v, 2) for v in os.getloadavg()]
+    loadavg_before = loadavg()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         warm = timm.create_model("resnet18")
@@ -138,13 +137,11 @@ def main() -> None:
         "config": {
             "quick": args.quick, "runs": runs, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "timm": timm.__version__, "loadavg_before": loadavg_before,
-            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+            "loadavg_after": loadavg(),
         },
         "rows": rows,
     }  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    print_report(result)
+    write_results(args.json, result, print_report)
 
 
 if __name__ == "__main__":

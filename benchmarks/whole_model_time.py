@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ import torchvision
 from torch import nn
 
 from attn_inject import inject
+from results_file import loadavg, write_results
 
 MODELS = ["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "retinanet_resnet50_fpn"]
 QUICK_MODELS = ["fasterrcnn_mobilenet_v3_large_320_fpn"]
@@ -149,20 +148,17 @@ def main() -> None:
     names = args.models or (QUICK_MODELS if args.quick else MODELS)
     runs = args.runs or (1 if args.quick else 3)
     size = args.size or (320 if args.quick else 800)
-    loadavg_before = [round(v, 2) for v in os.getloadavg()]
+    loadavg_before = loadavg()
     rows = [measure(name, size, runs) for name in names]
     result = {
         "config": {
             "quick": args.quick, "runs": runs, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "loadavg_before": loadavg_before,
-            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+            "loadavg_after": loadavg(),
         },
         "rows": rows,
     }  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    print_report(result)
-    print(f"\nraw results: {args.json}")
+    write_results(args.json, result, print_report)
 
 
 if __name__ == "__main__":
