@@ -29,7 +29,8 @@ from .opaque_units import OpaqueUnit, PrimitiveCalls, conv_units
 from .ops import LearnedOp, function_op, is_primitive, module_kind, module_op
 from .patched import TensorSeq, patched_forward
 from .regions import GraphBits
-from .trace import TraceFailure, bound_on_instance, one_line, trace_module
+from .trace import TraceFailure, bound_on_instance, one_line
+from .trace_cache import TraceCache
 from .verify import example_forward_failed
 
 
@@ -169,6 +170,7 @@ class _Analyzer:
         # that produced it; None for a module run eagerly (its data flow is not seen)
         self.scopes: list[dict[int, tuple] | None] = []
         self.intercepting: object | None = None  # the untraceable module whose calls are analysed in place
+        self.traces = TraceCache()  # modules built alike are traced once
 
     def produced(self, value: Any, record: ModuleRecord, node: fx.Node) -> None:
         """Remember ``node`` as the producer of a tensor, or of the tensors a container holds."""
@@ -228,13 +230,13 @@ class _Analyzer:
     def _trace(self, record: ModuleRecord, bound: inspect.BoundArguments) -> fx.Graph:
         """Trace with the structural arguments fixed; failing that, with the scalar ones fixed too."""
         try:
-            graph, record.constants = trace_module(record.module, record.method, record.fixed, training=False)
+            graph, record.constants = self.traces.trace(record.module, record.method, record.fixed, training=False)
             return graph
         except TraceFailure:
             scalars = frozenset((k, v) for k, v in bound.arguments.items() if _is_scalar(v))
             if not scalars - record.fixed:
                 raise
-            graph, record.constants = trace_module(record.module, record.method, record.fixed | scalars, training=False)
+            graph, record.constants = self.traces.trace(record.module, record.method, record.fixed | scalars, training=False)
             record.fixed = record.fixed | scalars
             return graph
 
@@ -242,7 +244,7 @@ class _Analyzer:
         if not getattr(eval_graph, "reads_training", True):
             return  # the forward never looked at self.training: both modes trace alike
         try:
-            train_graph, constants = trace_module(record.module, record.method, record.fixed, training=True)
+            train_graph, constants = self.traces.trace(record.module, record.method, record.fixed, training=True)
         except TraceFailure as exc:
             record.train_reason = str(exc)
             return
@@ -301,7 +303,7 @@ class _Analyzer:
         end = unit.end
         record = ModuleRecord(end.path, end.module, "forward", frozenset(), unit=unit.ops)
         try:
-            graph, record.constants = trace_module(end.module, "forward", frozenset(), training=False)
+            graph, record.constants = self.traces.trace(end.module, "forward", frozenset(), training=False)
         except TraceFailure:
             return
         self._trace_train_mode(record, graph)

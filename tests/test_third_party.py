@@ -77,6 +77,50 @@ def test_transformers_mobilenet_v1_is_analysed_without_failing():
         plan(model, "eca", after="residual", example_input=torch.randn(1, 3, 64, 64))
 
 
+def test_transformers_mobilenet_v1_conv_units_inside_untraceable_modules():
+    """Every MobileNetV1ConvLayer is untraceable (TF "same" padding reads the input's size), so its
+    conv -> BN units are found from the calls it makes: 1 stem + 13 x (depthwise, pointwise) = 27."""
+    x = torch.randn(2, 3, 64, 64)
+    model = look_trained(hf.MobileNetV1ForImageClassification(hf.MobileNetV1Config(depth_multiplier=0.25)), x)
+    with torch.no_grad():
+        expected = model(x)
+    report = plan(model, "eca", after="conv", example_input=x[:1])
+    assert len(report) == 27 and dict(report.untraced)["mobilenet_v1.conv_stem"].startswith("TraceError")
+    inject(model, "eca", after="conv", example_input=x[:1])
+    with torch.no_grad():
+        actual = model(x)
+    assert type(actual) is type(expected) and first_difference(expected, actual) is None
+    assert blocks_not_run(model, x) == 0
+    move_off_identity(model)
+    with torch.no_grad():
+        assert first_difference(expected, model(x)) is not None
+
+
+def test_transformers_efficientnet_branch_across_sibling_modules_is_an_inverted_residual():
+    """The add sits in EfficientNetFinalBlockLayer, whose own branch is only the 1x1 projection; the
+    expand and depthwise convs are in sibling modules: inverted_residual sees the whole branch."""
+    x = torch.randn(2, 3, 64, 64)
+    config = hf.EfficientNetConfig(width_coefficient=0.25, depth_coefficient=0.3, hidden_dim=320)
+    model = look_trained(hf.EfficientNetForImageClassification(config), x)
+    with torch.no_grad():
+        expected = model(x)
+    report = plan(model, "eca", after="inverted_residual", example_input=x[:1])
+    assert [s.owner for s in report.sites] == ["efficientnet.encoder.blocks.6.projection"]
+    inject(model, "eca", after="inverted_residual", example_input=x[:1])
+    with torch.no_grad():
+        assert first_difference(expected, model(x)) is None
+
+
+def test_lraspp_merge_of_two_heads_is_not_a_residual():
+    """LR-ASPP adds low_classifier(low) + high_classifier(high): two maps that do not fork from one
+    tensor. It is reported as a merge, and only the backbone's 10 residuals are sites."""
+    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
+    report = plan(look_trained(model), "eca", after="residual", example_input=torch.randn(1, 3, 64, 64))
+    assert len(report) == 10 and all(s.owner.startswith("backbone.") for s in report.sites)
+    merges = [m for m in report.misses if "do not fork from one tensor" in str(m.reason)]
+    assert [m.path for m in merges] == ["classifier"]
+
+
 def test_module_that_traces_but_fails_to_run_falls_back_to_eager():
     """torchvision's LastLevelP6P7 traces, but its graph fails (its list of names becomes strings):
     it runs eagerly, and the ResNet blocks around it are still patched."""
