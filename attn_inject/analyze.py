@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -97,14 +98,19 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _structural_arguments(bound: inspect.BoundArguments) -> frozenset:
-    """Arguments every trace fixes: the Nones, and lists/tuples of tensors (by type and length),
-    so that ``if x is None`` / ``isinstance(x, list)`` take the branch the call takes."""
+    """Arguments every trace fixes: the Nones, lists/tuples of tensors (by type and length) and
+    dicts of tensors (by type and keys: torchvision's FPN takes an OrderedDict of feature maps),
+    so that ``if x is None`` / ``isinstance(x, list)`` / ``x.keys()`` take the branch the call takes."""
     fixed = set()
     for name, value in bound.arguments.items():
         if value is None:
             fixed.add((name, None))
         elif type(value) in (list, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
             fixed.add((name, TensorSeq(type(value), len(value))))
+        elif type(value) in (dict, OrderedDict) and value and all(type(k) is str for k in value) and all(
+            isinstance(v, torch.Tensor) for v in value.values()
+        ):
+            fixed.add((name, TensorSeq(type(value), len(value), tuple(value))))
     return frozenset(fixed)
 
 

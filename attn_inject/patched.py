@@ -31,13 +31,17 @@ Variant = tuple[frozenset, "bool | None"]
 
 @dataclass(frozen=True)
 class TensorSeq:
-    """A list or tuple of tensors, fixed at trace time by its type and length only."""
+    """A list or tuple of tensors, fixed at trace time by its type and length only; or a dict of
+    tensors, by its type and keys (in order)."""
 
     kind: type
     length: int
+    keys: tuple[str, ...] | None = None
 
     def placeholders(self) -> Any:
         """What fx's ``concrete_args`` takes to trace one placeholder per element."""
+        if self.keys is not None:
+            return self.kind((key, fx.PH) for key in self.keys)
         return self.kind(fx.PH for _ in range(self.length))
 
 
@@ -153,7 +157,8 @@ def _same(value: Any, fixed: Any) -> bool:
     if fixed is None:
         return value is None
     if isinstance(fixed, TensorSeq):
-        return type(value) is fixed.kind and len(value) == fixed.length
+        same_keys = fixed.keys is None or tuple(value) == fixed.keys
+        return type(value) is fixed.kind and len(value) == fixed.length and same_keys
     return type(value) is type(fixed) and value == fixed
 
 

@@ -3,6 +3,7 @@
 import copy
 import io
 import pickle
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -290,6 +291,39 @@ def test_list_arguments_size_tuples_and_runtime_bound_forwards_are_patched():
     tokens = torch.randn(1, 20, 8)
     with torch.no_grad():
         assert torch.equal(model.pos(tokens, (4, 5)), type(model.pos).forward(model.pos, tokens, (4, 5)))
+
+
+class DictNeck(nn.Module):
+    """Takes an OrderedDict of feature maps (as torchvision's FPN does), a residual per level."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, feats: dict):
+        names = list(feats.keys())
+        return OrderedDict((name, feats[name] + self.bn(self.conv(feats[name]))) for name in names)
+
+
+def test_dict_of_feature_maps_is_fixed_by_its_keys():
+    neck = DictNeck(8).eval()
+    feats = OrderedDict(p3=torch.randn(2, 8, 8, 8), p4=torch.randn(2, 8, 4, 4))
+    with torch.no_grad():
+        neck.bn.running_var.uniform_(0.5, 1.5)
+        expected = neck(feats)
+    report = plan(neck, "eca", after="residual", example_input=(feats,))
+    assert len(report) == 2 and report.untraced == ()  # one graph for exactly these keys: an add per level
+    inject(neck, "eca", after="residual", example_input=(feats,))
+    with torch.no_grad():
+        out = neck(feats)
+        assert type(out) is OrderedDict and list(out) == ["p3", "p4"]
+        assert all(torch.equal(out[k], expected[k]) for k in expected)
+        neck.eca.conv.weight.fill_(0.5)
+        neck.eca_1.conv.weight.fill_(0.5)
+        moved = neck(feats)
+        assert not torch.equal(moved["p3"], expected["p3"]) and not torch.equal(moved["p4"], expected["p4"])
+        other = OrderedDict(p3=feats["p3"])  # keys never seen at inject time: the forward it replaced
+        assert torch.equal(neck(other)["p3"], DictNeck.forward(neck, other)["p3"])
 
 
 class CondNet(nn.Module):

@@ -12,7 +12,10 @@ import timm
 import torch
 import torchvision
 import transformers as hf
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from trained_look import blocks_not_run, look_trained, move_off_identity
 
@@ -119,6 +122,36 @@ def test_lraspp_merge_of_two_heads_is_not_a_residual():
     assert len(report) == 10 and all(s.owner.startswith("backbone.") for s in report.sites)
     merges = [m for m in report.misses if "do not fork from one tensor" in str(m.reason)]
     assert [m.path for m in merges] == ["classifier"]
+
+
+class ResNetFPN(nn.Module):
+    """A user's detector neck: torchvision's FeaturePyramidNetwork (no extra blocks) on a ResNet's
+    stages, fed the OrderedDict of features IntermediateLayerGetter returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = IntermediateLayerGetter(torchvision.models.resnet18(), {"layer2": "c3", "layer3": "c4", "layer4": "c5"})
+        self.fpn = FeaturePyramidNetwork([128, 256, 512], 16)
+
+    def forward(self, x):
+        return self.fpn(self.body(x))
+
+
+def test_fpn_top_down_adds_are_merges_not_residuals():
+    """FPN's ``lateral(c) + upsample(p)`` adds two maps that meet only through the dict of stage
+    outputs: listed as merges, never patched; the ResNet's 8 residuals are. (torchvision's whole
+    detectors add extra blocks whose tuple output fx cannot unpack: their FPN runs as it is.)"""
+    x = torch.randn(2, 3, 64, 64)
+    model = look_trained(ResNetFPN(), x)
+    with torch.no_grad():
+        expected = model(x)
+    report = plan(model, "eca", after="residual", example_input=x[:1])
+    assert len(report) == 8 and all(s.owner.startswith("body.layer") for s in report.sites)
+    merges = [m for m in report.misses if "do not fork from one tensor" in str(m.reason)]
+    assert [m.path for m in merges] == ["fpn", "fpn"]
+    inject(model, "eca", after="residual", example_input=x[:1])
+    with torch.no_grad():
+        assert first_difference(expected, model(x)) is None
 
 
 def test_module_that_traces_but_fails_to_run_falls_back_to_eager():
