@@ -5,7 +5,7 @@ For each timm model (untrained, built outside the timing) the script times
 (``basic``, ``bottleneck``, ``inverted_residual``), on a fresh model each run, and reports the
 median. Each run is split into inject's steps by timing wrappers put around attn_inject's internal
 functions for the benchmark only: reference forward, tracing (``trace_module``, eval and train
-mode), the rest of the analysis forward (the fx Interpreter run with the real convolutions),
+mode, once per module structure), the rest of the analysis forward (the fx Interpreter run with the real convolutions),
 planning, building blocks, splicing, the verification forward and the comparison. An eager
 forward of the same model on the same example input (the model's configured input size) is timed
 too. Least-squares lines through the ``residual`` rows (all models, and the ResNets alone) give
@@ -56,14 +56,14 @@ PHASES = ["reference_forward", "tracing", "interpreter", "plan", "blocks", "spli
 DEFAULT_JSON = Path(__file__).parent / "results" / "inject_time.json"
 
 _surgery = importlib.import_module("attn_inject.surgery")
-_analyze = importlib.import_module("attn_inject.analyze")
+_trace_cache = importlib.import_module("attn_inject.trace_cache")
 
 
 class Phases:
     """Wraps attn_inject's internal steps with timers while active; ``seconds()`` splits a run."""
 
     TARGETS = [
-        (_surgery, "run"), (_surgery, "analyze"), (_analyze, "trace_module"), (_surgery, "build_plan"),
+        (_surgery, "run"), (_surgery, "analyze"), (_trace_cache, "trace_module"), (_surgery, "build_plan"),
         (_surgery, "_build_blocks"), (_surgery, "splice"), (_surgery, "first_difference"),
     ]  # fmt: skip
 

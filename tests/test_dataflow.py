@@ -66,8 +66,8 @@ def test_lraspp_style_sum_of_two_classifiers_is_a_merge_not_a_residual():
     report = plan(model, "eca", after="residual", example_input=EXAMPLE)
     assert [s.path for s in report] == ["backbone.layer1", "backbone.layer2"]
     assert [(m.path, m.reason) for m in report.misses] == [
-        ("classifier", "add add merges two maps that do not fork from one tensor (seen in classifier): not a residual")
-    ]
+        ("classifier", "add add merges two maps that do not fork from one tensor (seen in <model>): not a residual")
+    ]  # the head's dict of features is fixed by its keys: each map is followed back into the model's graph
     before = outputs(model)
     inject(model, "eca", after="residual", example_input=EXAMPLE)
     assert_identity_then_live(model, before)
