@@ -8,15 +8,17 @@ bytes a full copy of the state would take. A model whose blocks count their call
 
     python benchmarks/preserve_cost.py                   # resnet18, resnet50, convnext_small, 5 runs
     python benchmarks/preserve_cost.py --models resnet18 --runs 2
+
+Raw results go to ``benchmarks/results/preserve_cost.json`` unless ``--json`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -24,6 +26,9 @@ import torch
 import attn_inject.preserve as preserve
 import attn_inject.surgery as surgery
 from attn_inject import inject
+from results_file import loadavg, write_results
+
+DEFAULT_JSON = Path(__file__).parent / "results" / "preserve_cost.json"
 
 
 def _inject_seconds(make, use_preserved: bool) -> float:
@@ -65,8 +70,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "convnext_small"])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"raw results (default {DEFAULT_JSON})")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    loadavg_before = loadavg()
     rows = []
     for name in args.models:
         def make(name=name):
@@ -88,7 +95,21 @@ def main() -> None:
             "model": name, "inject_s_preserved": statistics.median(with_p), "inject_s_without": statistics.median(without),
             "copied_tensors": tensors, "copied_bytes": written, "full_copy_bytes": state,
         })  # fmt: skip
-        print(json.dumps(rows[-1]))
+    config = {"runs": args.runs, "threads": 2, "torch": torch.__version__, "timm": timm.__version__,
+              "loadavg_before": loadavg_before, "loadavg_after": loadavg()}  # fmt: skip
+    write_results(args.json, {"config": config, "rows": rows}, print_report)
+
+
+def print_report(result: dict) -> None:
+    cfg = result["config"]
+    print(f"torch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} threads, median of {cfg['runs']} runs; "
+          f"load average {cfg['loadavg_before']} -> {cfg['loadavg_after']}\n")  # fmt: skip
+    print("| model | inject s, preserved | inject s, no-op | cost | tensors copied | bytes copied | full copy of the state |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in result["rows"]:
+        cost = r["inject_s_preserved"] / r["inject_s_without"] - 1
+        print(f"| {r['model']} | {r['inject_s_preserved']:.3f} | {r['inject_s_without']:.3f} | {100 * cost:+.0f} % | "
+              f"{r['copied_tensors']} | {r['copied_bytes']:,} | {r['full_copy_bytes'] / 1e6:.1f} MB |")  # fmt: skip
 
 
 if __name__ == "__main__":
