@@ -55,7 +55,10 @@ class TraceCache:
         return graph, constants
 
     def structure(self, module: nn.Module) -> int:
-        """A number shared by exactly the modules of one structure (see the module docstring)."""
+        """A number shared by exactly the modules of one structure (see the module docstring).
+
+        Memoised per module: the root is traced first, so every module's number is fixed before the
+        analysis puts its stand-in forwards on the children of an untraceable module."""
         number = self._structures.get(id(module))
         if number is None:
             attributes = tuple(
