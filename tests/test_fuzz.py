@@ -287,12 +287,29 @@ def check_case(net: dict, rule, block_and_options, where) -> str:
     assert all(b.training == net["train_mode"] for b in blocks)
     if opts.get("init", "identity") == "identity":
         assert torch.equal(eval_output(model, x), expected)
+    at_identity = block_outputs(model, blocks, x)
     with torch.no_grad():
-        for b in blocks:  # moved off the identity, the blocks change the output
+        for b in blocks:  # moved off the identity, every block runs and changes its output...
             for p in b.parameters():
                 p.normal_()
-    assert not torch.equal(eval_output(model, x), expected)
+    moved = block_outputs(model, blocks, x)
+    assert len(moved) == len(at_identity) == len(blocks)
+    assert not any(torch.equal(a, b) for a, b in zip(at_identity, moved) if a.any())  # an all-zero map stays zero
+    if not torch.equal(expected[0], expected[1]):  # ...and the model's (unless a last ReLU zeroes every map)
+        assert not torch.equal(eval_output(model, x), expected)
     return "patched"
+
+
+def block_outputs(model: nn.Module, blocks: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """What each block returned in one eval forward (one output per block: each runs once)."""
+    outputs: dict[nn.Module, torch.Tensor] = {}
+    handles = [b.register_forward_hook(lambda m, _, out: outputs.__setitem__(m, out.clone())) for b in blocks]
+    try:
+        eval_output(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [outputs[b] for b in blocks if b in outputs]
 
 
 def eval_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -337,6 +354,26 @@ def test_random_nets_with_valid_arguments_long(net, block_and_options, where):
 @given(net=net_spec, rule=after, block_and_options=options, where=position)
 def test_inject_is_identical_or_refuses_cleanly_long(net, rule, block_and_options, where):
     event(check_case(net, rule, block_and_options, where))  # --hypothesis-show-statistics counts them
+
+
+# Found by the long run: the last unit's ReLU zeroes every map, so the output is the head's bias
+# whatever the blocks do; the property is then checked on the blocks' own outputs.
+DEAD_NET = {
+    "channels": 4, "channels_last": False, "train_mode": False, "seed": 11766,
+    "blocks": [
+        ("unit", {"units": [(1, 1, "plain")], "add": "plus", "layer_scale": False}),
+        ("unit", {"units": [(3, 1, "plain")], "add": "plus", "layer_scale": False}),
+        ("residual", {"units": [(3, 1, "grouped"), (1, 1, "plain"), (1, 1, "plain")], "add": "plus", "layer_scale": False}),
+        ("unit", {"units": [(3, 1, "plain")], "add": "plus", "layer_scale": False}),
+    ],
+}  # fmt: skip
+
+
+def test_a_net_whose_output_ignores_its_input_is_checked_on_the_blocks():
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    expected = eval_output(build(DEAD_NET), x)
+    assert torch.equal(expected[0], expected[1])  # the premise: two different images, one output
+    assert check_case(DEAD_NET, "residual", ("se", {}), "block_output") == "patched"
 
 
 def test_time_limit_interrupts_a_hang():
