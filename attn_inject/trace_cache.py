@@ -40,7 +40,8 @@ class TraceCache:
         """What ``trace_module`` returns; the graph is the caller's own copy."""
         if patched_forward(module, method) is not None or bound_on_instance(module, method) is not None:
             return trace_module(module, method, fixed, training)
-        key = (self.structure(module), method, fixed, training)
+        typed = frozenset((name, type(value), value) for name, value in fixed)  # 1, 1.0 and True are equal keys
+        key = (self.structure(module), method, typed, training)
         cached = self._traces.get(key, ...)
         if isinstance(cached, TraceFailure):
             raise TraceFailure(str(cached))

@@ -92,6 +92,41 @@ def test_a_child_attribute_the_forward_reads_is_part_of_the_structure(traces):
         assert torch.equal(model(x), expected)
 
 
+class TypedScale(nn.Module):
+    """Traces only with ``scale`` fixed (it compares it); its graph then depends on the type too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = conv_bn(8, 8)
+
+    def forward(self, x, scale):
+        if scale > 0 and isinstance(scale, float):
+            x = x * 2
+        return x + self.bn(self.conv(x)) * scale
+
+
+def test_arguments_fixed_at_trace_time_are_keyed_by_type_too(traces):
+    """1 == 1.0 in a dict key, yet the two calls trace to different graphs."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(*conv_bn(3, 8))
+            self.a, self.b = TypedScale(), TypedScale()
+
+        def forward(self, x):
+            return self.b(self.a(self.stem(x), 1), 1.0)
+
+    model = looks_trained(Net())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    inject(model, "eca", after="residual", example_input=x[:1])  # verification compares with the eager model
+    assert traces.count("TypedScale") == 3  # one failure (shared), then one trace per type of scale
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
 def test_a_failed_trace_is_shared_with_modules_built_alike(traces):
     class Untraceable(nn.Module):
         def __init__(self):
