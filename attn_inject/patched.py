@@ -157,8 +157,9 @@ def _same(value: Any, fixed: Any) -> bool:
     if fixed is None:
         return value is None
     if isinstance(fixed, TensorSeq):
-        same_keys = fixed.keys is None or tuple(value) == fixed.keys
-        return type(value) is fixed.kind and len(value) == fixed.length and same_keys
+        if type(value) is not fixed.kind or len(value) != fixed.length:
+            return False
+        return fixed.keys is None or tuple(value) == fixed.keys
     return type(value) is type(fixed) and value == fixed
 
 

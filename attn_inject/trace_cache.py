@@ -34,7 +34,7 @@ class TraceCache:
     def __init__(self) -> None:
         self._structures: dict[int, int] = {}  # id(module) -> structure number
         self._numbers: dict[tuple, int] = {}  # structure -> its number
-        self._traces: dict[tuple, tuple[fx.Graph, bool] | TraceFailure | None] = {}
+        self._traces: dict[tuple, fx.Graph | TraceFailure | None] = {}  # None: not shared (constants)
 
     def trace(self, module: nn.Module, method: str, fixed: frozenset, training: bool) -> tuple[fx.Graph, dict]:
         """What ``trace_module`` returns; the graph is the caller's own copy."""
@@ -45,14 +45,14 @@ class TraceCache:
         cached = self._traces.get(key, ...)
         if isinstance(cached, TraceFailure):
             raise TraceFailure(str(cached))
-        if isinstance(cached, tuple):
-            return _copy(*cached), {}
+        if isinstance(cached, fx.Graph):
+            return _copy(cached), {}
         try:
             graph, constants = trace_module(module, method, fixed, training)
         except TraceFailure as exc:
             self._traces[key] = exc
             raise
-        self._traces[key] = None if constants else (_copy(graph, graph.reads_training), graph.reads_training)
+        self._traces[key] = None if constants else _copy(graph)
         return graph, constants
 
     def structure(self, module: nn.Module) -> int:
@@ -75,9 +75,10 @@ class TraceCache:
         return number
 
 
-def _copy(graph: fx.Graph, reads_training: bool) -> fx.Graph:
+def _copy(graph: fx.Graph) -> fx.Graph:
+    """A deep copy, with the flag trace_module sets on its graphs (deepcopy drops attributes)."""
     copied = copy.deepcopy(graph)
-    copied.reads_training = reads_training
+    copied.reads_training = graph.reads_training
     return copied
 
 

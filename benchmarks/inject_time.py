@@ -5,10 +5,10 @@ For each timm model (untrained, built outside the timing) the script times
 (``basic``, ``bottleneck``, ``inverted_residual``), on a fresh model each run, and reports the
 median. Each run is split into inject's steps by timing wrappers put around attn_inject's internal
 functions for the benchmark only: reference forward, tracing (``trace_module``, eval and train
-mode, once per module structure), the rest of the analysis forward (the fx Interpreter run with the real convolutions),
-planning, building blocks, splicing, the verification forward and the comparison. An eager
-forward of the same model on the same example input (the model's configured input size) is timed
-too. Least-squares lines through the ``residual`` rows (all models, and the ResNets alone) give
+mode, once per module structure), the rest of the analysis forward (the fx Interpreter run with
+the real convolutions), planning, building blocks, splicing, the verification forward and the
+comparison. An eager forward of the same model on the same example input (the model's configured
+input size) is timed too. Least-squares lines through the ``residual`` rows (all models, and the ResNets alone) give
 the seconds per site and per million parameters.
 
 One untimed inject runs first, so one-time costs of the process (first convolutions, imports)

@@ -95,7 +95,7 @@ def main() -> None:
             "model": name, "inject_s_preserved": statistics.median(with_p), "inject_s_without": statistics.median(without),
             "copied_tensors": tensors, "copied_bytes": written, "full_copy_bytes": state,
         })  # fmt: skip
-    config = {"runs": args.runs, "threads": 2, "torch": torch.__version__, "timm": timm.__version__,
+    config = {"runs": args.runs, "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
               "loadavg_before": loadavg_before, "loadavg_after": loadavg()}  # fmt: skip
     write_results(args.json, {"config": config, "rows": rows}, print_report)
 

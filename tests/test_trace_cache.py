@@ -43,7 +43,7 @@ class ScaledBlock(nn.Module):
         return torch.relu(x + y)
 
 
-def _four_blocks(*blocks: nn.Module) -> nn.Module:
+def _stem_and(*blocks: nn.Module) -> nn.Module:
     return looks_trained(nn.Sequential(*conv_bn(3, 8), *blocks))
 
 
@@ -66,7 +66,7 @@ def test_modules_built_alike_are_traced_once_and_get_graphs_of_their_own(traces)
 )
 def test_a_different_attribute_is_a_different_structure(traces, second):
     first = ScaledBlock(8, scale=2.0)
-    model = _four_blocks(first, ScaledBlock(8, **second), ScaledBlock(8, scale=2.0))
+    model = _stem_and(first, ScaledBlock(8, **second), ScaledBlock(8, scale=2.0))
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         expected = model(x)
@@ -81,7 +81,7 @@ def test_a_different_attribute_is_a_different_structure(traces, second):
 
 def test_a_child_attribute_the_forward_reads_is_part_of_the_structure(traces):
     """Same class, same own attributes; only the child conv's groups differ, and the forward reads them."""
-    model = _four_blocks(ScaledBlock(8, 1.0, True), ScaledBlock(8, 1.0, True, groups=2), ScaledBlock(8, 1.0, True))
+    model = _stem_and(ScaledBlock(8, 1.0, True), ScaledBlock(8, 1.0, True, groups=2), ScaledBlock(8, 1.0, True))
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         expected = model(x)
@@ -137,7 +137,7 @@ def test_a_failed_trace_is_shared_with_modules_built_alike(traces):
         def forward(self, x):
             return x + self.act(self.bn(self.conv(x))) if x.sum() > -1e9 else x  # data-dependent: fx cannot trace it
 
-    model = _four_blocks(Untraceable(), Untraceable(), Untraceable())
+    model = _stem_and(Untraceable(), Untraceable(), Untraceable())
     report = plan(model, "eca", after="conv", example_input=torch.randn(1, 3, 16, 16))
     assert traces.count("Untraceable") == 1
     assert [path for path, _ in report.untraced] == ["2", "3", "4"] and len({r for _, r in report.untraced}) == 1
