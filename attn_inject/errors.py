@@ -1,4 +1,4 @@
-"""The one exception type attn_inject raises on bad input or a failed check."""
+"""The one exception type attn_inject raises on bad input or a failed check, and how it quotes others."""
 
 from __future__ import annotations
 
@@ -7,14 +7,26 @@ class AttnInjectError(ValueError):
     """A problem with the input to attn_inject, described for the user.
 
     The message says what went wrong, where (a module path, a file and line, a rule), and what to
-    do next. The CLI prints it as one line and exits with status 1.
+    do next. The CLI prints it as one line and exits with status 1. ``field`` names the setting at
+    fault when there is one (a ``TrainConfig`` field): the CLI names the matching flag instead.
     """
 
-    def __init__(self, what: str, *, where: str | None = None, hint: str | None = None):
+    def __init__(self, what: str, *, where: str | None = None, hint: str | None = None, field: str | None = None):
         self.what = what
         self.where = where
         self.hint = hint
+        self.field = field
         parts = [f"{where}: {what}" if where else what]
         if hint:
             parts.append(hint)
         super().__init__(" ".join(parts))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ('' when it has none)."""
+    return (str(exc).splitlines() or [""])[0]
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for reasons and errors that quote another library."""
+    return f"{type(exc).__name__}: {first_line(exc)}".rstrip(": ")

@@ -16,13 +16,14 @@ falls back to the forward it replaced.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.graph_module import _format_import_block, _forward_from_src
-from torch.package import sys_importer
+
+from .fx_compat import compile_forward, import_block, pytree_info
 
 # A traced case: the arguments fixed at trace time, as (name, value) pairs, and the training flag
 # the graph is for (None: the same graph serves both modes).
@@ -57,25 +58,27 @@ class GraphCode:
         self.src = src
         self.globals = globals_
         self.specs = specs or {}
-        self.fn: Callable[..., Any] = _forward_from_src(src, {**globals_, **self.specs})
+        self.fn: Callable[..., Any] = compile_forward(src, {**globals_, **self.specs})
 
     @classmethod
     def from_graph(cls, graph: fx.Graph) -> GraphCode:
         code = graph.python_code(root_module="self")
         src, specs = code.src, {}
-        info = getattr(graph._codegen, "pytree_info", None)
+        info = pytree_info(graph)
         if info is not None:
-            src = src.replace("self._in_spec", "_attn_inject_in_spec").replace("self._out_spec", "_attn_inject_out_spec")
+            src = src.replace("self._in_spec", "_attn_inject_in_spec").replace(
+                "self._out_spec", "_attn_inject_out_spec"
+            )
             specs = {"_attn_inject_in_spec": info.in_spec, "_attn_inject_out_spec": info.out_spec}
         return cls(src, code.globals, specs)
 
     def __reduce__(self):
-        return (_graph_code_from_imports, (self.src, _format_import_block(self.globals, sys_importer), self.specs))
+        return (_graph_code_from_imports, (self.src, import_block(self.globals), self.specs))
 
 
-def _graph_code_from_imports(src: str, import_block: str, specs: dict[str, Any] | None = None) -> GraphCode:
+def _graph_code_from_imports(src: str, imports: str, specs: dict[str, Any] | None = None) -> GraphCode:
     globals_: dict[str, Any] = {}
-    exec(import_block, globals_)
+    exec(imports, globals_)
     return GraphCode(src, globals_, specs)
 
 
@@ -153,11 +156,15 @@ def add_shortcut(branch: torch.Tensor, shortcut: torch.Tensor, branch_first: boo
     return branch + shortcut if branch_first else shortcut + branch
 
 
+class Absent:
+    """Marks an instance attribute that was not there (a class: it stays itself through deepcopy and pickle)."""
+
+
 def _same(value: Any, fixed: Any) -> bool:
     if fixed is None:
         return value is None
     if isinstance(fixed, TensorSeq):
-        if type(value) is not fixed.kind or len(value) != fixed.length:
+        if not isinstance(value, (list, tuple, dict)) or type(value) is not fixed.kind or len(value) != fixed.length:
             return False
         return fixed.keys is None or tuple(value) == fixed.keys
     return type(value) is type(fixed) and value == fixed

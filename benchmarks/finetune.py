@@ -14,9 +14,9 @@
 
 Every fine-tuning run goes through ``attn_inject.finetune.loop.finetune`` (the CLI's loop).
 
-    python benchmarks/finetune.py                     # everything (~15 min of one core)
-    python benchmarks/finetune.py --parts digits --seeds 0 1 2 --jobs 4
-    python benchmarks/finetune.py --quick             # small subset, 1 seed, tiny sizes (~1 min)
+    python -m benchmarks.finetune                     # everything (~15 min of one core)
+    python -m benchmarks.finetune --parts digits --seeds 0 1 2 --jobs 4
+    python -m benchmarks.finetune --quick             # small subset, 1 seed, tiny sizes (~1 min)
 
 Results: ``benchmarks/results/finetune.json`` (every run's curve) and ``finetune_digits.png``.
 """
@@ -34,12 +34,12 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from overhead import PeakTensorMemory, build_models, latency_rows, time_calls
 from PIL import Image
 
 from attn_inject import inject
 from attn_inject.finetune.loop import TrainConfig, finetune
-from results_file import loadavg
+from benchmarks.overhead import PeakTensorMemory, build_models, latency_rows, time_calls
+from benchmarks.results_file import loadavg
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_JSON = RESULTS / "finetune.json"
@@ -81,16 +81,20 @@ def write_digits(root: Path, size: int = 32, per_class: tuple[int, int] | None =
     return root
 
 
-def run_finetune(model: torch.nn.Module, data: Path, config: TrainConfig, out: Path, num_classes: int | None = None) -> dict:
+def run_finetune(
+    model: torch.nn.Module, data: Path, config: TrainConfig, out: Path, num_classes: int | None = None
+) -> dict:
     """One run of the library's loop (its training state goes to ``out``); the weights stay in ``model``."""
     summary = finetune(model, data, config, output=out, save_model=lambda m, p: None, num_classes=num_classes)
     curve = [{"step": 0, **summary["before"]}] + [
         {k: e[k] for k in ("step", "top1", "top5", "loss", "images_per_s")} for e in summary["epochs"]
-    ]  # fmt: skip
+    ]
     return {"curve": curve, "steps_per_epoch": summary["steps_per_epoch"]}
 
 
-def with_attention(model: torch.nn.Module, variant: tuple[str, str] | None, rule: str, size: int, seed: int) -> torch.nn.Module:
+def with_attention(
+    model: torch.nn.Module, variant: tuple[str, str] | None, rule: str, size: int, seed: int
+) -> torch.nn.Module:
     model = copy.deepcopy(model)
     if variant is not None:
         block, init = variant
@@ -114,12 +118,23 @@ def _run_variant(job: tuple[str, tuple[str, str] | None, int]) -> tuple[str, dic
     return name, run
 
 
-def run_variants(part: str, model, variants: dict, rule: str, config: dict, data: Path, work: Path, args, num_classes=None) -> dict:
+def run_variants(
+    part: str, model, variants: dict, rule: str, config: dict, data: Path, work: Path, args, num_classes=None
+) -> dict:
     """Every variant x seed, from copies of ``model``; ``args.jobs`` forked processes at a time."""
     import multiprocessing
 
-    _SHARED.update(part=part, model=model, rule=rule, size=config["img_size"], config=config, data=data,
-                   work=work, num_classes=num_classes, threads=torch.get_num_threads())  # fmt: skip
+    _SHARED.update(
+        part=part,
+        model=model,
+        rule=rule,
+        size=config["img_size"],
+        config=config,
+        data=data,
+        work=work,
+        num_classes=num_classes,
+        threads=torch.get_num_threads(),
+    )
     jobs = [(name, variant, seed) for name, variant in variants.items() for seed in args.seeds]
     if args.jobs > 1:
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
@@ -133,7 +148,9 @@ def run_variants(part: str, model, variants: dict, rule: str, config: dict, data
 
 
 def digits_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    common = dict(batch_size=64, img_size=args.size, train_transform=DIGIT_AUGMENT, weight_decay=0.05, label_smoothing=0.1)
+    common = dict(
+        batch_size=64, img_size=args.size, train_transform=DIGIT_AUGMENT, weight_decay=0.05, label_smoothing=0.1
+    )
     torch.manual_seed(0)
     base = timm.create_model(args.digits_arch, num_classes=10)
     base_config = TrainConfig(epochs=args.epochs, lr=2e-3, warmup_steps=10, seed=0, **common)
@@ -145,12 +162,28 @@ def digits_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str, A
 
 
 def transfer_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from attn_inject.demo import pretrained_lite0
+    from attn_inject.cli.demo import pretrained_lite0
 
-    config = dict(epochs=args.epochs, lr=1e-3, attention_lr=1e-2, warmup_steps=10, batch_size=64, img_size=args.transfer_size,
-                  train_transform=DIGIT_AUGMENT, weight_decay=0.05, label_smoothing=0.1)  # fmt: skip
-    runs = run_variants("transfer", pretrained_lite0(), TRANSFER_VARIANTS, "inverted_residual", config, data, work, args, num_classes=10)
-    return {"arch": "efficientnet_lite0 (ImageNet weights, new 10-class head)", "size": args.transfer_size, "runs": runs, "table": table(runs)}
+    config = dict(
+        epochs=args.epochs,
+        lr=1e-3,
+        attention_lr=1e-2,
+        warmup_steps=10,
+        batch_size=64,
+        img_size=args.transfer_size,
+        train_transform=DIGIT_AUGMENT,
+        weight_decay=0.05,
+        label_smoothing=0.1,
+    )
+    runs = run_variants(
+        "transfer", pretrained_lite0(), TRANSFER_VARIANTS, "inverted_residual", config, data, work, args, num_classes=10
+    )
+    return {
+        "arch": "efficientnet_lite0 (ImageNet weights, new 10-class head)",
+        "size": args.transfer_size,
+        "runs": runs,
+        "table": table(runs),
+    }
 
 
 def cost_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,10 +194,17 @@ def cost_part(args: argparse.Namespace) -> dict[str, Any]:
     for name, info in models.items():
         info["model"].train()
         optimizers[name] = torch.optim.AdamW(info["model"].parameters(), lr=1e-6)
-    steps = {name: (lambda m=info["model"], o=optimizers[name]: train_step(m, o, x, y)) for name, info in models.items()}
+    steps = {
+        name: (lambda m=info["model"], o=optimizers[name]: train_step(m, o, x, y)) for name, info in models.items()
+    }
     peaks = {name: train_step_peak(info["model"], optimizers[name], x, y) for name, info in models.items()}
     times = time_calls(steps, args.cost_warmup, args.cost_reps)
-    return {"batch": args.cost_batch, "size": args.cost_size, "checks": checks, "rows": latency_rows(models, times, peaks)}
+    return {
+        "batch": args.cost_batch,
+        "size": args.cost_size,
+        "checks": checks,
+        "rows": latency_rows(models, times, peaks),
+    }
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -198,7 +238,9 @@ def table(runs: dict[str, list[dict]], base_end: dict | None = None) -> list[dic
             "best_top1": mean_std([max(c["top1"] for c in r["curve"]) for r in seeds]),
         }
         if base_end is not None:
-            row["step0_equals_base"] = all(c["top1"] == base_end["top1"] and c["loss"] == base_end["loss"] for c in first)
+            row["step0_equals_base"] = all(
+                c["top1"] == base_end["top1"] and c["loss"] == base_end["loss"] for c in first
+            )
         rows.append(row)
     return rows
 
@@ -232,7 +274,13 @@ def plot(result: dict, path: Path) -> None:
             mean = [statistics.fmean(v) for v in values]
             std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
             line = ax.plot(steps, mean, marker=".", label=f"{name} (n={len(seeds)})")[0]
-            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15)
+            ax.fill_between(
+                steps,
+                [m - s for m, s in zip(mean, std)],
+                [m + s for m, s in zip(mean, std)],
+                color=line.get_color(),
+                alpha=0.15,
+            )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("val top-1")
         ax.set_title(f"{part}: {data['arch']}", fontsize=9)
@@ -240,15 +288,17 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=8)
         if part == "digits":
             ends = [r["curve"][-1]["top1"] for seeds in data["runs"].values() for r in seeds]
-            ax.set_ylim(max(0.0, min(ends + [base[-1]["top1"]]) - 0.05), 1.0)
+            ax.set_ylim(max(0.0, min([*ends, base[-1]["top1"]]) - 0.05), 1.0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def print_report(result: dict) -> None:
     cfg = result["config"]
-    print(f"\ntorch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} thread(s), load average "
-          f"{cfg['loadavg_before']} -> {cfg['loadavg_after']}")  # fmt: skip
+    print(
+        f"\ntorch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} thread(s), load average "
+        f"{cfg['loadavg_before']} -> {cfg['loadavg_after']}"
+    )
     for part in ("digits", "transfer"):
         if part not in result:
             continue
@@ -257,8 +307,10 @@ def print_report(result: dict) -> None:
         print("|---|---:|---:|---:|---:|---:|---:|---|")
         for r in result[part]["table"]:
             same = {True: "yes (exact)", False: "no"}.get(r.get("step0_equals_base"), "")
-            print(f"| {r['model']} | {r['seeds']} | {r['steps']} | {pm(r['step0_top1'])} | {pm(r['final_top1'])} | "
-                  f"{pm(r['best_top1'])} | {pm(r['final_loss'], 4)} | {same} |")  # fmt: skip
+            print(
+                f"| {r['model']} | {r['seeds']} | {r['steps']} | {pm(r['step0_top1'])} | {pm(r['final_top1'])} | "
+                f"{pm(r['best_top1'])} | {pm(r['final_loss'], 4)} | {same} |"
+            )
         if part == "digits":
             base = result[part]["base"]["curve"][-1]
             print(f"\nbase after {base['step']} steps: top1 {base['top1']:.4f}, loss {base['loss']:.4f}")
@@ -270,8 +322,10 @@ def print_report(result: dict) -> None:
         for r in c["rows"]:
             hand = f"{r['vs_hand_written']:.3f}" if r["vs_hand_written"] else ""
             base = f"{r['vs_base']:.3f}" if r["role"] != "base" else ""
-            print(f"| {r['model']} | {r['median_ms']:.1f} | {r['q1_ms']:.1f}–{r['q3_ms']:.1f} | {base} | {hand} | "
-                  f"{r['peak_tensor_bytes'] / 2**20:.2f} |")  # fmt: skip
+            print(
+                f"| {r['model']} | {r['median_ms']:.1f} | {r['q1_ms']:.1f}–{r['q3_ms']:.1f} | {base} | {hand} | "
+                f"{r['peak_tensor_bytes'] / 2**20:.2f} |"
+            )
 
 
 def pm(values: list[float], digits: int = 4) -> str:
@@ -280,10 +334,16 @@ def pm(values: list[float], digits: int = 4) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="10 train and 5 val images per class, 1 seed, 1 epoch, tiny sizes")
-    parser.add_argument("--parts", nargs="+", choices=("digits", "transfer", "cost"), default=["digits", "transfer", "cost"])
+    parser.add_argument(
+        "--quick", action="store_true", help="10 train and 5 val images per class, 1 seed, 1 epoch, tiny sizes"
+    )
+    parser.add_argument(
+        "--parts", nargs="+", choices=("digits", "transfer", "cost"), default=["digits", "transfer", "cost"]
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2; --quick: 0)")
-    parser.add_argument("--epochs", type=int, help="epochs of the base and of each fine-tuning run (default 2; --quick: 1)")
+    parser.add_argument(
+        "--epochs", type=int, help="epochs of the base and of each fine-tuning run (default 2; --quick: 1)"
+    )
     parser.add_argument("--size", type=int, default=32, help="digits image size (default 32)")
     parser.add_argument("--digits-arch", default="resnet10t", help="timm model trained from scratch as the base")
     parser.add_argument("--transfer-size", type=int, help="EfficientNet-Lite0 input size (default 48; --quick: 32)")
@@ -292,7 +352,9 @@ def main() -> None:
     parser.add_argument("--cost-warmup", type=int, help="untimed rounds (default 2; --quick: 1)")
     parser.add_argument("--cost-reps", type=int, help="timed rounds (default 10; --quick: 2)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
-    parser.add_argument("--jobs", type=int, default=1, help="fine-tuning runs at a time, in forked processes (default 1)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="fine-tuning runs at a time, in forked processes (default 1)"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"raw results (default {DEFAULT_JSON})")
     parser.add_argument("--plot", type=Path, help="accuracy-vs-step PNG (default: next to --json, finetune_digits.png)")
     args = parser.parse_args()
@@ -321,10 +383,17 @@ def main() -> None:
     if "cost" in args.parts:
         result["cost"] = cost_part(args)
     result["config"] = {
-        "quick": q, "parts": args.parts, "seeds": args.seeds, "epochs": args.epochs, "size": args.size,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
-        "loadavg_before": loadavg_before, "loadavg_after": loadavg(),
-    }  # fmt: skip
+        "quick": q,
+        "parts": args.parts,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "size": args.size,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "loadavg_before": loadavg_before,
+        "loadavg_after": loadavg(),
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     if "digits" in result or "transfer" in result:

@@ -15,9 +15,9 @@ One untimed inject runs first, so one-time costs of the process (first convoluti
 are not counted; with ``--cold`` (the default without ``--quick``) a fresh subprocess per model
 measures the first inject, and the first forward, of a new process.
 
-    python benchmarks/inject_time.py               # 8 models, 3 runs each, plus cold processes
-    python benchmarks/inject_time.py --quick       # resnet18 and resnet34, residual rule, 2 runs
-    python benchmarks/inject_time.py --models resnet50 --runs 5 --json /tmp/t.json
+    python -m benchmarks.inject_time               # 8 models, 3 runs each, plus cold processes
+    python -m benchmarks.inject_time --quick       # resnet18 and resnet34, residual rule, 2 runs
+    python -m benchmarks.inject_time --models resnet50 --runs 5 --json /tmp/t.json
 
 Raw results go to ``benchmarks/results/inject_time.json`` unless ``--json`` says otherwise.
 """
@@ -32,13 +32,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import ClassVar
 
 import timm
 import torch
 
 from attn_inject import inject
-from attn_inject.verify import example_args
-from results_file import loadavg, write_results
+from attn_inject.graph.example import example_args
+from benchmarks.results_file import loadavg, write_results
 
 # model -> its natural rule (None: only the generic "residual" rule applies)
 MODELS = {
@@ -54,18 +56,24 @@ MODELS = {
 QUICK_MODELS = ["resnet18", "resnet34"]
 PHASES = ["reference_forward", "tracing", "interpreter", "plan", "blocks", "splice", "verify_forward", "compare"]
 DEFAULT_JSON = Path(__file__).parent / "results" / "inject_time.json"
+REPO = Path(__file__).resolve().parents[1]  # cold workers run as `python -m benchmarks.inject_time` from here
 
-_surgery = importlib.import_module("attn_inject.surgery")
-_trace_cache = importlib.import_module("attn_inject.trace_cache")
+_surgery = importlib.import_module("attn_inject.surgery.api")
+_trace_cache = importlib.import_module("attn_inject.graph.trace_cache")
 
 
 class Phases:
     """Wraps attn_inject's internal steps with timers while active; ``seconds()`` splits a run."""
 
-    TARGETS = [
-        (_surgery, "run"), (_surgery, "analyze"), (_trace_cache, "trace_module"), (_surgery, "build_plan"),
-        (_surgery, "_build_blocks"), (_surgery, "splice"), (_surgery, "first_difference"),
-    ]  # fmt: skip
+    TARGETS: ClassVar[list[tuple[ModuleType, str]]] = [
+        (_surgery, "run"),
+        (_surgery, "analyze"),
+        (_trace_cache, "trace_module"),
+        (_surgery, "build_plan"),
+        (_surgery, "_build_blocks"),
+        (_surgery, "splice"),
+        (_surgery, "first_difference"),
+    ]
 
     def __enter__(self) -> Phases:
         self.calls: list[tuple[str, float]] = []
@@ -145,8 +153,9 @@ def cold_worker(name: str, rule: str, what: str) -> None:
 
 
 def cold_seconds(name: str, rule: str, what: str) -> float:
-    cmd = [sys.executable, __file__, "--cold-worker", name, rule, what, "--threads", str(torch.get_num_threads())]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    threads = str(torch.get_num_threads())
+    cmd = [sys.executable, "-m", "benchmarks.inject_time", "--cold-worker", name, rule, what, "--threads", threads]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return json.loads(out.splitlines()[-1])["seconds"]
 
 
@@ -194,17 +203,23 @@ def measure(name: str, rule: str, runs: int, cold: bool, forward_s: float) -> di
 
 def print_report(result: dict) -> None:
     cfg = result["config"]
-    print(f"torch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} threads, median of {cfg['runs']} runs; "
-          f"load average {cfg['loadavg_before']} -> {cfg['loadavg_after']}\n")  # fmt: skip
+    print(
+        f"torch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} threads, median of {cfg['runs']} runs; "
+        f"load average {cfg['loadavg_before']} -> {cfg['loadavg_after']}\n"
+    )
     cold = cfg["cold"]
-    print("| model | rule | params (M) | sites | inject s (median) | runs s | eager forward s | × forward | "
-          "ms per site" + (" | cold inject s | cold forward s" if cold else "") + " |")
+    print(
+        "| model | rule | params (M) | sites | inject s (median) | runs s | eager forward s | × forward | "
+        "ms per site" + (" | cold inject s | cold forward s" if cold else "") + " |"
+    )
     print("|---|---|---:|---:|---:|---|---:|---:|---:" + ("|---:|---:" if cold else "") + "|")
     for r in result["rows"]:
         forward = r["forward_s"]
         runs = ", ".join(f"{s:.2f}" for s in r["runs_s"])
-        line = (f"| {r['model']} | {r['rule']} | {r['params'] / 1e6:.1f} | {r['sites']} | {r['median_s']:.3f} | {runs} | "
-                f"{forward:.3f} | {r['median_s'] / forward:.1f} | {1e3 * r['median_s'] / r['sites']:.1f}")  # fmt: skip
+        line = (
+            f"| {r['model']} | {r['rule']} | {r['params'] / 1e6:.1f} | {r['sites']} | {r['median_s']:.3f} | {runs} | "
+            f"{forward:.3f} | {r['median_s'] / forward:.1f} | {1e3 * r['median_s'] / r['sites']:.1f}"
+        )
         if cold:
             line += f" | {r['cold_inject_s']:.2f} | {result['cold_forward_s'][r['model']]:.2f}"
         print(line + " |")
@@ -212,7 +227,11 @@ def print_report(result: dict) -> None:
     print("| model | rule | " + " | ".join(PHASES) + " | other |")
     print("|---|---|" + "---:|" * (len(PHASES) + 1))
     for r in result["rows"]:
-        print(f"| {r['model']} | {r['rule']} | " + " | ".join(f"{r['phases_s'][p]:.3f}" for p in [*PHASES, "other"]) + " |")
+        print(
+            f"| {r['model']} | {r['rule']} | "
+            + " | ".join(f"{r['phases_s'][p]:.3f}" for p in [*PHASES, "other"])
+            + " |"
+        )
     if result["fits"]:
         print("\nleast squares over the residual-rule rows, inject seconds = intercept + slope × x:\n")
         print("| rows, x | intercept s | slope s | R² |\n|---|---:|---:|---:|")
@@ -222,11 +241,17 @@ def print_report(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"{' and '.join(QUICK_MODELS)}, residual rule only, 2 runs")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{' and '.join(QUICK_MODELS)}, residual rule only, 2 runs"
+    )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: all (--quick: two small ones)")
     parser.add_argument("--runs", type=int, help="timed injects per model and rule (default 3; --quick: 2)")
-    parser.add_argument("--cold", action=argparse.BooleanOptionalAction, help="fresh-process timings (default: on unless --quick)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads, also in --cold processes (default: torch's own)")
+    parser.add_argument(
+        "--cold", action=argparse.BooleanOptionalAction, help="fresh-process timings (default: on unless --quick)"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch.set_num_threads, also in --cold processes (default: torch's own)"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"raw results (default {DEFAULT_JSON})")
     parser.add_argument("--cold-worker", nargs=3, metavar=("MODEL", "RULE", "WHAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -248,13 +273,18 @@ def main() -> None:
         rows += [measure(name, rule, runs, cold, forward_s) for rule in rules]
     result = {
         "config": {
-            "quick": args.quick, "runs": runs, "cold": cold, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "timm": timm.__version__, "loadavg_before": loadavg_before,
+            "quick": args.quick,
+            "runs": runs,
+            "cold": cold,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "loadavg_before": loadavg_before,
         },
         "rows": rows,
         "cold_forward_s": {name: cold_seconds(name, "residual", "forward") for name in names} if cold else {},
         "fits": fits(rows),
-    }  # fmt: skip
+    }
     result["config"]["loadavg_after"] = loadavg()
     write_results(args.json, result, print_report)
 

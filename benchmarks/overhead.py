@@ -14,9 +14,9 @@ ECA vs timm's ``ecaresnet50t``; each also against its plain base. All models are
   model once, round-robin with a rotating start, so drift and other load hit all models alike.
   It reports the median latency per model and ratios of medians.
 
-    python benchmarks/overhead.py                  # batch 1 and 8 at 224x224
-    python benchmarks/overhead.py --quick          # batch 1 at 64x64, few repetitions (~10 s)
-    python benchmarks/overhead.py --pairs se --json /tmp/overhead.json
+    python -m benchmarks.overhead                  # batch 1 and 8 at 224x224
+    python -m benchmarks.overhead --quick          # batch 1 at 64x64, few repetitions (~10 s)
+    python -m benchmarks.overhead --pairs se --json /tmp/overhead.json
 
 Raw results (every timing) go to ``benchmarks/results/overhead.json`` unless ``--json`` says otherwise.
 """
@@ -28,9 +28,9 @@ import copy
 import statistics
 import time
 import weakref
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attn_inject import inject, list_blocks, plan
 from attn_inject.blocks import get_block
-from results_file import loadavg, write_results
+from benchmarks.results_file import loadavg, write_results
 
 # pair -> (base model, block, rule, timm's hand-written model)
 PAIRS = {
@@ -102,19 +102,21 @@ def build_models(pairs: list[str], size: int) -> tuple[dict[str, dict], list[dic
         models[injected_name] = {"model": injected, "role": "injected", "base": base_name, "hand": hand_name}
         models[hand_name] = {"model": hand, "role": "hand-written", "base": base_name, "hand": None}
         added = {name: n_params(models[name]["model"]) - n_params(base) for name in (injected_name, hand_name)}
-        checks.append({
-            "pair": pair,
-            "injected": injected_name,
-            "hand_written": hand_name,
-            "sites": len(the_plan.sites),
-            "plan_params_added": the_plan.params_added,
-            "plan_flops_added": the_plan.flops_added,
-            "injected_params_added": added[injected_name],
-            "hand_params_added": added[hand_name],
-            "same_param_count": added[injected_name] == added[hand_name] == the_plan.params_added,
-            "same_param_shapes": param_shapes(injected) == param_shapes(hand),
-            "same_state_dict_keys": injected.state_dict().keys() == hand.state_dict().keys(),
-        })  # fmt: skip
+        checks.append(
+            {
+                "pair": pair,
+                "injected": injected_name,
+                "hand_written": hand_name,
+                "sites": len(the_plan.sites),
+                "plan_params_added": the_plan.params_added,
+                "plan_flops_added": the_plan.flops_added,
+                "injected_params_added": added[injected_name],
+                "hand_params_added": added[hand_name],
+                "same_param_count": added[injected_name] == added[hand_name] == the_plan.params_added,
+                "same_param_shapes": param_shapes(injected) == param_shapes(hand),
+                "same_state_dict_keys": injected.state_dict().keys() == hand.state_dict().keys(),
+            }
+        )
     return models, checks
 
 
@@ -178,25 +180,29 @@ def latency_rows(models: dict[str, dict], times: dict[str, list[float]], peaks: 
     rows = []
     for name, info in models.items():
         q1, _, q3 = statistics.quantiles(times[name], n=4)
-        rows.append({
-            "model": name,
-            "role": info["role"],
-            "median_ms": 1e3 * medians[name],
-            "q1_ms": 1e3 * q1,
-            "q3_ms": 1e3 * q3,
-            "vs_base": medians[name] / medians[info["base"]],
-            "vs_hand_written": medians[name] / medians[info["hand"]] if info["hand"] else None,
-            "peak_tensor_bytes": peaks[name],
-            "times_ms": [1e3 * t for t in times[name]],
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "role": info["role"],
+                "median_ms": 1e3 * medians[name],
+                "q1_ms": 1e3 * q1,
+                "q3_ms": 1e3 * q3,
+                "vs_base": medians[name] / medians[info["base"]],
+                "vs_hand_written": medians[name] / medians[info["hand"]] if info["hand"] else None,
+                "peak_tensor_bytes": peaks[name],
+                "times_ms": [1e3 * t for t in times[name]],
+            }
+        )
     return rows
 
 
 def print_report(result: dict) -> None:
     cfg = result["config"]
-    print(f"torch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} threads, input {cfg['size']}x{cfg['size']}, "
-          f"{cfg['reps']} interleaved repetitions after {cfg['warmup']} warm-up, load average {cfg['loadavg_before']} "
-          f"-> {cfg['loadavg_after']}\n")  # fmt: skip
+    print(
+        f"torch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} threads, input {cfg['size']}x{cfg['size']}, "
+        f"{cfg['reps']} interleaved repetitions after {cfg['warmup']} warm-up, load average {cfg['loadavg_before']} "
+        f"-> {cfg['loadavg_after']}\n"
+    )
     print("| model | params | + params vs base | GFLOPs (torch, 224) | + MFLOPs vs base | gated elements |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, s in result["models"].items():
@@ -207,10 +213,12 @@ def print_report(result: dict) -> None:
     print()
     for c in result["checks"]:
         ok = c["same_param_count"] and c["same_param_shapes"]
-        print(f"{'OK' if ok else 'MISMATCH'}: {c['injected']} adds {c['injected_params_added']:,} params at "
-              f"{c['sites']} sites (plan: {c['plan_params_added']:,}), {c['hand_written']} adds "
-              f"{c['hand_params_added']:,}; same parameter shapes: {c['same_param_shapes']}, "
-              f"same state_dict keys: {c['same_state_dict_keys']}")  # fmt: skip
+        print(
+            f"{'OK' if ok else 'MISMATCH'}: {c['injected']} adds {c['injected_params_added']:,} params at "
+            f"{c['sites']} sites (plan: {c['plan_params_added']:,}), {c['hand_written']} adds "
+            f"{c['hand_params_added']:,}; same parameter shapes: {c['same_param_shapes']}, "
+            f"same state_dict keys: {c['same_state_dict_keys']}"
+        )
     for batch, rows in result["latency"].items():
         print(f"\nbatch {batch}:\n")
         print("| model | median ms | IQR ms | × base | × hand-written | peak tensor MB |")
@@ -218,8 +226,10 @@ def print_report(result: dict) -> None:
         for r in rows:
             hand = f"{r['vs_hand_written']:.3f}" if r["vs_hand_written"] else ""
             base = f"{r['vs_base']:.3f}" if r["role"] != "base" else ""
-            print(f"| {r['model']} | {r['median_ms']:.1f} | {r['q1_ms']:.1f}–{r['q3_ms']:.1f} | {base} | {hand} | "
-                  f"{r['peak_tensor_bytes'] / 2**20:.2f} |")  # fmt: skip
+            print(
+                f"| {r['model']} | {r['median_ms']:.1f} | {r['q1_ms']:.1f}–{r['q3_ms']:.1f} | {base} | {hand} | "
+                f"{r['peak_tensor_bytes'] / 2**20:.2f} |"
+            )
 
 
 def main() -> None:
@@ -257,7 +267,7 @@ def main() -> None:
             "gated_elements": gated[name],
         }
         for name, info in models.items()
-    }  # fmt: skip
+    }
     latency = {}
     for batch in batches:
         x = torch.randn(batch, 3, size, size)
@@ -266,14 +276,22 @@ def main() -> None:
         latency[str(batch)] = latency_rows(models, times, peaks)
     result = {
         "config": {
-            "quick": args.quick, "pairs": args.pairs, "batches": batches, "size": size, "warmup": warmup,
-            "reps": reps, "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
-            "loadavg_before": loadavg_before, "loadavg_after": loadavg(),
+            "quick": args.quick,
+            "pairs": args.pairs,
+            "batches": batches,
+            "size": size,
+            "warmup": warmup,
+            "reps": reps,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "loadavg_before": loadavg_before,
+            "loadavg_after": loadavg(),
         },
         "models": stats,
         "checks": checks,
         "latency": latency,
-    }  # fmt: skip
+    }
     write_results(args.json, result, print_report)
 
 

@@ -13,9 +13,9 @@ times, per run:
 
 The goal is patch ≤ 2 × baseline. One untimed patch runs first (one-time process costs).
 
-    .venv/bin/python benchmarks/patch_time.py                 # resnet50, 3 runs
-    .venv/bin/python benchmarks/patch_time.py --quick         # resnet18, 1 run
-    .venv/bin/python benchmarks/patch_time.py --models resnet50 resnet101 --runs 5 --threads 2
+    .venv/bin/python -m benchmarks.patch_time                 # resnet50, 3 runs
+    .venv/bin/python -m benchmarks.patch_time --quick         # resnet18, 1 run
+    .venv/bin/python -m benchmarks.patch_time --models resnet50 resnet101 --runs 5 --threads 2
 
 Raw results go to ``benchmarks/results/patch_time.json`` unless ``--json`` says otherwise.
 """
@@ -32,11 +32,16 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from attn_inject.patch import patch_checkpoint
-from attn_inject.verify import example_args
-from results_file import loadavg, write_results
+from attn_inject.files.patch import patch_checkpoint
+from attn_inject.graph.example import example_args
+from benchmarks.results_file import loadavg, write_results
 
-MODELS = {"resnet18": "basic", "resnet50": "bottleneck", "resnet101": "bottleneck", "efficientnet_b0": "inverted_residual"}
+MODELS = {
+    "resnet18": "basic",
+    "resnet50": "bottleneck",
+    "resnet101": "bottleneck",
+    "efficientnet_b0": "inverted_residual",
+}
 DEFAULT_MODELS = ["resnet50"]
 QUICK_MODELS = ["resnet18"]
 PHASES = ["read", "build", "reference_forward", "inject", "write", "verify"]
@@ -80,15 +85,22 @@ def measure(name: str, runs: int, folder: Path) -> dict:
         return statistics.median(r[key] for r in rows)
 
     row = {
-        "model": name, "rule": MODELS[name], "sites": fast[0]["sites"], "input": list(args[0].shape),
-        "params": sum(p.numel() for p in model.parameters()), "checkpoint_bytes": checkpoint.stat().st_size,
-        "baseline_s": med(base, "total"), "baseline_runs_s": [r["total"] for r in base],
+        "model": name,
+        "rule": MODELS[name],
+        "sites": fast[0]["sites"],
+        "input": list(args[0].shape),
+        "params": sum(p.numel() for p in model.parameters()),
+        "checkpoint_bytes": checkpoint.stat().st_size,
+        "baseline_s": med(base, "total"),
+        "baseline_runs_s": [r["total"] for r in base],
         "baseline_parts_s": {k: statistics.median(r[k] for r in base) for k in ("torch_load", "save_file", "forward")},
-        "patch_s": med(fast, "total"), "patch_runs_s": [r["total"] for r in fast],
+        "patch_s": med(fast, "total"),
+        "patch_runs_s": [r["total"] for r in fast],
         "patch_phases_s": {p: statistics.median(r["phases"].get(p, 0.0) for r in fast) for p in [*PHASES, "other"]},
-        "patch_full_s": med(full, "total"), "patch_full_runs_s": [r["total"] for r in full],
+        "patch_full_s": med(full, "total"),
+        "patch_full_runs_s": [r["total"] for r in full],
         "patch_full_reload_s": statistics.median(r["phases"]["verify_full"] for r in full),
-    }  # fmt: skip
+    }
     row["ratio"] = row["patch_s"] / row["baseline_s"]
     row["ratio_full"] = row["patch_full_s"] / row["baseline_s"]
     return row
@@ -96,22 +108,32 @@ def measure(name: str, runs: int, folder: Path) -> dict:
 
 def print_report(result: dict) -> None:
     cfg = result["config"]
-    print(f"torch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} threads, median of {cfg['runs']} runs; "
-          f"load average {cfg['loadavg_before']} -> {cfg['loadavg_after']}\n")  # fmt: skip
-    print("| model | rule | sites | baseline s (load + save + forward) | patch s (--verify fast) | × baseline | "
-          "patch s (--verify full) | × baseline |")
+    print(
+        f"torch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} threads, median of {cfg['runs']} runs; "
+        f"load average {cfg['loadavg_before']} -> {cfg['loadavg_after']}\n"
+    )
+    print(
+        "| model | rule | sites | baseline s (load + save + forward) | patch s (--verify fast) | × baseline | "
+        "patch s (--verify full) | × baseline |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
         parts = r["baseline_parts_s"]
-        print(f"| {r['model']} | {r['rule']} | {r['sites']} | {r['baseline_s']:.3f} ({parts['torch_load']:.3f} + "
-              f"{parts['save_file']:.3f} + {parts['forward']:.3f}) | {r['patch_s']:.3f} | {r['ratio']:.2f} | "
-              f"{r['patch_full_s']:.3f} | {r['ratio_full']:.2f} |")  # fmt: skip
+        print(
+            f"| {r['model']} | {r['rule']} | {r['sites']} | {r['baseline_s']:.3f} ({parts['torch_load']:.3f} + "
+            f"{parts['save_file']:.3f} + {parts['forward']:.3f}) | {r['patch_s']:.3f} | {r['ratio']:.2f} | "
+            f"{r['patch_full_s']:.3f} | {r['ratio_full']:.2f} |"
+        )
     print("\nmedian seconds per phase of patch (--verify fast); full adds the rebuild from the file:\n")
     print("| model | " + " | ".join(PHASES) + " | other | full: rebuild + forward |")
     print("|---|" + "---:|" * (len(PHASES) + 2))
     for r in result["rows"]:
         ph = r["patch_phases_s"]
-        print(f"| {r['model']} | " + " | ".join(f"{ph[p]:.3f}" for p in [*PHASES, "other"]) + f" | {r['patch_full_reload_s']:.3f} |")
+        print(
+            f"| {r['model']} | "
+            + " | ".join(f"{ph[p]:.3f}" for p in [*PHASES, "other"])
+            + f" | {r['patch_full_reload_s']:.3f} |"
+        )
 
 
 def main() -> None:
@@ -131,16 +153,22 @@ def main() -> None:
         folder = Path(tmp)
         warm = timm.create_model("resnet18")
         torch.save(warm.state_dict(), folder / "warm.pth")
-        patch_checkpoint(folder / "warm.pth", "resnet18", "eca", "basic", folder / "warm.safetensors", img_size=64)  # untimed
+        patch_checkpoint(
+            folder / "warm.pth", "resnet18", "eca", "basic", folder / "warm.safetensors", img_size=64
+        )  # untimed
         rows = [measure(name, runs, folder) for name in names]
     result = {
         "config": {
-            "quick": args.quick, "runs": runs, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "timm": timm.__version__, "loadavg_before": loadavg_before,
+            "quick": args.quick,
+            "runs": runs,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "loadavg_before": loadavg_before,
             "loadavg_after": loadavg(),
         },
         "rows": rows,
-    }  # fmt: skip
+    }
     write_results(args.json, result, print_report)
 
 

@@ -6,8 +6,8 @@ reports the medians. Memory: the tensors ``preserved`` copied (those the forward
 bytes a full copy of the state would take. A model whose blocks count their calls in a buffer
 (``CountingBlock``) shows the copy-on-write at work.
 
-    python benchmarks/preserve_cost.py                   # resnet18, resnet50, convnext_small, 5 runs
-    python benchmarks/preserve_cost.py --models resnet18 --runs 2
+    python -m benchmarks.preserve_cost                   # resnet18, resnet50, convnext_small, 5 runs
+    python -m benchmarks.preserve_cost --models resnet18 --runs 2
 
 Raw results go to ``benchmarks/results/preserve_cost.json`` unless ``--json`` says otherwise.
 """
@@ -23,10 +23,10 @@ from pathlib import Path
 import timm
 import torch
 
-import attn_inject.preserve as preserve
-import attn_inject.surgery as surgery
+import attn_inject.graph.preserve as preserve
+import attn_inject.surgery.api as surgery
 from attn_inject import inject
-from results_file import loadavg, write_results
+from benchmarks.results_file import loadavg, write_results
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "preserve_cost.json"
 
@@ -76,6 +76,7 @@ def main() -> None:
     loadavg_before = loadavg()
     rows = []
     for name in args.models:
+
         def make(name=name):
             model = timm.create_model(name, pretrained=False).eval()
             for m in model.modules():  # a call counter per block: what copy-on-write has to save
@@ -91,25 +92,44 @@ def main() -> None:
             without.append(_inject_seconds(make, False))
         tensors, written = _copied(make)
         state = sum(t.numel() * t.element_size() for t in make().state_dict().values())
-        rows.append({
-            "model": name, "inject_s_preserved": statistics.median(with_p), "inject_s_without": statistics.median(without),
-            "copied_tensors": tensors, "copied_bytes": written, "full_copy_bytes": state,
-        })  # fmt: skip
-    config = {"runs": args.runs, "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
-              "loadavg_before": loadavg_before, "loadavg_after": loadavg()}  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "inject_s_preserved": statistics.median(with_p),
+                "inject_s_without": statistics.median(without),
+                "copied_tensors": tensors,
+                "copied_bytes": written,
+                "full_copy_bytes": state,
+            }
+        )
+    config = {
+        "runs": args.runs,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "loadavg_before": loadavg_before,
+        "loadavg_after": loadavg(),
+    }
     write_results(args.json, {"config": config, "rows": rows}, print_report)
 
 
 def print_report(result: dict) -> None:
     cfg = result["config"]
-    print(f"torch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} threads, median of {cfg['runs']} runs; "
-          f"load average {cfg['loadavg_before']} -> {cfg['loadavg_after']}\n")  # fmt: skip
-    print("| model | inject s, preserved | inject s, no-op | cost | tensors copied | bytes copied | full copy of the state |")
+    print(
+        f"torch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} threads, median of {cfg['runs']} runs; "
+        f"load average {cfg['loadavg_before']} -> {cfg['loadavg_after']}\n"
+    )
+    print(
+        "| model | inject s, preserved | inject s, no-op | cost | tensors copied | bytes copied "
+        "| full copy of the state |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
         cost = r["inject_s_preserved"] / r["inject_s_without"] - 1
-        print(f"| {r['model']} | {r['inject_s_preserved']:.3f} | {r['inject_s_without']:.3f} | {100 * cost:+.0f} % | "
-              f"{r['copied_tensors']} | {r['copied_bytes']:,} | {r['full_copy_bytes'] / 1e6:.1f} MB |")  # fmt: skip
+        print(
+            f"| {r['model']} | {r['inject_s_preserved']:.3f} | {r['inject_s_without']:.3f} | {100 * cost:+.0f} % | "
+            f"{r['copied_tensors']} | {r['copied_bytes']:,} | {r['full_copy_bytes'] / 1e6:.1f} MB |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Proof by reconstruction: injection rebuilds hand-written attention nets from their attention-free twins.
 
-Each case: the hand-written model (untrained, norms and running stats made to look trained), its
-attention-free counterpart holding the same weights (timm's twin architecture, or a copy with the
-attention modules replaced by nn.Identity), and the rule that puts the blocks back.
+Each case: the hand-written model (untrained, made to look trained by
+``attn_inject.testing.look_trained``: norms, running stats and zero-initialised parameters random),
+its attention-free counterpart holding the same weights (timm's twin architecture, or a copy with
+the attention modules replaced by nn.Identity), and the rule that puts the blocks back.
 
 * ``init="paper"``: the hand-written model's weights are loaded into the patched model (shared keys
   by name; the new blocks' tensors by an explicit mapping: the hand-written model's attention tensors
@@ -10,8 +11,8 @@ attention modules replaced by nn.Identity), and the rule that puts the blocks ba
   shapes) and the outputs compared with ``torch.allclose`` (fp32, eval).
 * ``init="identity"`` (the default): the patched model must equal the attention-free one bit for bit.
 
-    python benchmarks/reconstruct.py            # all cases, 2x3x224x224
-    python benchmarks/reconstruct.py --quick    # regnety_002 only, 64x64
+    python -m benchmarks.reconstruct            # all cases, 2x3x224x224
+    python -m benchmarks.reconstruct --quick    # regnety_002 only, 64x64
 
 Results go to ``benchmarks/results/reconstruct.json`` unless ``--json`` says otherwise. The tests
 (tests/test_placements.py) import the cases from here.
@@ -23,9 +24,9 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
@@ -34,21 +35,9 @@ from torch import nn
 
 from attn_inject import inject
 from attn_inject.blocks import is_attention_block
+from attn_inject.testing import look_trained
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "reconstruct.json"
-
-
-def look_trained(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random norm weights and running stats (fresh nets zero-init norms and look like identities)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model.eval()
 
 
 def _strip(attr: str, path_of_block: Callable[[str, nn.Module], bool] = lambda p, m: True):
@@ -100,20 +89,40 @@ class Case:
 
 
 def _mobilenetv3_se_blocks(hand: nn.Module) -> tuple[str, ...]:
-    return tuple(p for p, m in hand.named_modules() if isinstance(getattr(m, "se", None), nn.Module)
-                 and not isinstance(m.se, nn.Identity))  # fmt: skip
+    return tuple(
+        p
+        for p, m in hand.named_modules()
+        if isinstance(getattr(m, "se", None), nn.Module) and not isinstance(m.se, nn.Identity)
+    )
 
 
 CASES = [
-    Case("timm:regnety_002", lambda: timm.create_model("regnety_002"), _timm_twin("regnetx_002"), "se", "regnet_se", 13),
+    Case(
+        "timm:regnety_002", lambda: timm.create_model("regnety_002"), _timm_twin("regnetx_002"), "se", "regnet_se", 13
+    ),
     Case("timm:efficientnet_b0", lambda: timm.create_model("efficientnet_b0"), _strip("se"), "se", "mbconv_se", 16),
-    Case("timm:mobilenetv3_large_100", lambda: timm.create_model("mobilenetv3_large_100"), _strip("se"), "se",
-         "mobilenetv3_se", 8, _mobilenetv3_se_blocks),
+    Case(
+        "timm:mobilenetv3_large_100",
+        lambda: timm.create_model("mobilenetv3_large_100"),
+        _strip("se"),
+        "se",
+        "mobilenetv3_se",
+        8,
+        _mobilenetv3_se_blocks,
+    ),
     Case("timm:seresnet18", lambda: timm.create_model("seresnet18"), _timm_twin("resnet18"), "se", "basic", 8),
-    Case("timm:ecaresnet26t", lambda: timm.create_model("ecaresnet26t"), _timm_twin("resnet26t"), "eca", "bottleneck", 8),
-    Case("torchvision:efficientnet_b0", lambda: torchvision.models.efficientnet_b0(), _torchvision_efficientnet_b0_strip,
-         "se", "mbconv_se", 16),
-]  # fmt: skip
+    Case(
+        "timm:ecaresnet26t", lambda: timm.create_model("ecaresnet26t"), _timm_twin("resnet26t"), "eca", "bottleneck", 8
+    ),
+    Case(
+        "torchvision:efficientnet_b0",
+        lambda: torchvision.models.efficientnet_b0(),
+        _torchvision_efficientnet_b0_strip,
+        "se",
+        "mbconv_se",
+        16,
+    ),
+]
 
 
 def attention_keys(hand: nn.Module, plain: nn.Module) -> list[str]:
@@ -145,8 +154,9 @@ def rebuild(case: Case, init: str) -> tuple[nn.Module, nn.Module, nn.Module]:
     torch.manual_seed(0)
     hand = look_trained(case.hand())
     plain = case.plain(hand).eval()
-    patched = inject(copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), init=init,
-                     example_input=EXAMPLE)  # fmt: skip
+    patched = inject(
+        copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), init=init, example_input=EXAMPLE
+    )
     return hand, plain, patched.eval()
 
 
@@ -156,18 +166,23 @@ def measure(case: Case, size: int) -> dict:
     hand, plain, patched = rebuild(case, "paper")
     pairs = load_by_order(patched, plain, hand)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    identity = inject(copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), example_input=EXAMPLE)
+    identity = inject(
+        copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), example_input=EXAMPLE
+    )
     with torch.no_grad():
         expected, got, without, same = hand(x), patched(x), plain(x), identity(x)
     return {
-        "model": case.name, "block": case.block, "rule": case.rule,
-        "sites": sum(1 for m in patched.modules() if is_attention_block(m)), "tensors_mapped": len(pairs),
+        "model": case.name,
+        "block": case.block,
+        "rule": case.rule,
+        "sites": sum(1 for m in patched.modules() if is_attention_block(m)),
+        "tensors_mapped": len(pairs),
         "paper_allclose": bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5)),
         "paper_max_abs_diff": float((got - expected).abs().max()),
         "attention_matters_max_abs_diff": float((without - expected).abs().max()),
         "identity_bitwise": bool(torch.equal(same, without)),
         "seconds": round(time.perf_counter() - start, 1),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -182,11 +197,17 @@ def main() -> None:
     rows = [measure(case, 64 if args.quick else 224) for case in cases]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__, "rows": rows}, indent=1))
-    print("| model | block, rule | sites | paper init: allclose (max abs diff) | without attention (max abs diff) | identity init: bitwise |")
+    print(
+        "| model | block, rule | sites | paper init: allclose (max abs diff) | without attention (max abs diff) "
+        "| identity init: bitwise |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['block']}, `{r['rule']}` | {r['sites']} | {r['paper_allclose']} ({r['paper_max_abs_diff']:.1e}) "
-              f"| {r['attention_matters_max_abs_diff']:.3g} | {r['identity_bitwise']} |")
+        print(
+            f"| {r['model']} | {r['block']}, `{r['rule']}` | {r['sites']} "
+            f"| {r['paper_allclose']} ({r['paper_max_abs_diff']:.1e}) "
+            f"| {r['attention_matters_max_abs_diff']:.3g} | {r['identity_bitwise']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ traces every module on the way), planning, splicing, the verification forward. I
 how many times the model's stem convolution ran during inject: the number of passes through the
 backbone, independent of the machine's load.
 
-    python benchmarks/whole_model_time.py             # the R-CNNs at 800 px, 3 runs
-    python benchmarks/whole_model_time.py --quick     # Faster R-CNN MobileNetV3 320, 1 run
+    python -m benchmarks.whole_model_time             # the R-CNNs at 800 px, 3 runs
+    python -m benchmarks.whole_model_time --quick     # Faster R-CNN MobileNetV3 320, 1 run
 
 Raw results go to ``benchmarks/results/whole_model_time.json`` unless ``--json`` says otherwise.
 """
@@ -23,26 +23,32 @@ import importlib
 import statistics
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torchvision
 from torch import nn
 
 from attn_inject import inject
-from results_file import loadavg, write_results
+from benchmarks.results_file import loadavg, write_results
 
 MODELS = ["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "retinanet_resnet50_fpn"]
 QUICK_MODELS = ["fasterrcnn_mobilenet_v3_large_320_fpn"]
 STEPS = ["reference_forward", "analysis", "plan", "splice", "verify_forward"]
 DEFAULT_JSON = Path(__file__).parent / "results" / "whole_model_time.json"
 
-_surgery = importlib.import_module("attn_inject.surgery")
+_surgery = importlib.import_module("attn_inject.surgery.api")
 
 
 class Steps:
     """Times attn_inject's steps inside ``inject`` while active (wrappers for the benchmark only)."""
 
-    TARGETS = {"run": "forward", "analyze": "analysis", "build_plan": "plan", "splice": "splice"}
+    TARGETS: ClassVar[dict[str, str]] = {
+        "run": "forward",
+        "analyze": "analysis",
+        "build_plan": "plan",
+        "splice": "splice",
+    }
 
     def __enter__(self) -> Steps:
         self.calls: list[tuple[str, float]] = []
@@ -111,22 +117,37 @@ def measure(name: str, size: int, runs: int) -> dict:
     totals = [r["seconds"] for r in results]
     steps = {s: statistics.median(r["steps_s"][s] for r in results) for s in STEPS}
     return {
-        "model": name, "image": size, "forward_s": forward, "inject_s": statistics.median(totals), "runs_s": totals,
-        "steps_s": steps, "stem_passes": results[0]["stem_passes"], "sites": results[0]["sites"],
-        "inject_forwards": statistics.median(totals) / forward, "analysis_forwards": steps["analysis"] / forward,
-    }  # fmt: skip
+        "model": name,
+        "image": size,
+        "forward_s": forward,
+        "inject_s": statistics.median(totals),
+        "runs_s": totals,
+        "steps_s": steps,
+        "stem_passes": results[0]["stem_passes"],
+        "sites": results[0]["sites"],
+        "inject_forwards": statistics.median(totals) / forward,
+        "analysis_forwards": steps["analysis"] / forward,
+    }
 
 
 def print_report(result: dict) -> None:
     cfg = result["config"]
-    print(f"torch {cfg['torch']}, torchvision {cfg['torchvision']}, {cfg['threads']} threads, median of {cfg['runs']} runs; "
-          f"load average {cfg['loadavg_before']} -> {cfg['loadavg_after']}\n")  # fmt: skip
-    print("| model | image | sites | eager forward s | inject s | × forward | analysis s | analysis × forward | "
-          "stem passes during inject |")
+    print(
+        f"torch {cfg['torch']}, torchvision {cfg['torchvision']}, {cfg['threads']} threads, "
+        f"median of {cfg['runs']} runs; "
+        f"load average {cfg['loadavg_before']} -> {cfg['loadavg_after']}\n"
+    )
+    print(
+        "| model | image | sites | eager forward s | inject s | × forward | analysis s | analysis × forward | "
+        "stem passes during inject |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
-        print(f"| {r['model']} | {r['image']} | {r['sites']} | {r['forward_s']:.2f} | {r['inject_s']:.2f} | "
-              f"{r['inject_forwards']:.1f} | {r['steps_s']['analysis']:.2f} | {r['analysis_forwards']:.2f} | {r['stem_passes']} |")  # fmt: skip
+        print(
+            f"| {r['model']} | {r['image']} | {r['sites']} | {r['forward_s']:.2f} | {r['inject_s']:.2f} | "
+            f"{r['inject_forwards']:.1f} | {r['steps_s']['analysis']:.2f} | {r['analysis_forwards']:.2f} | "
+            f"{r['stem_passes']} |"
+        )
     print("\nmedian seconds per step:\n")
     print("| model | " + " | ".join(STEPS) + " |")
     print("|---|" + "---:|" * len(STEPS))
@@ -152,12 +173,16 @@ def main() -> None:
     rows = [measure(name, size, runs) for name in names]
     result = {
         "config": {
-            "quick": args.quick, "runs": runs, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "loadavg_before": loadavg_before,
+            "quick": args.quick,
+            "runs": runs,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "loadavg_before": loadavg_before,
             "loadavg_after": loadavg(),
         },
         "rows": rows,
-    }  # fmt: skip
+    }
     write_results(args.json, result, print_report)
 
 

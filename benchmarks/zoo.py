@@ -1,16 +1,17 @@
 """Zoo coverage: inject SE and ECA after "residual" into one model per timm family and every
 torchvision classifier; record sites, bitwise identity, inject time and the reason for each miss.
 
-    python benchmarks/zoo.py                 # the full sweep (about an hour on 2 cores)
-    python benchmarks/zoo.py --quick         # three models, for the tests
-    python benchmarks/zoo.py --only convnext resnet torchvision:resnet18
-    python benchmarks/zoo.py --third-party   # transformers models, torchvision detection/segmentation
+    python -m benchmarks.zoo                 # the full sweep (about an hour on 2 cores)
+    python -m benchmarks.zoo --quick         # three models, for the tests
+    python -m benchmarks.zoo --only convnext resnet torchvision:resnet18
+    python -m benchmarks.zoo --third-party   # transformers models, torchvision detection/segmentation
 
 Each family runs in its own subprocess (a crash or a hang costs one family). For every model an
 independent oracle counts the residual-looking adds at the dispatcher level (aten.add of two
-same-shape tensors that both derive from the input), split by layout: NCHW when dims 2 and 3 are equal (square input) and
-dim 1 differs, NHWC when dims 1 and 2 are equal and dim 3 differs. A family "has an NCHW residual"
-when the oracle sees one; coverage is the share of those families patched with bitwise identity.
+same-shape tensors that both derive from the input), split by layout: NCHW when dims 2 and 3 are
+equal (square input) and dim 1 differs, NHWC when dims 1 and 2 are equal and dim 3 differs. A family
+"has an NCHW residual" when the oracle sees one; coverage is the share of those families patched
+with bitwise identity.
 Results: benchmarks/results/zoo.jsonl (one line per model) and a markdown summary on stdout.
 """
 
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[1]  # the workers run as `python -m benchmarks.zoo` from here
 QUICK = ["timm:resnet", "timm:convnext", "torchvision:mobilenet_v2"]
 SMALL_INPUT = 96  # side of the square test image where the model accepts it
 TIMEOUT = 900  # seconds per family
@@ -70,7 +72,11 @@ TRANSFORMERS = {
     "bit": ("BitForImageClassification", "BitConfig", {}),
     "mobilevit": ("MobileViTForImageClassification", "MobileViTConfig", {}),
     # DPTConfig(is_hybrid=True) alone does not run (its neck sizes are the ViT's); these are DPT-hybrid-MiDaS's
-    "dpt_hybrid": ("DPTForDepthEstimation", "DPTConfig", {"is_hybrid": True, "neck_hidden_sizes": [256, 512, 768, 768]}),
+    "dpt_hybrid": (
+        "DPTForDepthEstimation",
+        "DPTConfig",
+        {"is_hybrid": True, "neck_hidden_sizes": [256, 512, 768, 768]},
+    ),
 }
 DETECTION_SIZE = 224  # torchvision detection models resize every image to this side (default 800)
 
@@ -135,7 +141,11 @@ def oracle_adds(model, x) -> dict[str, int]:
             inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             if any(is_derived(t) for t in inputs):
                 derived.update((id(t), weakref.ref(t)) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-            if func in add_ops and len(args) >= 2 and all(isinstance(a, torch.Tensor) and is_derived(a) for a in args[:2]):
+            if (
+                func in add_ops
+                and len(args) >= 2
+                and all(isinstance(a, torch.Tensor) and is_derived(a) for a in args[:2])
+            ):
                 a, b = args[0], args[1]
                 if a.shape == b.shape and a.dim() >= 3 and a.is_floating_point():
                     s = a.shape
@@ -175,8 +185,8 @@ def run_one(spec: str) -> dict:
     import torch
 
     from attn_inject import AttnInjectError, inject, plan
-    from attn_inject.verify import first_difference
-    from trained_look import blocks_not_run, calibrate_batch_norms, look_trained, move_off_identity
+    from attn_inject.graph.example import first_difference
+    from attn_inject.testing import blocks_not_run, calibrate_batch_norms, look_trained, move_off_identity
 
     torch.manual_seed(0)
     row: dict = {"spec": spec}
@@ -251,16 +261,18 @@ def third_party_specs() -> list[str]:
     """transformers models (TRANSFORMERS) and torchvision's whole detection and segmentation models."""
     import torchvision
 
-    tv = [*torchvision.models.list_models(module=torchvision.models.detection),
-          *torchvision.models.list_models(module=torchvision.models.segmentation)]  # fmt: skip
+    tv = [
+        *torchvision.models.list_models(module=torchvision.models.detection),
+        *torchvision.models.list_models(module=torchvision.models.segmentation),
+    ]
     return [f"transformers:{m}" for m in TRANSFORMERS] + [f"torchvision:{m}" for m in sorted(tv)]
 
 
 def run_isolated(spec: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", spec]
+    cmd = [sys.executable, "-m", "benchmarks.zoo", "--worker", spec]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=REPO)
     except subprocess.TimeoutExpired:
         return {"spec": spec, "error": f"timed out after {TIMEOUT} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -273,9 +285,11 @@ def patched(row: dict, block: str) -> bool:
     """Sites found, bitwise identical, every block runs, and moving the blocks off identity shows."""
     result = row.get(block) or {}
     return (
-        bool(result.get("sites")) and result.get("identical") is True
-        and result.get("not_run") == 0 and result.get("moved_changes_output") is True
-    )  # fmt: skip
+        bool(result.get("sites"))
+        and result.get("identical") is True
+        and result.get("not_run") == 0
+        and result.get("moved_changes_output") is True
+    )
 
 
 def summarize(rows: list[dict]) -> str:
@@ -289,7 +303,8 @@ def summarize(rows: list[dict]) -> str:
         f"whole by torch.fx.symbolic_trace. (Weights made to look trained; patched = bitwise identical, "
         f"every block runs, and moving the blocks off identity changes the output.)",
         "",
-        "| model | input | oracle adds NCHW/NHWC/other | whole-model fx | SE sites | ECA sites | identical | inject s (ECA) | note |",
+        "| model | input | oracle adds NCHW/NHWC/other | whole-model fx | SE sites | ECA sites | identical "
+        "| inject s (ECA) | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -309,7 +324,9 @@ def summarize(rows: list[dict]) -> str:
         size = "x".join(map(str, (r.get("input") or [])[2:]))
         lines.append(
             f"| {r.get('model', r['spec'])} | {size} | {o.get('nchw', '')}/{o.get('nhwc', '')}/{o.get('other', '')} "
-            f"| {'ok' if r.get('whole_model_fx') == 'ok' else 'fails' if r.get('whole_model_fx') else ''} | {se.get('sites', 0)} | {eca.get('sites', 0)} | {identical} | {eca.get('seconds', '')} | {note[:160].replace('|', '/')} |"
+            f"| {'ok' if r.get('whole_model_fx') == 'ok' else 'fails' if r.get('whole_model_fx') else ''} "
+            f"| {se.get('sites', 0)} | {eca.get('sites', 0)} | {identical} | {eca.get('seconds', '')} "
+            f"| {note[:160].replace('|', '/')} |"
         )
     return "\n".join(lines)
 
@@ -317,9 +334,14 @@ def summarize(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    parser.add_argument("--only", nargs="+", metavar="SPEC", help="timm family names, torchvision:NAME or transformers:NAME")
-    parser.add_argument("--third-party", action="store_true",
-                        help="transformers models and torchvision detection/segmentation models instead of the zoo")  # fmt: skip
+    parser.add_argument(
+        "--only", nargs="+", metavar="SPEC", help="timm family names, torchvision:NAME or transformers:NAME"
+    )
+    parser.add_argument(
+        "--third-party",
+        action="store_true",
+        help="transformers models and torchvision detection/segmentation models instead of the zoo",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="families run in parallel (default 2)")
     parser.add_argument("--out", type=Path, help="JSON-lines results (default benchmarks/results/zoo[-quick].jsonl)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -339,8 +361,13 @@ def main() -> int:
             rows.append(row)
             sink.write(json.dumps(row) + "\n")
             sink.flush()
-            print(f"{row['spec']:40s} se={row.get('se', {}).get('sites', '-')} eca={row.get('eca', {}).get('sites', '-')} "
-                  f"{row.get('error', '')[:80]}", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"{row['spec']:40s} se={row.get('se', {}).get('sites', '-')} "
+                f"eca={row.get('eca', {}).get('sites', '-')} "
+                f"{row.get('error', '')[:80]}",
+                file=sys.stderr,
+                flush=True,
+            )
     print(summarize(rows))
     return 0
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from attn_inject import inject
-from attn_inject.demo import pretrained_lite0
+from attn_inject.cli.demo import pretrained_lite0
 from attn_inject.finetune import AttentionFirst, param_groups, set_trainable, trainable_summary
 
 

@@ -1,6 +1,6 @@
 """Plan, inject and check: ECA after every bottleneck of a timm ResNet-50.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 import timm

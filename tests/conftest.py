@@ -1,11 +1,7 @@
-import sys
-from pathlib import Path
+"""Fixtures every test shares. Shared code (models, data, the CLI runner) is in ``tests.helpers``."""
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))  # tiny_models
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # trained_look, reconstruct: shared with the benchmarks
 
 
 @pytest.fixture(autouse=True)

@@ -5,37 +5,83 @@ import itertools
 import pytest
 import torch
 from torch import nn
-from tiny_models import BranchyNet, InplaceBasic, conv_bn, sequential_resnet
 
 from attn_inject import AttnInjectError, inject, plan
-from attn_inject.blocks import register_block
-from attn_inject.blocks.registry import _BLOCKS, _FRESH_OUTPUT
+from attn_inject.blocks import list_blocks, register_block, registered_block
+from tests.helpers.tiny_models import BranchyNet, InplaceBasic, conv_bn, sequential_resnet
 
 EXAMPLE = torch.randn(1, 3, 32, 32)
-OPTIONS = r"Its options and defaults: \{'reduction': 16, 'rd_channels': None, 'rd_divisor': 8, 'rd_ratio': None, 'rd_of': 'channels', 'rd_round_limit': 0\.0, 'act': 'relu', 'gate': 'sigmoid', 'block_in_channels': None, 'init': 'identity'\}"
+OPTIONS = (
+    r"Its options and defaults: \{'reduction': 16, 'rd_channels': None, 'rd_divisor': 8, 'rd_ratio': None, 'rd_of':"
+    r" 'channels', 'rd_round_limit': 0\.0, 'act': 'relu', 'gate': 'sigmoid', 'block_in_channels': None, 'init':"
+    r" 'identity'\}"
+)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(block="eca", after=None), r"^after= must be a rule name, a YAML rule file, a Rule or a list of these, not None Valid built-in rules: basic, bottleneck, conv, inception, inverted_residual, inverted_residual_all, mbconv_se, mmcv_after_conv2, mobilenetv3_se, regnet_se, residual\.$"),
-    (dict(block="eca", after=42), r"^after= must be .*, not 42 "),
-    (dict(block="eca", after="residual", include=None), r"^include= must be a glob on module paths or a list of globs, not None For example"),
-    (dict(block="eca", after="residual", exclude=[1]), r"^exclude= must be a glob on module paths or a list of globs, not \[1\]"),
-    (dict(block="se", after="residual", reduction="abc"), rf"^block 'se': option reduction='abc' must be float, not str {OPTIONS}"),
-    (dict(block="se", after="residual", reduction=True), r"^block 'se': option reduction=True must be float, not bool"),
-    (dict(block="se", after="residual", reduction=float("nan")), r"^block 'se': option reduction=nan must be a finite number"),
-    (dict(block="se", after="residual", reduction=float("inf")), r"^block 'se': option reduction=inf must be a finite number"),
-    (dict(block="se", after="residual", rd_divisor=2.5), r"^block 'se': option rd_divisor=2\.5 must be int, not float"),
-    (dict(block="eca", after="residual", kernel_size=3.0), r"^ECA kernel_size must be an odd int, 'adaptive', or steps \[\[min_channels, k\], \.\.\.\]; got 3\.0"),
-    (dict(block="eca", after="residual", kernel_size=4), r"^ECA needs an odd kernel_size >= 1; got kernel_size=4$"),
-    (dict(block="eca", after="residual", kernel_size=10**9 + 1), r"^block 'eca' with kernel_size=1000000001 would add 1,000,000,001 parameters at block1 \(16 channels\), more than 1,048,576"),
-    (dict(block="se", after="residual", reduction=1e-9), r"^block 'se' with reduction=1e-09 would add 528,000,000,016 parameters at block1"),
-    (dict(block="eca", after="residual", init="zeros"), r"^unknown init 'zeros' Valid inits: identity, paper\."),
-    (dict(block="eca", after="residual", init=3), r"^block 'eca': option init=3 must be str, not int"),
-    (dict(block="eca", after="residual", position=3), r"^position must be a string, not 3 Valid: branch_end, block_output, unit_output, or after_convN \(N a conv index"),
-    (dict(block=None, after="residual"), r"^unknown block None Valid blocks: eca, se\."),
-    (dict(block="eca", after="residual", verify="yes"), r"^verify= must be True or False, not 'yes'"),
-    (dict(block="eca", after="residual", stack=1), r"^stack= must be True or False, not 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (
+            dict(block="eca", after=None),
+            r"^after= must be a rule name, a YAML rule file, a Rule or a list of these, not None Valid built-in"
+            r" rules: basic, bottleneck, conv, inception, inverted_residual, inverted_residual_all, mbconv_se,"
+            r" mmcv_after_conv2, mobilenetv3_se, regnet_se, residual\.$",
+        ),
+        (dict(block="eca", after=42), r"^after= must be .*, not 42 "),
+        (
+            dict(block="eca", after="residual", include=None),
+            r"^include= must be a glob on module paths or a list of globs, not None For example",
+        ),
+        (
+            dict(block="eca", after="residual", exclude=[1]),
+            r"^exclude= must be a glob on module paths or a list of globs, not \[1\]",
+        ),
+        (
+            dict(block="se", after="residual", reduction="abc"),
+            rf"^block 'se': option reduction='abc' must be float, not str {OPTIONS}",
+        ),
+        (
+            dict(block="se", after="residual", reduction=True),
+            r"^block 'se': option reduction=True must be float, not bool",
+        ),
+        (
+            dict(block="se", after="residual", reduction=float("nan")),
+            r"^block 'se': option reduction=nan must be a finite number",
+        ),
+        (
+            dict(block="se", after="residual", reduction=float("inf")),
+            r"^block 'se': option reduction=inf must be a finite number",
+        ),
+        (
+            dict(block="se", after="residual", rd_divisor=2.5),
+            r"^block 'se': option rd_divisor=2\.5 must be int, not float",
+        ),
+        (
+            dict(block="eca", after="residual", kernel_size=3.0),
+            r"^ECA kernel_size must be an odd int, 'adaptive', or steps \[\[min_channels, k\], \.\.\.\]; got 3\.0",
+        ),
+        (dict(block="eca", after="residual", kernel_size=4), r"^ECA needs an odd kernel_size >= 1; got kernel_size=4$"),
+        (
+            dict(block="eca", after="residual", kernel_size=10**9 + 1),
+            r"^block 'eca' with kernel_size=1000000001 would add 1,000,000,001 parameters at block1 \(16"
+            r" channels\), more than 1,048,576",
+        ),
+        (
+            dict(block="se", after="residual", reduction=1e-9),
+            r"^block 'se' with reduction=1e-09 would add 528,000,000,016 parameters at block1",
+        ),
+        (dict(block="eca", after="residual", init="zeros"), r"^unknown init 'zeros' Valid inits: identity, paper\."),
+        (dict(block="eca", after="residual", init=3), r"^block 'eca': option init=3 must be str, not int"),
+        (
+            dict(block="eca", after="residual", position=3),
+            r"^position must be a string, not 3 Valid: branch_end, block_output, unit_output, or after_convN \(N a"
+            r" conv index",
+        ),
+        (dict(block=None, after="residual"), r"^unknown block None Valid blocks: eca, se\."),
+        (dict(block="eca", after="residual", verify="yes"), r"^verify= must be True or False, not 'yes'"),
+        (dict(block="eca", after="residual", stack=1), r"^stack= must be True or False, not 1"),
+    ],
+)
 def test_bad_arguments_are_one_clear_error_and_change_nothing(kwargs, message):
     model = BranchyNet().eval()
     keys = list(model.state_dict())
@@ -44,12 +90,24 @@ def test_bad_arguments_are_one_clear_error_and_change_nothing(kwargs, message):
     assert list(model.state_dict()) == keys
 
 
-@pytest.mark.parametrize("example", [
-    torch.randn(1, 5, 32, 32), torch.randn(1, 3, 32, 32, dtype=torch.float64), [EXAMPLE], "an image",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "example",
+    [
+        torch.randn(1, 5, 32, 32),
+        torch.randn(1, 3, 32, 32, dtype=torch.float64),
+        [EXAMPLE],
+        "an image",
+    ],
+)
 @pytest.mark.parametrize("call", [plan, inject])
 def test_a_wrong_example_input_fails_the_same_way_in_plan_and_inject(call, example):
-    with pytest.raises(AttnInjectError, match=r"^the example forward of BranchyNet failed: (RuntimeError|TypeError): .* Pass example_input= \(a tensor or tuple of arguments\) that the model accepts\.$"):
+    with pytest.raises(
+        AttnInjectError,
+        match=(
+            r"^the example forward of BranchyNet failed: (RuntimeError|TypeError): .* Pass example_input= \(a"
+            r" tensor or tuple of arguments\) that the model accepts\.$"
+        ),
+    ):
         call(BranchyNet().eval(), "eca", after="residual", example_input=example)
 
 
@@ -62,15 +120,24 @@ def test_register_block_checks_its_arguments_and_the_contract():
         def __init__(self, channels: int):
             super().__init__()
 
-    with pytest.raises(AttnInjectError, match=r"^register_block: name must be a string usable as a submodule name, not 3"):
+    with pytest.raises(
+        AttnInjectError, match=r"^register_block: name must be a string usable as a submodule name, not 3"
+    ):
         register_block(3)
-    with pytest.raises(AttnInjectError, match=r"^register_block\('thing'\) needs a torch\.nn\.Module subclass, not <class 'int'>"):
+    with pytest.raises(
+        AttnInjectError, match=r"^register_block\('thing'\) needs a torch\.nn\.Module subclass, not <class 'int'>"
+    ):
         register_block("thing")(int)
-    with pytest.raises(AttnInjectError, match=r"NoChannels breaks the block contract: its __init__ must take channels as the first argument"):
+    with pytest.raises(
+        AttnInjectError,
+        match=r"NoChannels breaks the block contract: its __init__ must take channels as the first argument",
+    ):
         register_block("thing")(NoChannels)
-    with pytest.raises(AttnInjectError, match=r"NoInit breaks the block contract: its __init__ must take an init option"):
+    with pytest.raises(
+        AttnInjectError, match=r"NoInit breaks the block contract: its __init__ must take an init option"
+    ):
         register_block("thing")(NoInit)
-    assert "thing" not in _BLOCKS
+    assert "thing" not in list_blocks()
 
 
 @pytest.fixture
@@ -85,10 +152,8 @@ def passthrough_block():
         def forward(self, x):
             return x
 
-    register_block("passthrough")(Passthrough)
-    yield Passthrough
-    del _BLOCKS["passthrough"]
-    _FRESH_OUTPUT.discard(Passthrough)
+    with registered_block("passthrough", Passthrough):
+        yield Passthrough
 
 
 class ReluBranch(nn.Module):
@@ -113,7 +178,9 @@ def test_a_custom_block_returning_its_input_still_trains(passthrough_block):
     for model in (original, patched):
         model.train()
         model(x).square().mean().backward()
-    for (name, a), b in zip(original.named_parameters(), [p for n, p in patched.named_parameters() if "passthrough" not in n]):
+    for (name, a), b in zip(
+        original.named_parameters(), [p for n, p in patched.named_parameters() if "passthrough" not in n]
+    ):
         assert torch.equal(a.grad, b.grad), name
 
 
@@ -132,14 +199,23 @@ class Jittery(nn.Module):
 
 
 def test_a_verify_mismatch_from_a_nondeterministic_model_says_so():
-    with pytest.raises(AttnInjectError, match=r"output 0 differs .*the model was left unchanged\. The original model itself gives different outputs on the same input .*pass verify=False") as info:
+    with pytest.raises(
+        AttnInjectError,
+        match=(
+            r"output 0 differs .*the model was left unchanged\. The original model itself gives different outputs"
+            r" on the same input .*pass verify=False"
+        ),
+    ) as info:
         inject(Jittery().eval(), "eca", after="basic", example_input=EXAMPLE)
     assert "bug in attn_inject" not in str(info.value)
 
 
 def test_quantized_models_are_told_they_are_unsupported():
     model = torch.ao.quantization.quantize_dynamic(sequential_resnet().eval(), {nn.Linear}, dtype=torch.qint8)
-    with pytest.raises(AttnInjectError, match=r"^quantized models are not supported \(7 is Linear\) Inject into the float model, then quantize it"):
+    with pytest.raises(
+        AttnInjectError,
+        match=r"^quantized models are not supported \(7 is Linear\) Inject into the float model, then quantize it",
+    ):
         plan(model, "eca", after="basic", example_input=EXAMPLE)
 
 
@@ -147,7 +223,13 @@ def test_meta_device_models_plan_and_inject_without_verify():
     with torch.device("meta"):
         model = sequential_resnet().eval()
     assert [s.path for s in plan(model, "eca", after="basic")] == ["3", "4"]
-    with pytest.raises(AttnInjectError, match=r"^Sequential is on the meta device: it has no values to verify the patched outputs against plan\(\) works on it; inject\(\.\.\., verify=False\)"):
+    with pytest.raises(
+        AttnInjectError,
+        match=(
+            r"^Sequential is on the meta device: it has no values to verify the patched outputs against plan\(\)"
+            r" works on it; inject\(\.\.\., verify=False\)"
+        ),
+    ):
         inject(model, "eca", after="basic")
     inject(model, "eca", after="basic", verify=False)
     assert model[3].eca.conv.weight.is_meta

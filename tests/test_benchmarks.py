@@ -2,17 +2,16 @@
 the machine cannot make OpenMP thrash)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+from tests.helpers.running import run_python
 
 
 def run_script(name: str, tmp_path: Path, *args: str, timeout: float = 120) -> dict:
     out = tmp_path / f"{name}.json"
-    cmd = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--threads", "1", "--json", str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = run_python(
+        "-m", f"benchmarks.{name}", "--quick", "--threads", "1", "--json", str(out), *args, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| model |" in proc.stdout  # the markdown table
     return json.loads(out.read_text())

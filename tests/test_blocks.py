@@ -2,8 +2,13 @@ import pytest
 import torch
 
 from attn_inject import AttnInjectError, list_blocks
-from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite, eca_kernel_size, get_block
-from attn_inject.blocks.registry import check_block_options
+from attn_inject.blocks import (
+    EfficientChannelAttention,
+    SqueezeExcite,
+    check_block_options,
+    eca_kernel_size,
+    get_block,
+)
 
 SHAPES = [(2, 64, 7, 7), (1, 256, 14, 9), (3, 24, 1, 1), (4, 2048, 3, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -17,7 +22,9 @@ def test_registry_lists_and_rejects_unknown_names():
 
 
 def test_unknown_block_option_lists_the_valid_ones():
-    with pytest.raises(AttnInjectError, match=r"block 'eca' has no option 'reduction'.*Its options: gamma, beta, kernel_size, init\."):
+    with pytest.raises(
+        AttnInjectError, match=r"block 'eca' has no option 'reduction'.*Its options: gamma, beta, kernel_size, init\."
+    ):
         check_block_options("eca", {"reduction": 8})
 
 
@@ -65,8 +72,10 @@ def test_identity_init_is_bitwise_identity(name, dtype, shape, channels_last):
         y = block(x)
     assert y.dtype == dtype
     assert torch.equal(y, x)
-    assert torch.equal(y.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                       x.view(torch.int16 if dtype != torch.float32 else torch.int32))  # fmt: skip
+    assert torch.equal(
+        y.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        x.view(torch.int16 if dtype != torch.float32 else torch.int32),
+    )
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
 

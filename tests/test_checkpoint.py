@@ -7,17 +7,24 @@ from safetensors.torch import save_file
 from torch import nn
 
 from attn_inject import AttnInjectError
-from attn_inject.checkpoint import fit_state_dict, read_state_dict
+from attn_inject.files.checkpoints import fit_state_dict, read_state_dict
 
 
 def small():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda sd: sd, lambda sd: {"state_dict": sd}, lambda sd: {"model": sd}, lambda sd: {"state_dict_ema": sd, "state_dict": {}},
-    lambda sd: {f"module.{k}": v for k, v in sd.items()}, lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"state_dict": sd},
+        lambda sd: {"model": sd},
+        lambda sd: {"state_dict_ema": sd, "state_dict": {}},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+        lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
+    ],
+)
 def test_reads_the_usual_wrappers(tmp_path, wrap):
     state = small().state_dict()
     path = tmp_path / "w.pth"
@@ -44,16 +51,22 @@ class Evil:
 def test_never_unpickles_code(tmp_path, capsys):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": small().state_dict(), "payload": Evil()}, path)
-    with pytest.raises(AttnInjectError, match=r"evil\.pth: the checkpoint holds pickled code or objects \(builtins\.print\), which are never unpickled"):
+    with pytest.raises(
+        AttnInjectError,
+        match=r"evil\.pth: the checkpoint holds pickled code or objects \(builtins\.print\), which are never unpickled",
+    ):
         read_state_dict(path)
     assert "pwned" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("missing.pth", None, r"missing\.pth: no such checkpoint file"),
-    ("w.ckpt", b"x", r"w\.ckpt: unsupported checkpoint type \.ckpt"),
-    ("broken.pth", b"not a zip", r"broken\.pth: not a valid checkpoint: torch.load cannot parse it"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("missing.pth", None, r"missing\.pth: no such checkpoint file"),
+        ("w.ckpt", b"x", r"w\.ckpt: unsupported checkpoint type \.ckpt"),
+        ("broken.pth", b"not a zip", r"broken\.pth: not a valid checkpoint: torch.load cannot parse it"),
+    ],
+)
 def test_bad_files(tmp_path, name, content, message):
     if content is not None:
         (tmp_path / name).write_bytes(content)
@@ -68,21 +81,30 @@ def test_keys_of_another_implementation_are_mapped_by_order_and_shape(caplog):
         fitted, mapped = fit_state_dict(model, foreign, "foreign.pth")
     assert mapped and list(fitted) == list(model.state_dict())
     assert "mapped all 9 tensors by order and shape" in caplog.text
-    same, mapped = fit_state_dict(model, model.state_dict(), "own.pth")
+    _, mapped = fit_state_dict(model, model.state_dict(), "own.pth")
     assert not mapped
 
 
 def test_a_checkpoint_that_does_not_fit_is_refused():
     model = small()
     other = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(5, 2)).state_dict()
-    with pytest.raises(AttnInjectError, match=r"other\.pth: the checkpoint does not fit Sequential: 0\.weight has shape \[5, 3, 3, 3\] where 0\.weight needs \[4, 3, 3, 3\] Check --arch"):
+    with pytest.raises(
+        AttnInjectError,
+        match=(
+            r"other\.pth: the checkpoint does not fit Sequential: 0\.weight has shape \[5, 3, 3, 3\] where"
+            r" 0\.weight needs \[4, 3, 3, 3\] Check --arch"
+        ),
+    ):
         fit_state_dict(model, other, "other.pth")
-    with pytest.raises(AttnInjectError, match=r"the checkpoint does not fit Sequential: 8 tensors for 9 \(missing e\.g\. \['3\.bias'\]\)"):
+    with pytest.raises(
+        AttnInjectError,
+        match=r"the checkpoint does not fit Sequential: 8 tensors for 9 \(missing e\.g\. \['3\.bias'\]\)",
+    ):
         fit_state_dict(model, {k: v for k, v in model.state_dict().items() if k != "3.bias"}, "short.pth")
 
 
 def test_real_efficientnet_lite0_weights_map_onto_timm():
-    from attn_inject.demo import lite0_weights_path
+    from attn_inject.cli.demo import lite0_weights_path
 
     model = timm.create_model("efficientnet_lite0")
     state = read_state_dict(lite0_weights_path())
@@ -96,10 +118,13 @@ def test_load_pretrained_gives_the_models_own_layout(tmp_path):
     """A checkpoint saved channels-last (or by another implementation) loads into the model's own
     strides: CPU convolutions round differently on another layout, and a patched file read back
     (safetensors, contiguous) must compute what the original did, bit for bit."""
-    from attn_inject.checkpoint import load_pretrained
+    from attn_inject.files.checkpoints import load_pretrained
 
     reference = timm.create_model("resnet18", num_classes=10).eval()
-    state = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in reference.state_dict().items()}
+    state = {
+        k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+        for k, v in reference.state_dict().items()
+    }
     assert not state["conv1.weight"].is_contiguous()
     torch.save(state, tmp_path / "cl.pth")
     model = load_pretrained(tmp_path / "cl.pth", "resnet18", num_classes=10)

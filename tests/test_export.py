@@ -3,9 +3,10 @@
 Every model here has its attention blocks moved away from the identity init (random SE ``fc2``,
 random ECA ``conv``) and realistic BatchNorm statistics, so a block that went missing from the
 compiled / traced / exported program changes the outputs; each test also counts the blocks'
-gates in the program itself (one tanh each: the gain-2 gate is ``x + x * tanh(z / 2)``). Outputs are compared with the eager outputs of the same patched
-model: bitwise for jit.trace and torch.export (the same aten kernels run), with a float tolerance
-for inductor and onnxruntime (other kernels, fused and reordered).
+gates in the program itself (one tanh each: the gain-2 gate is ``x + x * tanh(z / 2)``). Outputs
+are compared with the eager outputs of the same patched model: bitwise for jit.trace and
+torch.export (the same aten kernels run), with a float tolerance for inductor and onnxruntime
+(other kernels, fused and reordered).
 
 What does not work, and why (see BENCHMARKS.md, "Export"):
 - A forward with data-dependent control flow (``if x.mean() > ...``, BranchyNet) cannot be
@@ -30,10 +31,14 @@ import timm
 import torch
 import torchvision
 from torch import nn
-from tiny_models import BranchyNet, InplaceBasic, MethodAddInverted, conv_bn
 
 from attn_inject import inject
-from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite
+from attn_inject.blocks import SqueezeExcite
+from attn_inject.finetune import attention_blocks
+from attn_inject.testing import look_trained
+from tests.helpers.inductor import compile_and_run, graph_gates
+from tests.helpers.running import outputs
+from tests.helpers.tiny_models import BranchyNet, InplaceBasic, MethodAddInverted, conv_bn
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 X_OTHER = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))  # another batch size
@@ -79,43 +84,32 @@ class Case:
 # name: (factory, block, rule, blocks, top-level forward traceable by fx)
 MODELS = {
     "timm_resnet18_se": (lambda: timm.create_model("resnet18", num_classes=10), "se", "basic", 8, True),
-    "tv_mobilenet_v2_eca": (lambda: torchvision.models.mobilenet_v2(num_classes=10), "eca", "inverted_residual", 10, True),
+    "tv_mobilenet_v2_eca": (
+        lambda: torchvision.models.mobilenet_v2(num_classes=10),
+        "eca",
+        "inverted_residual",
+        10,
+        True,
+    ),
     "branchy_se": (BranchyNet, "se", "residual", 4, False),  # data-dependent `if` at the top
     "shape_branchy_eca": (ShapeBranchyNet, "eca", "residual", 3, False),  # shape-dependent `if` at the top
-}  # fmt: skip
+}
 
 
-def realistic(model: nn.Module) -> nn.Module:
-    """Random norm affines (fresh timm ResNets zero each branch's last BN, which would hide a
-    branch-end block) and running statistics from one train-mode batch (fresh ones make some
-    outputs ~1e-9, which would hide any difference under an absolute tolerance)."""
-    g = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: one batch sets the statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(8, 3, 64, 64, generator=g))
-    return model.eval()
-
-
-def attention_blocks(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (SqueezeExcite, EfficientChannelAttention))]
+# Random norm affines (fresh timm ResNets zero each branch's last BN, which would hide a branch-end
+# block) and BatchNorm statistics measured on one batch (fresh ones make some outputs ~1e-9, which
+# would hide any difference under an absolute tolerance): attn_inject.testing.look_trained with it.
+CALIBRATION = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 
 
 def block_params(model: nn.Module) -> set[str]:
-    names = {id(m): n for n, m in model.named_modules()}
-    return {f"{names[id(b)]}.{p}" for b in attention_blocks(model) for p, _ in b.named_parameters()}
+    return {f"{path}.{p}" for path, b in attention_blocks(model).items() for p, _ in b.named_parameters()}
 
 
 def away_from_identity(model: nn.Module) -> None:
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
-        for block in attention_blocks(model):
+        for block in attention_blocks(model).values():
             if isinstance(block, SqueezeExcite):  # an input-dependent gate, not just a per-channel constant
                 block.fc2.weight.copy_(torch.randn(block.fc2.weight.shape, generator=g) * 0.5)
                 block.fc2.bias.copy_(torch.randn(block.fc2.bias.shape, generator=g))
@@ -128,7 +122,7 @@ def case(name: str) -> Case:
     """Built once per session; tests must not modify the model."""
     factory, block, rule, blocks, traceable = MODELS[name]
     torch.manual_seed(0)
-    model = realistic(factory())
+    model = look_trained(factory(), CALIBRATION, seed=3)
     unpatched = copy.deepcopy(model)
     if not traceable:  # the premise: fx cannot trace the top-level forward (inject runs it eagerly)
         with pytest.raises(torch.fx.proxy.TraceError):
@@ -143,13 +137,11 @@ def case(name: str) -> Case:
     return Case(model, blocks, reference, unpatched)
 
 
-def eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
-
-
 def report_diff(backend: str, name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
-    print(f"\n{backend} {name}: max abs diff to eager {(out - ref).abs().max().item():.3g} (output scale {ref.abs().max().item():.3g})")
+    print(
+        f"\n{backend} {name}: max abs diff to eager {(out - ref).abs().max().item():.3g} "
+        f"(output scale {ref.abs().max().item():.3g})"
+    )
 
 
 # ---------------------------------------------------------------- torch.jit.trace
@@ -164,10 +156,10 @@ def test_jit_trace_is_bitwise_equal(name):
         traced = torch.jit.trace(c.model, X, check_trace=False)
     kinds = [n.kind() for n in traced.inlined_graph.nodes()]
     assert kinds.count("aten::tanh") == c.blocks
-    out = eager(traced, X)
+    out = outputs(traced, X)
     report_diff("jit.trace", name, out, c.reference)
     assert torch.equal(out, c.reference)
-    assert torch.equal(eager(traced, X_OTHER), eager(c.model, X_OTHER))  # not specialised on the batch size
+    assert torch.equal(outputs(traced, X_OTHER), outputs(c.model, X_OTHER))  # not specialised on the batch size
 
 
 # ---------------------------------------------------------------- torch.export
@@ -203,7 +195,7 @@ def test_export_with_dynamic_batch(name):
     assert gates(ep) == c.blocks
     module = ep.module()
     for x in (X_OTHER, X_OTHER[:1]):
-        assert torch.equal(module(x), eager(c.model, x))
+        assert torch.equal(module(x), outputs(c.model, x))
 
 
 def test_export_of_data_dependent_branch_fails_as_for_the_unpatched_model():
@@ -247,35 +239,10 @@ def test_onnx_with_dynamic_batch_matches_eager_in_onnxruntime(name):
     report_diff("onnx", name, out, c.reference)
     torch.testing.assert_close(out, c.reference, rtol=1e-4, atol=1e-5)
     for x in (X_OTHER, X_OTHER[:1]):
-        torch.testing.assert_close(run_onnx(session, x), eager(c.model, x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(run_onnx(session, x), outputs(c.model, x), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- torch.compile (inductor, CPU)
-
-
-def compile_and_run(model: nn.Module, fullgraph: bool) -> tuple[torch.Tensor, list[torch.fx.GraphModule]]:
-    """Compile with inductor, keeping the graphs dynamo hands it to count the blocks in them."""
-    from torch._inductor.compile_fx import compile_fx
-
-    graphs: list[torch.fx.GraphModule] = []
-
-    def inductor(gm, example_inputs):
-        graphs.append(gm)
-        return compile_fx(gm, example_inputs)
-
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(model, backend=inductor, fullgraph=fullgraph)
-        with torch.no_grad():
-            out = compiled(X)
-            assert torch.equal(compiled(X), out)  # the cached compiled code, same answer
-    finally:
-        torch._dynamo.reset()
-    return out, graphs
-
-
-def graph_gates(gm: torch.fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.target in ("tanh", torch.tanh, torch.ops.aten.tanh.default))
 
 
 @pytest.mark.parametrize(
@@ -288,7 +255,7 @@ def graph_gates(gm: torch.fx.GraphModule) -> int:
 )
 def test_compile_matches_eager(name, fullgraph):
     c = case(name)
-    out, graphs = compile_and_run(c.model, fullgraph)
+    out, graphs = compile_and_run(c.model, X, fullgraph)
     assert sum(graph_gates(g) for g in graphs) == c.blocks
     if not fullgraph:
         assert len(graphs) >= 2
@@ -306,6 +273,6 @@ def test_jit_script_is_not_supported():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in 2.14
         scripted = torch.jit.script(c.unpatched)
-        assert torch.equal(eager(scripted, X), eager(c.unpatched, X))
+        assert torch.equal(outputs(scripted, X), outputs(c.unpatched, X))
         with pytest.raises(AttributeError, match="__globals__"):
             torch.jit.script(c.model)

@@ -2,35 +2,23 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from finetune_data import tiny_model, write_image_folder
 from safetensors.torch import load_file
-from trained import looks_trained, off_identity
 
 from attn_inject import inject, load, save
-from attn_inject.cli import main
-from attn_inject.console import TrainingProgress
-from attn_inject.recipe import recipe_of
+from attn_inject.cli.console import TrainingProgress
+from attn_inject.surgery.recipe import recipe_of
+from attn_inject.testing import look_trained, move_off_identity
+from tests.helpers.cli import last_json, run_cli
+from tests.helpers.finetune_data import tiny_model, write_image_folder
+from tests.helpers.running import run_python
 
 ARCH = "resnet10t"
 COMMON = ("--img-size", "32")
 TRAIN = ("--epochs", "2", "--batch-size", "8", "--lr", "3e-3", "--attention-lr", "3e-2", *COMMON)
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -38,40 +26,63 @@ def files(tmp_path_factory):
     """A plain .pth checkpoint with 3 classes, its ECA-patched file, and a 3-class ImageFolder."""
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
-    model = looks_trained(timm.create_model(ARCH, num_classes=3))
+    model = look_trained(timm.create_model(ARCH, num_classes=3))
     torch.save(model.state_dict(), root / "plain.pth")
     save(inject(model, "eca", after="basic"), root / "eca.safetensors")
-    return {"plain": root / "plain.pth", "eca": root / "eca.safetensors", "data": write_image_folder(root / "data", size=32)}
+    return {
+        "plain": root / "plain.pth",
+        "eca": root / "eca.safetensors",
+        "data": write_image_folder(root / "data", size=32),
+    }
 
 
 def test_eval_of_the_patched_file_equals_the_original_checkpoint(capsys, files, tmp_path):
-    code, out, err = run(capsys, "eval", files["plain"], "--arch", ARCH, "--num-classes", "3", "--data", files["data"], *COMMON, "--json")
+    code, out, err = run_cli(
+        capsys, "eval", files["plain"], "--arch", ARCH, "--num-classes", "3", "--data", files["data"], *COMMON, "--json"
+    )
     assert code == 0, err
     plain = last_json(out)
-    code, out, err = run(capsys, "eval", files["eca"], "--data", files["data"], *COMMON, "--json")
+    code, out, err = run_cli(capsys, "eval", files["eca"], "--data", files["data"], *COMMON, "--json")
     assert code == 0, err
     patched = last_json(out)
     assert (patched["top1"], patched["top5"], patched["loss"]) == (plain["top1"], plain["top5"], plain["loss"])
     assert patched["images"] == 12 and 0 <= patched["top1"] <= 1 and patched["input_size"] == [3, 32, 32]
-    moved = save(off_identity(load(files["eca"])), tmp_path / "moved.safetensors")  # blocks off identity: another loss
-    code, out, _ = run(capsys, "eval", moved, "--data", files["data"], *COMMON, "--json")
+    model = load(files["eca"])
+    move_off_identity(model)  # blocks off identity: another loss
+    moved = save(model, tmp_path / "moved.safetensors")
+    code, out, _ = run_cli(capsys, "eval", moved, "--data", files["data"], *COMMON, "--json")
     assert code == 0 and last_json(out)["loss"] != plain["loss"]
-    code, out, _ = run(capsys, "eval", files["eca"], "--data", files["data"], *COMMON)
+    code, out, _ = run_cli(capsys, "eval", files["eca"], "--data", files["data"], *COMMON)
     assert out.startswith(f"{files['eca']}: top1 ") and "on 12 images" in out
 
 
 def test_finetune_writes_a_patched_file_that_load_and_eval_read(capsys, files, tmp_path):
     out_file = tmp_path / "ft.safetensors"
-    code, out, err = run(capsys, "finetune", files["eca"], "--data", files["data"], "--output", out_file, *TRAIN,
-                         "--attention-only-steps", "3", "--clip-grad", "1", "--json")  # fmt: skip
+    code, out, err = run_cli(
+        capsys,
+        "finetune",
+        files["eca"],
+        "--data",
+        files["data"],
+        "--output",
+        out_file,
+        *TRAIN,
+        "--attention-only-steps",
+        "3",
+        "--clip-grad",
+        "1",
+        "--json",
+    )
     assert code == 0, err
     summary = last_json(out)
     assert len(out.strip().splitlines()) == 1  # progress and notes went to stderr
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2] and summary["steps_per_epoch"] == 3
     assert "step 3: training all" in err and "step 0: training attention" in err
-    code, out, _ = run(capsys, "eval", files["eca"], "--data", files["data"], *COMMON, "--batch-size", "8", "--json")
+    code, out, _ = run_cli(
+        capsys, "eval", files["eca"], "--data", files["data"], *COMMON, "--batch-size", "8", "--json"
+    )
     assert {k: summary["before"][k] for k in ("top1", "loss")} == {k: last_json(out)[k] for k in ("top1", "loss")}
-    code, out, _ = run(capsys, "eval", out_file, "--data", files["data"], *COMMON, "--batch-size", "8", "--json")
+    code, out, _ = run_cli(capsys, "eval", out_file, "--data", files["data"], *COMMON, "--batch-size", "8", "--json")
     assert {k: summary["after"][k] for k in ("top1", "loss")} == {k: last_json(out)[k] for k in ("top1", "loss")}
     model = load(out_file)
     assert len(recipe_of(model).injections) == 1
@@ -87,11 +98,17 @@ def test_finetune_refuses_bad_input_in_one_line(capsys, files, tmp_path):
         "the output is the input file": (eca, "--data", data, "--output", eca, *TRAIN),
         "no such data folder": (eca, "--data", tmp_path / "none", "--output", tmp_path / "o.safetensors", *TRAIN),
         "a plain checkpoint \\(no attn_inject recipe inside\\) Name its architecture with --arch": (
-            files["plain"], "--data", data, "--output", tmp_path / "o.safetensors", *TRAIN),
+            files["plain"],
+            "--data",
+            data,
+            "--output",
+            tmp_path / "o.safetensors",
+            *TRAIN,
+        ),
         "the output must be a .safetensors file": (eca, "--data", data, "--output", tmp_path / "o.pth", *TRAIN),
-    }  # fmt: skip
+    }
     for message, argv in cases.items():
-        code, out, err = run(capsys, "finetune", *argv)
+        code, out, err = run_cli(capsys, "finetune", *argv)
         assert code == 1 and out == "", message
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert __import__("re").search(message, err), err
@@ -103,14 +120,14 @@ def test_a_head_of_another_size_is_replaced_only_when_asked(capsys, files, tmp_p
     write_image_folder(five, classes=("a", "b", "c", "d", "e"), train=2, val=1, size=32)
     out_file = tmp_path / "five.safetensors"
     argv = ("finetune", files["eca"], "--data", five, "--output", out_file, *TRAIN, "--json")
-    code, _, err = run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 1 and "the data has 5 classes but the model's head has 3 outputs Pass --num-classes 5" in err
-    code, out, err = run(capsys, *argv, "--num-classes", "5", "--attention-only-steps", "1")
+    code, out, err = run_cli(capsys, *argv, "--num-classes", "5", "--attention-only-steps", "1")
     assert code == 0, err
     assert last_json(out)["head_replaced"] is True
     model = load(out_file)
     assert recipe_of(model).num_classes == 5 and model.get_classifier().out_features == 5
-    code, _, err = run(capsys, "eval", files["eca"], "--data", five, *COMMON)
+    code, _, err = run_cli(capsys, "eval", files["eca"], "--data", five, *COMMON)
     assert code == 1 and "the data has 5 classes but the model's head has 3 outputs" in err
 
 
@@ -127,14 +144,14 @@ def test_ctrl_c_then_resume(capsys, files, tmp_path, monkeypatch):
         original(self, advance, **fields)
 
     monkeypatch.setattr(TrainingProgress, "update", interrupt_in_epoch_2)
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 130 and out == ""
     assert err.strip().endswith(f"interrupted during epoch 2; {out_file} holds epoch 1; continue with --resume")
     first = out_file.read_bytes()
     monkeypatch.setattr(TrainingProgress, "update", original)
-    code, _, err = run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 1 and "the output file exists" in err and out_file.read_bytes() == first
-    code, out, err = run(capsys, *argv, "--resume")
+    code, out, err = run_cli(capsys, *argv, "--resume")
     assert code == 0, err
     assert [e["epoch"] for e in last_json(out)["epochs"]] == [1, 2] and "resuming after epoch 1 of 2" in err
 
@@ -144,14 +161,35 @@ def test_torchrun_runs_the_same_command_and_matches_one_process(files, tmp_path)
     same command in one process (batch 8): the same samples per step, the same augmentation per sample
     (seeded by sample), GroupNorm (no per-rank batch statistics); only rank 0 prints and writes."""
     tiny = save(tiny_model("gn"), tmp_path / "tiny.safetensors")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     results = {}
-    for name, launcher in {"one": [], "two": ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]}.items():
+    for name, launcher in {
+        "one": [],
+        "two": ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+    }.items():
         out_file = tmp_path / f"{name}.safetensors"
-        cmd = [sys.executable, *launcher, "-m", "attn_inject", "finetune", str(tiny), "--arch", "finetune_data:tiny_gn",
-               "--data", str(files["data"]), "--output", str(out_file), *map(str, TRAIN), "--attention-only-steps", "2",
-               "--warmup-steps", "2", "--clip-grad", "1", "--json"]  # fmt: skip
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        cmd = [
+            *launcher,
+            "-m",
+            "attn_inject",
+            "finetune",
+            str(tiny),
+            "--arch",
+            "tests.helpers.finetune_data:tiny_gn",  # imported from the repository root
+            "--data",
+            str(files["data"]),
+            "--output",
+            str(out_file),
+            *map(str, TRAIN),
+            "--attention-only-steps",
+            "2",
+            "--warmup-steps",
+            "2",
+            "--clip-grad",
+            "1",
+            "--json",
+        ]
+        proc = run_python(*cmd, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         assert len(lines) == 1  # rank 0 only

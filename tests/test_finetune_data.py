@@ -1,10 +1,10 @@
 """The ImageFolder checks: every mistake is one clear AttnInjectError, raised before training."""
 
 import pytest
-from finetune_data import TinyNet, write_image_folder
 
 from attn_inject import AttnInjectError
 from attn_inject.finetune.data import check_image_folder, fit_head
+from tests.helpers.finetune_data import TinyNet, write_image_folder
 
 
 def test_a_good_folder(tmp_path):
@@ -30,7 +30,13 @@ def test_missing_and_empty_folders(tmp_path):
 
 def test_train_and_val_classes_must_agree(tmp_path):
     write_image_folder(tmp_path, train=1, val=1, val_classes=("ant", "bee", "dog"))
-    with pytest.raises(AttnInjectError, match=r"train/ has 3 classes and val/ has 3; they differ \(only in train/: \['cat'\], only in val/: \['dog'\]\)"):
+    with pytest.raises(
+        AttnInjectError,
+        match=(
+            r"train/ has 3 classes and val/ has 3; they differ \(only in train/: \['cat'\], only in val/:"
+            r" \['dog'\]\)"
+        ),
+    ):
         check_image_folder(tmp_path)
 
 
@@ -38,16 +44,22 @@ def test_unreadable_image_is_named(tmp_path):
     write_image_folder(tmp_path, train=1, val=1)
     bad = tmp_path / "val" / "bee" / "broken.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(AttnInjectError, match=r"broken.png: not a readable image \(UnidentifiedImageError\) Remove or replace the file."):
+    with pytest.raises(
+        AttnInjectError,
+        match=r"broken.png: not a readable image \(UnidentifiedImageError\) Remove or replace the file.",
+    ):
         check_image_folder(tmp_path)
 
 
 def test_head_is_replaced_only_when_asked():
     model = TinyNet(num_classes=5)
-    with pytest.raises(AttnInjectError, match=r"the data has 3 classes but the model's head has 5 outputs Pass --num-classes 3 to replace"):
+    with pytest.raises(
+        AttnInjectError,
+        match=r"the data has 3 classes but the model's head has 5 outputs Pass num_classes=3 to replace",
+    ):
         fit_head(model, 3, None)
     assert model.head.out_features == 5
-    with pytest.raises(AttnInjectError, match=r"--num-classes 4 does not match the data's 3 classes"):
+    with pytest.raises(AttnInjectError, match=r"num_classes=4 does not match the data's 3 classes"):
         fit_head(model, 3, 4)
     assert fit_head(model, 3, 3) is True and model.head.out_features == 3 and model.num_classes == 3
     assert fit_head(model, 3, 3) is False and fit_head(model, 3, None) is False

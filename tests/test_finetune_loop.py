@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from finetune_data import tiny_model, write_image_folder
 from safetensors.torch import load_file
 
 from attn_inject import AttnInjectError
@@ -11,6 +10,7 @@ from attn_inject.finetune.commands import save_model
 from attn_inject.finetune.data import SeededSamples, data_config, image_folder, transforms
 from attn_inject.finetune.loop import Progress, TrainConfig, TrainingInterrupted, evaluate, finetune
 from attn_inject.finetune.state import read_state, state_path
+from tests.helpers.finetune_data import tiny_model, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,17 @@ class StopAt(Progress):
 def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_exactly(data, tmp_path):
     full = run(data, tmp_path / "full.safetensors")
     out = tmp_path / "ft.safetensors"
-    with pytest.raises(TrainingInterrupted, match=r"interrupted during epoch 2; .*ft.safetensors holds epoch 1; continue with --resume"):
+    with pytest.raises(
+        TrainingInterrupted,
+        match=r"interrupted during epoch 2; .*ft.safetensors holds epoch 1; continue with resume=True",
+    ):
         run(data, out, progress=StopAt(5))  # 3 steps per epoch: step 5 is inside epoch 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.safetensors", "ft.train-state.pt", "full.safetensors", "full.train-state.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ft.safetensors",
+        "ft.train-state.pt",
+        "full.safetensors",
+        "full.train-state.pt",
+    ]
     state = read_state(state_path(out))  # torch.load(weights_only=True)
     assert state["epochs_done"] == 1 and state["step"] == 3
     assert all(torch.equal(load_file(out)[k], v) for k, v in state["model"].items())
@@ -79,14 +87,14 @@ def test_resume_refuses_a_different_run(data, tmp_path):
     out = tmp_path / "y.safetensors"
     with pytest.raises(TrainingInterrupted):
         run(data, out, progress=StopAt(4))
-    with pytest.raises(AttnInjectError, match=r"--epochs 5 differs from the interrupted run's 3"):
+    with pytest.raises(AttnInjectError, match=r"epochs=5 differs from the interrupted run's 3"):
         run(data, out, resume=True, epochs=5)
 
 
 def test_batch_smaller_than_the_data_and_bad_config(data, tmp_path):
     with pytest.raises(AttnInjectError, match=r"train/ has 24 images, fewer than one batch of 32"):
         run(data, tmp_path / "o.safetensors", batch_size=32)
-    with pytest.raises(AttnInjectError, match=r"--label-smoothing must be in \[0, 1\), got 1.5"):
+    with pytest.raises(AttnInjectError, match=r"label_smoothing must be in \[0, 1\), got 1.5"):
         run(data, tmp_path / "o.safetensors", label_smoothing=1.5)
 
 
@@ -99,7 +107,9 @@ def test_an_image_that_fails_to_decode_in_a_loader_worker_is_one_line(tmp_path):
 
 
 def test_attention_only_steps_need_blocks(data, tmp_path):
-    from finetune_data import TinyNet
+    from tests.helpers.finetune_data import TinyNet
 
-    with pytest.raises(AttnInjectError, match=r"--attention-only-steps needs injected attention blocks; TinyNet has none"):
+    with pytest.raises(
+        AttnInjectError, match=r"attention_only_steps needs injected attention blocks; TinyNet has none"
+    ):
         run(data, tmp_path / "o.safetensors", model=TinyNet())

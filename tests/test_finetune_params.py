@@ -2,17 +2,17 @@
 
 import pytest
 import torch
-from finetune_data import TinyNet
-from trained import looks_trained
 
 from attn_inject import AttnInjectError, inject
 from attn_inject.finetune import AttentionFirst, count_parameters, param_groups, set_trainable, trainable_summary
+from attn_inject.testing import look_trained
+from tests.helpers.finetune_data import TinyNet
 
 X = torch.randn(1, 3, 16, 16)
 
 
 def injected(block: str) -> torch.nn.Module:
-    return inject(looks_trained(TinyNet()), block, after="basic", example_input=X)
+    return inject(look_trained(TinyNet()), block, after="basic", example_input=X)
 
 
 def trainable(model) -> list[str]:
@@ -31,7 +31,7 @@ def test_attention_only_trains_the_injected_blocks():
 def test_set_trainable_refuses_bad_input():
     with pytest.raises(AttnInjectError, match="TinyNet has no injected attention blocks with parameters"):
         set_trainable(TinyNet(), "attention")
-    with pytest.raises(AttnInjectError, match="unknown trainable set 'heads' Use one of: attention, all."):
+    with pytest.raises(AttnInjectError, match=r"unknown trainable set 'heads' Use one of: attention, all\."):
         set_trainable(injected("eca"), "heads")
 
 
@@ -40,14 +40,21 @@ def test_param_groups_split_learning_rate_and_weight_decay():
     groups = {g["name"]: g for g in param_groups(model, lr=1e-4, attention_lr=1e-3, weight_decay=0.05)}
     names = {id(p): n for n, p in model.named_parameters()}
     members = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
-    assert members["model"] == sorted(["stem.0.weight", "head.weight"] + [f"blocks.{i}.conv{j}.weight" for i in (0, 1) for j in (1, 2)])
+    assert members["model"] == sorted(
+        ["stem.0.weight", "head.weight"] + [f"blocks.{i}.conv{j}.weight" for i in (0, 1) for j in (1, 2)]
+    )
     assert members["attention"] == ["blocks.0.se.fc1.weight", "blocks.1.se.fc1.weight"]
     # no decay: biases and norms (1-d), and the layer feeding each gate (SE fc2), weight included
-    assert members["attention_no_decay"] == sorted(f"blocks.{i}.se.{p}" for i in (0, 1) for p in ("fc1.bias", "fc2.weight", "fc2.bias"))
+    assert members["attention_no_decay"] == sorted(
+        f"blocks.{i}.se.{p}" for i in (0, 1) for p in ("fc1.bias", "fc2.weight", "fc2.bias")
+    )
     assert "head.bias" in members["model_no_decay"] and "blocks.0.n1.weight" in members["model_no_decay"]
     assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
-        "model": (1e-4, 0.05), "model_no_decay": (1e-4, 0.0), "attention": (1e-3, 0.05), "attention_no_decay": (1e-3, 0.0),
-    }  # fmt: skip
+        "model": (1e-4, 0.05),
+        "model_no_decay": (1e-4, 0.0),
+        "attention": (1e-3, 0.05),
+        "attention_no_decay": (1e-3, 0.0),
+    }
     assert sum(len(v) for v in members.values()) == len(list(model.parameters()))
 
 
@@ -64,7 +71,9 @@ def test_trainable_summary_counts_exactly():
     model = injected("eca")
     total = sum(p.numel() for p in model.parameters())
     set_trainable(model, "attention")
-    assert trainable_summary(model) == f"trainable params: 6 || all params: {total:,} || trainable%: {100 * 6 / total:.4f}"
+    assert (
+        trainable_summary(model) == f"trainable params: 6 || all params: {total:,} || trainable%: {100 * 6 / total:.4f}"
+    )
 
 
 def test_attention_first_then_all_in_a_plain_loop():

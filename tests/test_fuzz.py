@@ -60,7 +60,13 @@ class Residual(nn.Module):
         units, width = [], c
         for i, (k, expand, grouping) in enumerate(spec["units"]):
             out = c if i == len(spec["units"]) - 1 else c * expand
-            groups = width if grouping == "depthwise" and out % width == 0 else 2 if grouping == "grouped" and width % 2 == 0 and out % 2 == 0 else 1
+            groups = (
+                width
+                if grouping == "depthwise" and out % width == 0
+                else 2
+                if grouping == "grouped" and width % 2 == 0 and out % 2 == 0
+                else 1
+            )
             units.append(Unit(width, out, k, groups, act=i < len(spec["units"]) - 1))
             width = out
         self.branch = nn.Sequential(*units)
@@ -138,19 +144,29 @@ class FuzzNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-unit_spec = st.tuples(st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.sampled_from(["plain", "depthwise", "grouped"]))
-branch_spec = st.fixed_dictionaries({
-    "units": st.lists(unit_spec, min_size=1, max_size=3),
-    "add": st.sampled_from(["plus", "torch.add", "iadd", "add_"]),
-    "layer_scale": st.booleans(),
-})  # fmt: skip
-net_spec = st.fixed_dictionaries({
-    "channels": st.sampled_from([4, 8, 12]),
-    "blocks": st.lists(st.tuples(st.sampled_from(["unit", "residual", "nhwc", "loop", "tensor_if", "flag_if"]), branch_spec), min_size=1, max_size=4),
-    "channels_last": st.booleans(),
-    "train_mode": st.booleans(),  # inject works in either mode; outputs are compared in eval mode
-    "seed": st.integers(0, 2**16),
-})  # fmt: skip
+unit_spec = st.tuples(
+    st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.sampled_from(["plain", "depthwise", "grouped"])
+)
+branch_spec = st.fixed_dictionaries(
+    {
+        "units": st.lists(unit_spec, min_size=1, max_size=3),
+        "add": st.sampled_from(["plus", "torch.add", "iadd", "add_"]),
+        "layer_scale": st.booleans(),
+    }
+)
+net_spec = st.fixed_dictionaries(
+    {
+        "channels": st.sampled_from([4, 8, 12]),
+        "blocks": st.lists(
+            st.tuples(st.sampled_from(["unit", "residual", "nhwc", "loop", "tensor_if", "flag_if"]), branch_spec),
+            min_size=1,
+            max_size=4,
+        ),
+        "channels_last": st.booleans(),
+        "train_mode": st.booleans(),  # inject works in either mode; outputs are compared in eval mode
+        "seed": st.integers(0, 2**16),
+    }
+)
 
 
 def build(spec: dict) -> nn.Module:
@@ -169,19 +185,26 @@ def build(spec: dict) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # rule files and options, valid and not
 
-_ANY = st.one_of(st.integers(-3, 9), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.text(max_size=5), st.none())
-conv_field = st.fixed_dictionaries({}, optional={
-    "kernel": st.one_of(st.sampled_from([1, 3, 5, "any", [3, 3], [1, 3], [3, True], 0, "big"]), _ANY),
-    "depthwise": st.sampled_from([True, False, "any", "maybe"]),
-    "width": st.sampled_from(["expand", "reduce", "same", "any", ["expand", "same"], "wide"]),
-    "optional": st.sampled_from([True, False, "yes"]),
-})  # fmt: skip
+_ANY = st.one_of(
+    st.integers(-3, 9), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.text(max_size=5), st.none()
+)
+conv_field = st.fixed_dictionaries(
+    {},
+    optional={
+        "kernel": st.one_of(st.sampled_from([1, 3, 5, "any", [3, 3], [1, 3], [3, True], 0, "big"]), _ANY),
+        "depthwise": st.sampled_from([True, False, "any", "maybe"]),
+        "width": st.sampled_from(["expand", "reduce", "same", "any", ["expand", "same"], "wide"]),
+        "optional": st.sampled_from([True, False, "yes"]),
+    },
+)
 rule_doc = st.fixed_dictionaries(
     {"name": st.one_of(st.just("fuzzed"), st.sampled_from(["1bad", "", "a b"]), _ANY)},
     optional={
         "match": st.one_of(
             st.fixed_dictionaries({"kind": st.just("residual")}, optional={"convs": st.lists(conv_field, max_size=3)}),
-            st.fixed_dictionaries({"kind": st.just("unit")}, optional={"conv": conv_field, "norm": st.sampled_from([True, False, 1])}),
+            st.fixed_dictionaries(
+                {"kind": st.just("unit")}, optional={"conv": conv_field, "norm": st.sampled_from([True, False, 1])}
+            ),
             st.fixed_dictionaries({"kind": st.sampled_from(["blob", 3])}),
         ),
         "insert": st.sampled_from(["branch_end", "block_output", "unit_output", "middle", 7]),
@@ -189,35 +212,65 @@ rule_doc = st.fixed_dictionaries(
         "exclude": st.sampled_from([[], "layers.0*", [None]]),
         "extra": _ANY,
     },
-)  # fmt: skip
+)
 builtin_rules = st.sampled_from(["residual", "basic", "bottleneck", "inverted_residual", "conv", ["residual", "conv"]])
 after = st.one_of(
-    builtin_rules, builtin_rules, builtin_rules,
+    builtin_rules,
+    builtin_rules,
+    builtin_rules,
     rule_doc.map(lambda d: ("yaml", yaml.safe_dump(d))),
     st.text(max_size=40).map(lambda t: ("yaml", t)),  # anything at all in a rule file
     st.sampled_from([None, 42, [], [1], "unknown_rule"]),
 )
 valid_options = st.one_of(
-    st.tuples(st.just("se"), st.fixed_dictionaries({}, optional={
-        "reduction": st.sampled_from([2, 4, 8, 16.0]), "rd_divisor": st.sampled_from([1, 4, 8]),
-        "rd_channels": st.sampled_from([None, 2, 6]), "init": st.just("identity"),
-    })),
-    st.tuples(st.just("eca"), st.fixed_dictionaries({}, optional={
-        "kernel_size": st.sampled_from([None, 1, 3, 5]), "gamma": st.sampled_from([2, 1.5]), "beta": st.sampled_from([1, 0]),
-    })),
+    st.tuples(
+        st.just("se"),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "reduction": st.sampled_from([2, 4, 8, 16.0]),
+                "rd_divisor": st.sampled_from([1, 4, 8]),
+                "rd_channels": st.sampled_from([None, 2, 6]),
+                "init": st.just("identity"),
+            },
+        ),
+    ),
+    st.tuples(
+        st.just("eca"),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "kernel_size": st.sampled_from([None, 1, 3, 5]),
+                "gamma": st.sampled_from([2, 1.5]),
+                "beta": st.sampled_from([1, 0]),
+            },
+        ),
+    ),
 )
 any_options = st.one_of(
-    st.tuples(st.just("se"), st.fixed_dictionaries({}, optional={
-        "reduction": st.one_of(st.sampled_from([4, 8, 16.0, 0, -1, 1e-9]), _ANY),
-        "rd_divisor": st.one_of(st.sampled_from([1, 4, 8]), _ANY),
-        "rd_channels": st.one_of(st.sampled_from([None, 2, 10**9]), _ANY),
-        "init": st.sampled_from(["identity", "paper", "zeros", 1]),
-    })),
-    st.tuples(st.just("eca"), st.fixed_dictionaries({}, optional={
-        "kernel_size": st.one_of(st.sampled_from([None, 1, 3, 5, 4, 10**9 + 1]), _ANY),
-        "gamma": st.one_of(st.sampled_from([2, 1.5]), _ANY),
-        "beta": st.one_of(st.sampled_from([1, 0]), _ANY),
-    })),
+    st.tuples(
+        st.just("se"),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "reduction": st.one_of(st.sampled_from([4, 8, 16.0, 0, -1, 1e-9]), _ANY),
+                "rd_divisor": st.one_of(st.sampled_from([1, 4, 8]), _ANY),
+                "rd_channels": st.one_of(st.sampled_from([None, 2, 10**9]), _ANY),
+                "init": st.sampled_from(["identity", "paper", "zeros", 1]),
+            },
+        ),
+    ),
+    st.tuples(
+        st.just("eca"),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "kernel_size": st.one_of(st.sampled_from([None, 1, 3, 5, 4, 10**9 + 1]), _ANY),
+                "gamma": st.one_of(st.sampled_from([2, 1.5]), _ANY),
+                "beta": st.one_of(st.sampled_from([1, 0]), _ANY),
+            },
+        ),
+    ),
     st.tuples(st.sampled_from(["se", "eca", "cbam", None]), st.just({})),
 )
 options = st.one_of(valid_options, valid_options, any_options)  # valid twice as often
@@ -246,8 +299,9 @@ def snapshot(model: nn.Module) -> tuple:
     return (
         {k: v.clone() for k, v in model.state_dict().items()},
         [dict(m.__dict__) for m in model.modules()],
-        torch.get_rng_state(), random.getstate(),
-    )  # fmt: skip
+        torch.get_rng_state(),
+        random.getstate(),
+    )
 
 
 def assert_unchanged(before: tuple, model: nn.Module) -> None:
@@ -359,14 +413,20 @@ def test_inject_is_identical_or_refuses_cleanly_long(net, rule, block_and_option
 # Found by the long run: the last unit's ReLU zeroes every map, so the output is the head's bias
 # whatever the blocks do; the property is then checked on the blocks' own outputs.
 DEAD_NET = {
-    "channels": 4, "channels_last": False, "train_mode": False, "seed": 11766,
+    "channels": 4,
+    "channels_last": False,
+    "train_mode": False,
+    "seed": 11766,
     "blocks": [
         ("unit", {"units": [(1, 1, "plain")], "add": "plus", "layer_scale": False}),
         ("unit", {"units": [(3, 1, "plain")], "add": "plus", "layer_scale": False}),
-        ("residual", {"units": [(3, 1, "grouped"), (1, 1, "plain"), (1, 1, "plain")], "add": "plus", "layer_scale": False}),
+        (
+            "residual",
+            {"units": [(3, 1, "grouped"), (1, 1, "plain"), (1, 1, "plain")], "add": "plus", "layer_scale": False},
+        ),
         ("unit", {"units": [(3, 1, "plain")], "add": "plus", "layer_scale": False}),
     ],
-}  # fmt: skip
+}
 
 
 def test_a_net_whose_output_ignores_its_input_is_checked_on_the_blocks():
@@ -377,7 +437,6 @@ def test_a_net_whose_output_ignores_its_input_is_checked_on_the_blocks():
 
 
 def test_time_limit_interrupts_a_hang():
-    with pytest.raises(TimeoutError, match="a case ran longer than 1 s"):
-        with time_limit(1):
-            while True:
-                math.sqrt(2.0)
+    with pytest.raises(TimeoutError, match="a case ran longer than 1 s"), time_limit(1):
+        while True:
+            math.sqrt(2.0)

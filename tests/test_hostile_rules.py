@@ -5,8 +5,8 @@ import time
 import pytest
 
 from attn_inject import AttnInjectError
-from attn_inject.located_yaml import MAX_BYTES, MAX_DEPTH
 from attn_inject.rules import ConvSpec, Rule, resolve_rules
+from attn_inject.rules.located_yaml import MAX_BYTES, MAX_DEPTH
 
 LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
@@ -25,7 +25,9 @@ def test_billion_laughs_is_refused_at_the_first_anchor_fast(tmp_path):
     path = write(tmp_path, LAUGHS)
     assert len(LAUGHS) < 1000
     start = time.perf_counter()
-    with pytest.raises(AttnInjectError, match=r"rule\.yaml:1: anchors and aliases \(&name, \*name\) are not allowed in rule files"):
+    with pytest.raises(
+        AttnInjectError, match=r"rule\.yaml:1: anchors and aliases \(&name, \*name\) are not allowed in rule files"
+    ):
         resolve_rules(path)
     assert time.perf_counter() - start < 0.5
 
@@ -50,20 +52,43 @@ def test_oversized_file_is_refused_before_it_is_read(tmp_path):
 
 def test_yaml_kernel_pair_with_a_bool_is_refused(tmp_path):
     path = write(tmp_path, "name: k\nmatch:\n  kind: residual\n  convs:\n    - {kernel: [3, true]}\n")
-    with pytest.raises(AttnInjectError, match=r"rule\.yaml:5: rule 'k': field 'match\.convs\[0\]\.kernel' must be a positive int, a \[h, w\] pair or 'any', not \[3, True\]"):
+    with pytest.raises(
+        AttnInjectError,
+        match=(
+            r"rule\.yaml:5: rule 'k': field 'match\.convs\[0\]\.kernel' must be a positive int, a \[h, w\] pair or"
+            r" 'any', not \[3, True\]"
+        ),
+    ):
         resolve_rules(path)
 
 
-@pytest.mark.parametrize("after,message", [
-    (None, r"after= must be a rule name, a YAML rule file, a Rule or a list of these, not None.*Valid built-in rules: basic, bottleneck"),
-    (42, r"after= must be .* not 42"),
-    ([1], r"after= must be .* not \[1\]"),
-    (Rule("r", "", "blob", "branch_end"), r"Rule 'r': kind='blob' is not valid Valid: residual, unit, block\."),
-    (Rule("r", "", "residual", "unit_output"), r"Rule 'r': insert='unit_output' is not valid Valid: branch_end, block_output, after_convN for a residual rule\."),
-    (Rule("r", "", "residual", "branch_end", convs=(ConvSpec((3, True)),)), r"ConvSpec\.kernel=\(3, True\) is not valid"),
-    (Rule("r", "", "residual", "branch_end", include="layer*"), r"include='layer\*' is not valid Valid: a tuple of glob strings"),
-    (Rule(3, "", "residual", "branch_end"), r"Rule 3: name=3 is not valid"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "after,message",
+    [
+        (
+            None,
+            r"after= must be a rule name, a YAML rule file, a Rule or a list of these, not None.*Valid built-in"
+            r" rules: basic, bottleneck",
+        ),
+        (42, r"after= must be .* not 42"),
+        ([1], r"after= must be .* not \[1\]"),
+        (Rule("r", "", "blob", "branch_end"), r"Rule 'r': kind='blob' is not valid Valid: residual, unit, block\."),
+        (
+            Rule("r", "", "residual", "unit_output"),
+            r"Rule 'r': insert='unit_output' is not valid Valid: branch_end, block_output, after_convN for a"
+            r" residual rule\.",
+        ),
+        (
+            Rule("r", "", "residual", "branch_end", convs=(ConvSpec((3, True)),)),
+            r"ConvSpec\.kernel=\(3, True\) is not valid",
+        ),
+        (
+            Rule("r", "", "residual", "branch_end", include="layer*"),
+            r"include='layer\*' is not valid Valid: a tuple of glob strings",
+        ),
+        (Rule(3, "", "residual", "branch_end"), r"Rule 3: name=3 is not valid"),
+    ],
+)
 def test_bad_after_and_rules_built_in_python(after, message):
     with pytest.raises(AttnInjectError, match=message):
         resolve_rules(after)

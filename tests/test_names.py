@@ -5,12 +5,14 @@ import timm
 import torch
 
 from attn_inject import eject, inject
-from trained import looks_trained
+from attn_inject.testing import look_trained
 
 
-@pytest.mark.parametrize("base,block,hand_written", [("resnet50", "se", "seresnet50"), ("resnet50d", "eca", "ecaresnet50d")])
+@pytest.mark.parametrize(
+    "base,block,hand_written", [("resnet50", "se", "seresnet50"), ("resnet50d", "eca", "ecaresnet50d")]
+)
 def test_injected_keys_are_those_of_timms_hand_written_variant(base, block, hand_written):
-    model = looks_trained(timm.create_model(base))
+    model = look_trained(timm.create_model(base))
     x = torch.randn(1, 3, 96, 96)
     before = model(x)
     original = dict(model.state_dict())

@@ -4,18 +4,19 @@ wrapper and arch kind, data never lost, and one pinned line for every kind of ba
 import json
 import logging
 import os
-import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from attn_inject import eject, load
-from attn_inject.cli import main
-from attn_inject.models import create_model
-from attn_inject.patch import patch_checkpoint
-from attn_inject.recipe import recipe_of
-from trained import looks_trained, off_identity
+from attn_inject.files.arch import create_model
+from attn_inject.files.patch import patch_checkpoint
+from attn_inject.surgery.recipe import recipe_of
+from attn_inject.testing import look_trained, move_off_identity
+from tests.helpers.cli import last_json, run_cli_one_line
+from tests.helpers.inductor import compile_and_run, graph_gates
+from tests.helpers.running import run_python
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
 
@@ -23,23 +24,19 @@ X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
 @pytest.fixture(scope="module")
 def r18():
     """A trained-looking resnet18 state_dict, and its outputs on X."""
-    model = looks_trained(create_model("resnet18"), seed=7)
+    model = look_trained(create_model("resnet18"), seed=7)
     with torch.no_grad():
         return model.state_dict(), model(X)
 
 
-def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())
-
-
 WRAPPERS = {
-    "plain.pth": lambda sd: sd, "state_dict.pt": lambda sd: {"state_dict": sd, "epoch": 3},
-    "model.bin": lambda sd: {"model": sd}, "ema.pth": lambda sd: {"state_dict_ema": sd, "state_dict": {}},
+    "plain.pth": lambda sd: sd,
+    "state_dict.pt": lambda sd: {"state_dict": sd, "epoch": 3},
+    "model.bin": lambda sd: {"model": sd},
+    "ema.pth": lambda sd: {"state_dict_ema": sd, "state_dict": {}},
     "ddp.pth": lambda sd: {f"module.{k}": v for k, v in sd.items()},
     "compiled.pth": lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", [*WRAPPERS, "weights.safetensors"])
@@ -59,27 +56,42 @@ def test_every_format_and_wrapper_round_trips(tmp_path, r18, name):
 
 
 def test_torchvision_and_factory_archs_round_trip_with_full_verification(tmp_path, monkeypatch):
-    (tmp_path / "patch_nets.py").write_text("import torchvision\ndef net(num_classes=1000):\n    return torchvision.models.resnet18(num_classes=num_classes)\n")
+    (tmp_path / "patch_nets.py").write_text(
+        "import torchvision\ndef net(num_classes=1000):\n    return"
+        " torchvision.models.resnet18(num_classes=num_classes)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     for arch in ("torchvision:resnet18", "patch_nets:net"):
-        model = looks_trained(create_model(arch, num_classes=10))
+        model = look_trained(create_model(arch, num_classes=10))
         torch.save(model.state_dict(), tmp_path / "w.pth")
         out = tmp_path / f"{arch.replace(':', '_')}.safetensors"
-        report = patch_checkpoint(tmp_path / "w.pth", arch, "se", "basic", out, num_classes=10, img_size=64, verify="full",
-                                  options={"reduction": 8})  # fmt: skip
+        report = patch_checkpoint(
+            tmp_path / "w.pth",
+            arch,
+            "se",
+            "basic",
+            out,
+            num_classes=10,
+            img_size=64,
+            verify="full",
+            options={"reduction": 8},
+        )
         assert report.verified == "full" and report.sites[0] == "layer1.0.se"
         loaded = load(out, arch) if ":" in arch and not arch.startswith("torchvision") else load(out)
         assert recipe_of(loaded).arch == arch and recipe_of(loaded).num_classes == 10
         with torch.no_grad():
             assert torch.equal(loaded(X), model(X))
-            assert not torch.equal(off_identity(loaded)(X), model(X))
+            move_off_identity(loaded)
+            assert not torch.equal(loaded(X), model(X))
 
 
 def test_keys_of_another_implementation_are_mapped_with_a_warning(tmp_path, r18, caplog):
     state, expected = r18
     torch.save({f"net.{i}": v for i, v in enumerate(state.values())}, tmp_path / "foreign.pth")
     with caplog.at_level(logging.WARNING):
-        report = patch_checkpoint(tmp_path / "foreign.pth", "resnet18", "eca", "basic", tmp_path / "o.safetensors", img_size=64)
+        report = patch_checkpoint(
+            tmp_path / "foreign.pth", "resnet18", "eca", "basic", tmp_path / "o.safetensors", img_size=64
+        )
     assert report.keys_mapped and "mapped all 122 tensors by order and shape" in caplog.text
     assert torch.equal(load(tmp_path / "o.safetensors")(X), expected)
 
@@ -88,26 +100,65 @@ def test_patch_cli_summary_json_inspect_and_eject(tmp_path, r18, capsys):
     state, expected = r18
     torch.save(state, tmp_path / "in.pth")
     out = tmp_path / "out.safetensors"
-    code, stdout, err = cli(capsys, "patch", tmp_path / "in.pth", "--arch", "resnet18", "--block", "se", "--after", "basic",
-                            "--img-size", "64", "--option", "reduction=8", "--include", "layer4.*", "--output", out)  # fmt: skip
+    code, stdout, err = run_cli_one_line(
+        capsys,
+        "patch",
+        tmp_path / "in.pth",
+        "--arch",
+        "resnet18",
+        "--block",
+        "se",
+        "--after",
+        "basic",
+        "--img-size",
+        "64",
+        "--option",
+        "reduction=8",
+        "--include",
+        "layer4.*",
+        "--output",
+        out,
+    )
     assert code == 0, err
     assert "sites" in stdout and "layer4.0.se" in stdout and "+132,224" in stdout and "verified" in stdout
-    code, stdout, err = cli(capsys, "patch", tmp_path / "in.pth", "--arch", "resnet18", "--block", "eca", "--after", "basic",
-                            "--position", "block_output", "--img-size", "64", "--output", out, "--force", "--json")  # fmt: skip
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    code, stdout, err = run_cli_one_line(
+        capsys,
+        "patch",
+        tmp_path / "in.pth",
+        "--arch",
+        "resnet18",
+        "--block",
+        "eca",
+        "--after",
+        "basic",
+        "--position",
+        "block_output",
+        "--img-size",
+        "64",
+        "--output",
+        out,
+        "--force",
+        "--json",
+    )
+    summary = last_json(stdout)
     assert code == 0 and summary["sites"][0] == "layer1.0.eca_out" and summary["params_added"] == 36
-    assert summary["verified"] == "fast" and summary["bytes"] == out.stat().st_size and summary["example_input"] == [[1, 3, 64, 64]]
-    code, stdout, _ = cli(capsys, "inspect", out, "--json")
-    info = json.loads(stdout.strip().splitlines()[-1])
+    assert (
+        summary["verified"] == "fast"
+        and summary["bytes"] == out.stat().st_size
+        and summary["example_input"] == [[1, 3, 64, 64]]
+    )
+    code, stdout, _ = run_cli_one_line(capsys, "inspect", out, "--json")
+    info = last_json(stdout)
     assert info["arch"] == "resnet18" and info["sites"] == 8 and info["injected_params"] == 36
     assert info["injections"][0]["rules"] == ["basic"] and info["injections"][0]["position"] == "block_output"
     assert set(info["versions"]) == {"attn_inject", "torch", "timm"} and info["format_version"] == 1
-    code, stdout, _ = cli(capsys, "inspect", out)
+    code, stdout, _ = run_cli_one_line(capsys, "inspect", out)
     assert code == 0 and "layer4.1.eca_out" in stdout and "36 parameters" in stdout
-    code, stdout, err = cli(capsys, "eject", out, "--output", tmp_path / "orig.safetensors", "--json")
-    assert code == 0, err and json.loads(stdout.strip().splitlines()[-1])["removed"][0] == "layer1.0.eca_out"
+    code, stdout, err = run_cli_one_line(capsys, "eject", out, "--output", tmp_path / "orig.safetensors", "--json")
+    assert code == 0, err
+    assert last_json(stdout)["removed"][0] == "layer1.0.eca_out"
     plain = create_model("resnet18")
-    from attn_inject.checkpoint import load_pretrained
+    from attn_inject.files.checkpoints import load_pretrained
 
     assert torch.equal(load_pretrained(tmp_path / "orig.safetensors", "resnet18")(X), expected)
     assert list(load_pretrained(tmp_path / "orig.safetensors", "resnet18").state_dict()) == list(plain.state_dict())
@@ -116,13 +167,30 @@ def test_patch_cli_summary_json_inspect_and_eject(tmp_path, r18, capsys):
 def test_adapter_only(tmp_path, r18, capsys):
     state, _ = r18
     torch.save(state, tmp_path / "in.pth")
-    code, stdout, err = cli(capsys, "patch", tmp_path / "in.pth", "--arch", "resnet18", "--block", "eca", "--after", "basic",
-                            "--img-size", "64", "--output", tmp_path / "a.safetensors", "--adapter-only", "--verify", "full", "--json")  # fmt: skip
+    code, stdout, err = run_cli_one_line(
+        capsys,
+        "patch",
+        tmp_path / "in.pth",
+        "--arch",
+        "resnet18",
+        "--block",
+        "eca",
+        "--after",
+        "basic",
+        "--img-size",
+        "64",
+        "--output",
+        tmp_path / "a.safetensors",
+        "--adapter-only",
+        "--verify",
+        "full",
+        "--json",
+    )
     assert code == 0, err
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    summary = last_json(stdout)
     assert summary["adapter_only"] and summary["bytes"] < 4000
-    code, stdout, _ = cli(capsys, "inspect", tmp_path / "a.safetensors", "--json")
-    info = json.loads(stdout.strip().splitlines()[-1])
+    code, stdout, _ = run_cli_one_line(capsys, "inspect", tmp_path / "a.safetensors", "--json")
+    info = last_json(stdout)
     assert info["content"] == "adapter" and info["tensors"] == 8 and info["base_fingerprint"]["tensors"] == 122
 
 
@@ -132,23 +200,42 @@ def test_the_output_never_overwrites_the_input_or_an_existing_file(tmp_path, r18
     os.link(tmp_path / "in.safetensors", tmp_path / "hard.safetensors")
     os.symlink(tmp_path / "in.safetensors", tmp_path / "soft.safetensors")
     before = (tmp_path / "in.safetensors").read_bytes()
-    base = ["patch", tmp_path / "in.safetensors", "--arch", "resnet18", "--block", "eca", "--after", "basic", "--img-size", "64", "--output"]
+    base = [
+        "patch",
+        tmp_path / "in.safetensors",
+        "--arch",
+        "resnet18",
+        "--block",
+        "eca",
+        "--after",
+        "basic",
+        "--img-size",
+        "64",
+        "--output",
+    ]
     for out, message in [
         (tmp_path / "in.safetensors", "in.safetensors: the output is the input file Choose another --output path."),
         (tmp_path / "hard.safetensors", "hard.safetensors: the output is the input file"),
         (tmp_path / "soft.safetensors", "soft.safetensors: the output is the input file"),
     ]:
-        code, stdout, err = cli(capsys, *base, out, "--force")
+        code, stdout, err = run_cli_one_line(capsys, *base, out, "--force")
         assert code == 1 and message in err and "Traceback" not in err and stdout == ""
     (tmp_path / "taken.safetensors").write_bytes(b"mine")
-    code, _, err = cli(capsys, *base, tmp_path / "taken.safetensors")
+    code, _, err = run_cli_one_line(capsys, *base, tmp_path / "taken.safetensors")
     assert code == 1 and "taken.safetensors: the output file exists Pass --force (force=True) to replace it." in err
-    assert (tmp_path / "taken.safetensors").read_bytes() == b"mine" and (tmp_path / "in.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["hard.safetensors", "in.safetensors", "soft.safetensors", "taken.safetensors"]
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"mine" and (
+        tmp_path / "in.safetensors"
+    ).read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [
+        "hard.safetensors",
+        "in.safetensors",
+        "soft.safetensors",
+        "taken.safetensors",
+    ]
 
 
 def test_a_failed_verification_leaves_no_file_behind(tmp_path, r18, monkeypatch):
-    import attn_inject.patch as patch
+    import attn_inject.files.patch as patch
 
     state, _ = r18
     torch.save(state, tmp_path / "in.pth")
@@ -157,10 +244,23 @@ def test_a_failed_verification_leaves_no_file_behind(tmp_path, r18, monkeypatch)
     def wrong(*args):
         return torch.zeros(1)
 
-    monkeypatch.setattr(patch, "run", lambda model, args, calls=[]: calls.append(1) or (X if len(calls) == 1 else wrong()))
-    with pytest.raises(Exception, match=r"the patched model does not compute the original's outputs: the output structure changed|output 0 changed type or shape"):
-        patch_checkpoint(tmp_path / "in.pth", "resnet18", "eca", "basic", tmp_path / "out.safetensors", img_size=64, force=True)
-    assert sorted(os.listdir(tmp_path)) == ["in.pth", "out.safetensors"] and (tmp_path / "out.safetensors").read_bytes() == b"old"
+    monkeypatch.setattr(
+        patch, "run", lambda model, args, calls=[]: calls.append(1) or (X if len(calls) == 1 else wrong())
+    )
+    with pytest.raises(
+        Exception,
+        match=(
+            r"the patched model does not compute the original's outputs: the output structure changed|output 0"
+            r" changed type or shape"
+        ),
+    ):
+        patch_checkpoint(
+            tmp_path / "in.pth", "resnet18", "eca", "basic", tmp_path / "out.safetensors", img_size=64, force=True
+        )
+    assert (
+        sorted(os.listdir(tmp_path)) == ["in.pth", "out.safetensors"]
+        and (tmp_path / "out.safetensors").read_bytes() == b"old"
+    )
 
 
 class Evil:
@@ -197,10 +297,18 @@ def bad_inputs(tmp_path, state):
         ("good.pth", ["--arch", "resnet34"], "good.pth: the checkpoint does not fit ResNet: 122 tensors for 218"),
         ("good.pth", ["--arch", "resnet5"], "unknown timm model 'resnet5' Did you mean"),
         ("good.pth", ["--block", "cbam"], "unknown block 'cbam' Valid blocks: eca, se."),
-        ("good.pth", ["--after", "bottleneck"], "rule 'bottleneck' matched nothing in ResNet; the model contains: basic x8"),
+        (
+            "good.pth",
+            ["--after", "bottleneck"],
+            "rule 'bottleneck' matched nothing in ResNet; the model contains: basic x8",
+        ),
         ("good.pth", ["--after", "nonsense"], "unknown rule 'nonsense' Valid built-in rules:"),
         ("good.pth", ["--output", f"{locked}/o.safetensors"], f"{locked}: the output folder is not writable"),
-        ("good.pth", ["--output", str(tmp_path / "nowhere" / "o.safetensors")], "nowhere: the output folder does not exist"),
+        (
+            "good.pth",
+            ["--output", str(tmp_path / "nowhere" / "o.safetensors")],
+            "nowhere: the output folder does not exist",
+        ),
         ("good.pth", ["--output", str(tmp_path / "o.pth")], "o.pth: the output must be a .safetensors file"),
     ]
 
@@ -208,52 +316,79 @@ def bad_inputs(tmp_path, state):
 def test_every_bad_input_is_one_pinned_line_and_exit_1(tmp_path, r18, capsys):
     state, _ = r18
     for name, extra, message in bad_inputs(tmp_path, state):
-        args = {"--arch": "resnet18", "--block": "eca", "--after": "basic", "--output": str(tmp_path / "out.safetensors")}
+        args = {
+            "--arch": "resnet18",
+            "--block": "eca",
+            "--after": "basic",
+            "--output": str(tmp_path / "out.safetensors"),
+        }
         args.update(dict(zip(extra[::2], extra[1::2])))
         argv = ["patch", tmp_path / name, "--img-size", "64", *[x for kv in args.items() for x in kv]]
-        code, stdout, err = cli(capsys, *argv)
+        code, stdout, err = run_cli_one_line(capsys, *argv)
         assert code == 1, (name, extra, err)
         assert message in err, (name, extra, err)
         assert err.count("error:") == 1 and "Traceback" not in err and stdout == ""
     assert not (tmp_path / "PWNED").exists()  # the pickle's code never ran
-    assert not (tmp_path / "out.safetensors").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+    assert not (tmp_path / "out.safetensors").exists() and not any(
+        p.name.startswith(".out") for p in tmp_path.iterdir()
+    )
 
 
 def test_inspect_and_eject_refuse_bad_files(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
-    code, _, err = cli(capsys, "inspect", tmp_path / "bad.safetensors")
+    code, _, err = run_cli_one_line(capsys, "inspect", tmp_path / "bad.safetensors")
     assert code == 1 and "bad.safetensors: not a valid .safetensors file" in err and "Traceback" not in err
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
-    code, _, err = cli(capsys, "eject", tmp_path / "plain.safetensors", "--output", tmp_path / "o.safetensors")
+    code, _, err = run_cli_one_line(
+        capsys, "eject", tmp_path / "plain.safetensors", "--output", tmp_path / "o.safetensors"
+    )
     assert code == 1 and "plain.safetensors: a plain checkpoint: the file holds no attn_inject recipe" in err
     save_file({"w": torch.zeros(2)}, str(tmp_path / "blob.safetensors"), metadata={"attn_inject.recipe": "{oops"})
-    recipe = {"format_version": 1, "arch": "resnet18", "injections": [{"block": "cbam", "rules": ["name: r\nmatch: {kind: residual}\n"]}]}
-    save_file({"w": torch.zeros(2)}, str(tmp_path / "cbam.safetensors"), metadata={"attn_inject.recipe": json.dumps(recipe)})
+    recipe = {
+        "format_version": 1,
+        "arch": "resnet18",
+        "injections": [{"block": "cbam", "rules": ["name: r\nmatch: {kind: residual}\n"]}],
+    }
+    save_file(
+        {"w": torch.zeros(2)}, str(tmp_path / "cbam.safetensors"), metadata={"attn_inject.recipe": json.dumps(recipe)}
+    )
     for command in (["inspect"], ["eject", "--output", tmp_path / "o.safetensors"]):
-        code, _, err = cli(capsys, command[0], tmp_path / "blob.safetensors", *command[1:])
+        code, _, err = run_cli_one_line(capsys, command[0], tmp_path / "blob.safetensors", *command[1:])
         assert code == 1 and "blob.safetensors: recipe: the recipe is not valid JSON" in err and "Traceback" not in err
-        code, _, err = cli(capsys, command[0], tmp_path / "cbam.safetensors", *command[1:])
-        assert code == 1 and "cbam.safetensors: recipe: injections[0]: unknown block 'cbam' Valid blocks: eca, se." in err
+        code, _, err = run_cli_one_line(capsys, command[0], tmp_path / "cbam.safetensors", *command[1:])
+        assert (
+            code == 1 and "cbam.safetensors: recipe: injections[0]: unknown block 'cbam' Valid blocks: eca, se." in err
+        )
     assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_compile_a_loaded_model(tmp_path, r18):
-    from test_export import X as EXPORT_X, compile_and_run, graph_gates
-
     state, _ = r18
     torch.save(state, tmp_path / "in.pth")
     patch_checkpoint(tmp_path / "in.pth", "resnet18", "eca", "basic", tmp_path / "o.safetensors", img_size=64)
-    model = off_identity(load(tmp_path / "o.safetensors"))
-    out, graphs = compile_and_run(model, fullgraph=True)
+    model = load(tmp_path / "o.safetensors")
+    move_off_identity(model)
+    out, graphs = compile_and_run(model, X, fullgraph=True)
     assert sum(graph_gates(g) for g in graphs) == 8
     with torch.no_grad():
-        torch.testing.assert_close(out, model(EXPORT_X), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out, model(X), rtol=1e-4, atol=1e-5)
 
 
 def test_console_script_patch_error_has_no_traceback(tmp_path):
-    import subprocess
-
-    proc = subprocess.run([sys.executable, "-m", "attn_inject.cli", "patch", str(tmp_path / "none.pth"), "--arch", "resnet18",
-                           "--block", "eca", "--after", "basic", "--output", str(tmp_path / "o.safetensors")],
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 1 and "none.pth: no such checkpoint file" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_python(
+        "-m",
+        "attn_inject.cli",
+        "patch",
+        str(tmp_path / "none.pth"),
+        "--arch",
+        "resnet18",
+        "--block",
+        "eca",
+        "--after",
+        "basic",
+        "--output",
+        str(tmp_path / "o.safetensors"),
+    )
+    assert (
+        proc.returncode == 1 and "none.pth: no such checkpoint file" in proc.stderr and "Traceback" not in proc.stderr
+    )

@@ -7,18 +7,20 @@ import io
 import pytest
 import torch
 import torchvision
-from reconstruct import CASES, attention_keys, load_by_order, look_trained, rebuild
 from rich.console import Console
-from tiny_models import TorchAddBottleneck
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from attn_inject import AttnInjectError, inject, plan
-from attn_inject.analyze import analyze
 from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite, eca_kernel_size
-from attn_inject.console import plan_table
-from attn_inject.plan import build_plan
+from attn_inject.cli.console import plan_table
+from attn_inject.finetune import attention_blocks
+from attn_inject.graph.analyze import analyze
+from attn_inject.matching.plan import build_plan
 from attn_inject.rules import resolve_rules
+from attn_inject.testing import look_trained
+from benchmarks.reconstruct import CASES, attention_keys, load_by_order, rebuild
+from tests.helpers.tiny_models import TorchAddBottleneck
 
 X = torch.randn(2, 3, 96, 96)
 SMALL = torch.randn(1, 3, 64, 64)  # example input for plans: the analysis cost grows with the image
@@ -43,16 +45,14 @@ def mobilenet_v2_plan():
     return planner(torchvision.models.mobilenet_v2())
 
 
-def attention(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SqueezeExcite, EfficientChannelAttention))]
-
-
 @pytest.mark.parametrize(
-    "case", [c if c.name in QUICK else pytest.param(c, marks=pytest.mark.slow) for c in CASES], ids=[c.name for c in CASES]
+    "case",
+    [c if c.name in QUICK else pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+    ids=[c.name for c in CASES],
 )
 def test_injection_rebuilds_the_hand_written_model(case):
     hand, plain, patched = rebuild(case, "paper")
-    assert len(attention(patched)) == case.sites
+    assert len(attention_blocks(patched)) == case.sites
     pairs = load_by_order(patched, plain, hand)
     assert len(pairs) == len(attention_keys(hand, plain)) > 0
     with torch.no_grad():
@@ -61,10 +61,12 @@ def test_injection_rebuilds_the_hand_written_model(case):
     assert not torch.allclose(without, expected, rtol=1e-3, atol=1e-3)  # the attention matters
 
     # the default init leaves the attention-free model bit for bit as it was
-    identity = inject(copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), example_input=SMALL)
+    identity = inject(
+        copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), example_input=SMALL
+    )
     with torch.no_grad():
         assert torch.equal(identity(X), without)
-        last = attention(identity)[-1][1]
+        last = list(attention_blocks(identity).values())[-1]
         (last.fc2.bias if case.block == "se" else last.conv.weight).fill_(0.5)
         assert not torch.equal(identity(X), without)
 
@@ -87,7 +89,7 @@ def test_eca_mobilenet_v2_as_published(mobilenet_v2_plan):
     assert [s.params for s in adaptive] == [eca_kernel_size(c) for c in channels] == [3] * 13 + [5] * 4
 
     inject(model, "eca", after="inverted_residual_all", example_input=SMALL)
-    ks = [m.conv.kernel_size[0] for _, m in attention(model)]
+    ks = [m.conv.kernel_size[0] for m in attention_blocks(model).values()]
     assert ks == [1] * 10 + [3] * 7
     with torch.no_grad():
         assert torch.equal(model(X), before)
@@ -104,7 +106,9 @@ def test_block_rule_by_class_and_skip(tmp_path, mobilenet_v2_plan):
     rule = tmp_path / "ir.yaml"
     counts = {}
     for residual in ("any", "true", "false"):
-        rule.write_text(f"name: ir\nmatch: {{kind: block, class: 'InvertedRes*', residual: {residual}}}\ninsert: block_output\n")
+        rule.write_text(
+            f"name: ir\nmatch: {{kind: block, class: 'InvertedRes*', residual: {residual}}}\ninsert: block_output\n"
+        )
         counts[residual] = len(mobilenet_v2_plan("eca", str(rule)))
     assert counts == {"any": 17, "true": 10, "false": 7}
     rule.write_text("name: ir\nmatch: {kind: block, class: 'Nothing*'}\n")
@@ -124,7 +128,13 @@ def test_after_conv_positions_inside_a_bottleneck():
     assert [s.position for s in last] == ["after_conv3"] * 4 and [s.channels for s in last] == [256, 512, 1024, 2048]
     first = make("se", "bottleneck", "after_conv1")
     assert [s.channels for s in first] == [64, 128, 256, 512]
-    with pytest.raises(AttnInjectError, match=r"rule 'bottleneck': layer1\.0 \(Bottleneck\) has 3 conv\(s\) on its residual branch, so after_conv4 does not exist"):
+    with pytest.raises(
+        AttnInjectError,
+        match=(
+            r"rule 'bottleneck': layer1\.0 \(Bottleneck\) has 3 conv\(s\) on its residual branch, so after_conv4"
+            r" does not exist"
+        ),
+    ):
         make("se", "bottleneck", "after_conv4")
     with pytest.raises(AttnInjectError, match=r"after_conv-4 does not exist"):
         make("se", "bottleneck", "after_conv-4")
@@ -132,7 +142,7 @@ def test_after_conv_positions_inside_a_bottleneck():
         make("se", "conv", "after_conv0")
 
     inject(model, "se", after="mmcv_after_conv2", example_input=SMALL)
-    blocks = attention(model)
+    blocks = list(attention_blocks(model).items())
     assert blocks[0][0] == "layer1.0.conv2_se"  # owned by the module whose graph holds the unit
     with torch.no_grad():
         assert torch.equal(model(X), before)
@@ -148,14 +158,18 @@ def test_after_conv_positions_inside_a_bottleneck():
 def test_a_unit_inside_a_child_module_gets_the_block_in_that_child():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), TorchAddBottleneck(16, 8)).eval()
     wrapped = torchvision.models.mobilenet_v2().features[3]  # convs inside Conv2dNormActivation children
-    report = plan(wrapped, "eca", after="inverted_residual", position="after_conv2", example_input=torch.randn(1, 24, 16, 16))
+    report = plan(
+        wrapped, "eca", after="inverted_residual", position="after_conv2", example_input=torch.randn(1, 24, 16, 16)
+    )
     assert [(s.owner, s.name, s.channels, s.where) for s in report] == [("conv.1", "0_eca", 144, "after conv2 unit")]
     report = plan(model, "eca", after="bottleneck", position="after_conv-2", example_input=torch.randn(1, 3, 32, 32))
     assert [(s.path, s.owner, s.channels, s.where) for s in report] == [("1", "1", 8, "after conv2 unit")]
 
 
 def test_se_options_from_the_site(mobilenet_v2_plan):
-    report = mobilenet_v2_plan("se", "inverted_residual_all", "after_conv-2", rd_ratio=0.25, rd_of="input", rd_divisor=1)
+    report = mobilenet_v2_plan(
+        "se", "inverted_residual_all", "after_conv-2", rd_ratio=0.25, rd_of="input", rd_divisor=1
+    )
     site = report.sites[1]  # features.2: 16 -> 96 expand, depthwise at 96
     assert (site.channels, dict(site.options)["block_in_channels"]) == (96, 16)
     assert site.params == 2 * 96 * 4 + 4 + 96  # reduced width 16 / 4
@@ -190,7 +204,12 @@ def test_se_and_eca_option_errors():
     assert SqueezeExcite(72, rd_ratio=0.25).fc1.out_channels == 16
     assert SqueezeExcite(96, rd_ratio=0.25, rd_of="input", block_in_channels=16, rd_divisor=1).fc1.out_channels == 4
     steps = ((1, 1), (96, 3))
-    assert [EfficientChannelAttention(c, kernel_size=steps).conv.kernel_size[0] for c in (16, 95, 96, 320)] == [1, 1, 3, 3]
+    assert [EfficientChannelAttention(c, kernel_size=steps).conv.kernel_size[0] for c in (16, 95, 96, 320)] == [
+        1,
+        1,
+        3,
+        3,
+    ]
     assert EfficientChannelAttention(256, kernel_size="adaptive").conv.kernel_size == (5,)
     with pytest.raises(AttnInjectError, match=r"ECA kernel_size steps \[\[96, 3\]\] give no k for 16 channels"):
         EfficientChannelAttention(16, kernel_size=((96, 3),))
@@ -199,15 +218,40 @@ def test_se_and_eca_option_errors():
 
 
 BROKEN = [
-    ("name: x\nmatch: {kind: block}\noptions:\n  cbam: {k: 1}\n", r"bad\.yaml:4: rule 'x': field 'options\.cbam' is not a block; expected one of: eca, se"),
-    ("name: x\nmatch: {kind: block}\noptions:\n  se: {reduce: 4}\n", r"bad\.yaml:4: rule 'x': field 'options\.se' holds a bad option: block 'se' has no option 'reduce'"),
-    ("name: x\nmatch: {kind: block}\noptions:\n  se: {gate: tanh}\n", r"bad\.yaml:4: rule 'x': field 'options\.se' holds a bad option: unknown gate 'tanh'"),
-    ("name: x\nmatch: {kind: block}\noptions:\n  eca:\n    init: paper\n", r"bad\.yaml:5: rule 'x': field 'options\.eca\.init' is the caller's choice"),
-    ("name: x\nmatch: {kind: block}\ninsert: after_conv0\n", r"bad\.yaml:3: rule 'x': field 'insert' must be one of block_output, branch_end, after_convN for a block rule, not 'after_conv0'"),
-    ("name: x\nmatch: {kind: unit}\ninsert: after_conv1\n", r"bad\.yaml:3: rule 'x': field 'insert' must be one of unit_output for a unit rule"),
-    ("name: x\nmatch: {kind: block, residual: maybe}\n", r"bad\.yaml:2: rule 'x': field 'match\.residual' must be true, false or 'any', not 'maybe'"),
-    ("name: x\nmatch: {kind: residual, class: 'X*'}\n", r"bad\.yaml:2: rule 'x': field 'match\.class' is not a known field; expected one of: kind, convs$"),
-]  # fmt: skip
+    (
+        "name: x\nmatch: {kind: block}\noptions:\n  cbam: {k: 1}\n",
+        r"bad\.yaml:4: rule 'x': field 'options\.cbam' is not a block; expected one of: eca, se",
+    ),
+    (
+        "name: x\nmatch: {kind: block}\noptions:\n  se: {reduce: 4}\n",
+        r"bad\.yaml:4: rule 'x': field 'options\.se' holds a bad option: block 'se' has no option 'reduce'",
+    ),
+    (
+        "name: x\nmatch: {kind: block}\noptions:\n  se: {gate: tanh}\n",
+        r"bad\.yaml:4: rule 'x': field 'options\.se' holds a bad option: unknown gate 'tanh'",
+    ),
+    (
+        "name: x\nmatch: {kind: block}\noptions:\n  eca:\n    init: paper\n",
+        r"bad\.yaml:5: rule 'x': field 'options\.eca\.init' is the caller's choice",
+    ),
+    (
+        "name: x\nmatch: {kind: block}\ninsert: after_conv0\n",
+        r"bad\.yaml:3: rule 'x': field 'insert' must be one of block_output, branch_end, after_convN for a block"
+        r" rule, not 'after_conv0'",
+    ),
+    (
+        "name: x\nmatch: {kind: unit}\ninsert: after_conv1\n",
+        r"bad\.yaml:3: rule 'x': field 'insert' must be one of unit_output for a unit rule",
+    ),
+    (
+        "name: x\nmatch: {kind: block, residual: maybe}\n",
+        r"bad\.yaml:2: rule 'x': field 'match\.residual' must be true, false or 'any', not 'maybe'",
+    ),
+    (
+        "name: x\nmatch: {kind: residual, class: 'X*'}\n",
+        r"bad\.yaml:2: rule 'x': field 'match\.class' is not a known field; expected one of: kind, convs$",
+    ),
+]
 
 
 @pytest.mark.parametrize("text,message", BROKEN)
@@ -228,7 +272,16 @@ def test_rule_options_apply_and_the_caller_wins(mobilenet_v2_plan):
 def test_se_inception_on_module_outputs():
     model = torchvision.models.googlenet(aux_logits=False, init_weights=False).eval()
     report = plan(model, "se", after="inception", example_input=torch.randn(1, 3, 96, 96))
-    assert [s.path for s in report] == ["inception3a", "inception3b", "inception4a", "inception4b", "inception4c",
-                                       "inception4d", "inception4e", "inception5a", "inception5b"]  # fmt: skip
+    assert [s.path for s in report] == [
+        "inception3a",
+        "inception3b",
+        "inception4a",
+        "inception4b",
+        "inception4c",
+        "inception4d",
+        "inception4e",
+        "inception5a",
+        "inception5b",
+    ]
     assert [s.channels for s in report] == [256, 480, 512, 512, 512, 528, 832, 832, 1024]
     assert {s.where for s in report} == {"block output"}

@@ -5,10 +5,10 @@ import timm
 import torch
 import torchvision
 from torch import nn
-from trained_look import look_trained
 
 from attn_inject import inject, plan
 from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite, eca_kernel_size
+from attn_inject.testing import look_trained
 
 # (name, factory, rule, sites, parameters ECA adds)
 ARCHS = [
@@ -24,7 +24,7 @@ ARCHS = [
     ("torchvision:resnet50", lambda: torchvision.models.resnet50(), "bottleneck", 16, 86),
     ("torchvision:mobilenet_v2", lambda: torchvision.models.mobilenet_v2(), "inverted_residual", 10, 34),
     ("torchvision:efficientnet_b0", lambda: torchvision.models.efficientnet_b0(), "inverted_residual", 9, 33),
-]  # fmt: skip
+]
 
 
 def n_params(model: nn.Module) -> int:
@@ -79,7 +79,11 @@ def test_injected_se_resnet50_matches_timm_seresnet50_in_size():
     added = plan(resnet, "se", after="bottleneck").params_added
     assert added == n_params(timm.create_model("seresnet50")) - n_params(resnet) == 2_530_992
     resnet_d = timm.create_model("resnet50d")
-    assert plan(resnet_d, "eca", after="bottleneck").params_added == n_params(timm.create_model("ecaresnet50d")) - n_params(resnet_d) == 86
+    assert (
+        plan(resnet_d, "eca", after="bottleneck").params_added
+        == n_params(timm.create_model("ecaresnet50d")) - n_params(resnet_d)
+        == 86
+    )
 
 
 def test_channels_last_model_is_patched_bitwise():

@@ -8,8 +8,9 @@ import timm
 import torch
 
 from attn_inject import AttnInjectError, Rule, inject, list_rules
-from attn_inject.recipe import FORMAT_VERSION, Injection, Recipe, recipe_of, rule_document, rule_to_yaml, set_recipe
 from attn_inject.rules import ConvSpec
+from attn_inject.rules.documents import rule_document, rule_from_yaml, rule_to_yaml
+from attn_inject.surgery.recipe import FORMAT_VERSION, Injection, Recipe, recipe_of, set_recipe
 
 
 def resnet18_patched_twice():
@@ -47,7 +48,6 @@ def test_json_round_trip():
 
 @pytest.mark.parametrize("rule", list_rules(), ids=lambda r: r.name)
 def test_every_builtin_rule_round_trips_through_the_schema(rule):
-    from attn_inject.recipe import rule_from_yaml
 
     text = rule_to_yaml(rule)
     assert dataclasses.replace(rule_from_yaml(text, "x"), source=rule.source) == rule
@@ -58,35 +58,68 @@ def test_every_builtin_rule_round_trips_through_the_schema(rule):
 
 
 def test_a_rule_built_in_python_travels_as_yaml():
-    rule = Rule("late", "late convs", "residual", "branch_end",
-                (ConvSpec((1, 1), None, frozenset({"expand"}), True), ConvSpec(None, True)), include=("layer4.*",))  # fmt: skip
+    rule = Rule(
+        "late",
+        "late convs",
+        "residual",
+        "branch_end",
+        (ConvSpec((1, 1), None, frozenset({"expand"}), True), ConvSpec(None, True)),
+        include=("layer4.*",),
+    )
     text = rule_to_yaml(rule)
     assert "optional: true" in text and "layer4.*" in text
-    from attn_inject.recipe import rule_from_yaml
 
     assert dataclasses.replace(rule_from_yaml(text, "x"), source=rule.source) == rule
 
 
 def good() -> dict:
-    return json.loads(Recipe("resnet18", None, (Injection("eca", tuple(r for r in list_rules() if r.name == "basic")),)).to_json())
+    return json.loads(
+        Recipe("resnet18", None, (Injection("eca", tuple(r for r in list_rules() if r.name == "basic")),)).to_json()
+    )
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda d: "not json", r"f\.safetensors: recipe: the recipe is not valid JSON"),
-    (lambda d: [], r"recipe must be a JSON object, not list"),
-    (lambda d: {**d, "format_version": FORMAT_VERSION + 1},
-     r"the recipe has format version 2, newer than this attn_inject reads \(1\) Upgrade attn_inject"),
-    (lambda d: {**d, "extra": 1}, r"recipe field 'recipe\.extra' is not a known field"),
-    (lambda d: {k: v for k, v in d.items() if k != "format_version"}, r"recipe field 'recipe\.format_version' is missing"),
-    (lambda d: {**d, "arch": 5}, r"recipe field 'recipe\.arch' must be str or null, not 5"),
-    (lambda d: {**d, "injections": [{**d["injections"][0], "block": "cbam"}]}, r"unknown block 'cbam' Valid blocks: eca, se"),
-    (lambda d: {**d, "injections": [{**d["injections"][0], "options": {"ratio": 2}}]}, r"block 'eca' has no option 'ratio'"),
-    (lambda d: {**d, "injections": [{**d["injections"][0], "rules": ["name: x\nmatch: {kind: blob}\n"]}]},
-     r"injections\[0\]\.rules\[0\]:2: rule 'x': field 'match\.kind' must be one of residual, unit, block, not 'blob'"),
-    (lambda d: {**d, "injections": [{**d["injections"][0], "rules": []}]}, r"'injections\[0\]\.rules' must hold at least one rule"),
-    (lambda d: {**d, "injections": [{**d["injections"][0], "input_shapes": [[1, -3]]}]}, r"'injections\[0\]\.input_shapes' must be a list of shapes"),
-    (lambda d: {**d, "injections": [{**d["injections"][0], "position": "middle"}]}, r"'injections\[0\]\.position' must be null or a position its rules take, not 'middle'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: "not json", r"f\.safetensors: recipe: the recipe is not valid JSON"),
+        (lambda d: [], r"recipe must be a JSON object, not list"),
+        (
+            lambda d: {**d, "format_version": FORMAT_VERSION + 1},
+            r"the recipe has format version 2, newer than this attn_inject reads \(1\) Upgrade attn_inject",
+        ),
+        (lambda d: {**d, "extra": 1}, r"recipe field 'recipe\.extra' is not a known field"),
+        (
+            lambda d: {k: v for k, v in d.items() if k != "format_version"},
+            r"recipe field 'recipe\.format_version' is missing",
+        ),
+        (lambda d: {**d, "arch": 5}, r"recipe field 'recipe\.arch' must be str or null, not 5"),
+        (
+            lambda d: {**d, "injections": [{**d["injections"][0], "block": "cbam"}]},
+            r"unknown block 'cbam' Valid blocks: eca, se",
+        ),
+        (
+            lambda d: {**d, "injections": [{**d["injections"][0], "options": {"ratio": 2}}]},
+            r"block 'eca' has no option 'ratio'",
+        ),
+        (
+            lambda d: {**d, "injections": [{**d["injections"][0], "rules": ["name: x\nmatch: {kind: blob}\n"]}]},
+            r"injections\[0\]\.rules\[0\]:2: rule 'x': field 'match\.kind' must be one of residual, unit, block,"
+            r" not 'blob'",
+        ),
+        (
+            lambda d: {**d, "injections": [{**d["injections"][0], "rules": []}]},
+            r"'injections\[0\]\.rules' must hold at least one rule",
+        ),
+        (
+            lambda d: {**d, "injections": [{**d["injections"][0], "input_shapes": [[1, -3]]}]},
+            r"'injections\[0\]\.input_shapes' must be a list of shapes",
+        ),
+        (
+            lambda d: {**d, "injections": [{**d["injections"][0], "position": "middle"}]},
+            r"'injections\[0\]\.position' must be null or a position its rules take, not 'middle'",
+        ),
+    ],
+)
 def test_a_bad_recipe_is_refused_clearly(change, message):
     data = change(good())
     with pytest.raises(AttnInjectError, match=message):
@@ -104,5 +137,7 @@ def test_set_recipe_and_nothing_remembered_on_a_fresh_model():
 
 def test_options_that_cannot_be_written_are_refused_at_save_time():
     recipe = Recipe("resnet18", None, (Injection("se", (), (("reduction", object()),)),))
-    with pytest.raises(AttnInjectError, match=r"block option reduction=<object object at .*> cannot be written into a recipe"):
+    with pytest.raises(
+        AttnInjectError, match=r"block option reduction=<object object at .*> cannot be written into a recipe"
+    ):
         recipe.to_json()

@@ -4,10 +4,10 @@ and rules built in Python all save and load back to the same model, bit for bit.
 import torch
 
 from attn_inject import Rule, inject, load, save
-from attn_inject.models import create_model
-from attn_inject.recipe import Recipe, recipe_of
+from attn_inject.files.arch import create_model
 from attn_inject.rules import ConvSpec, resolve_rules
-from trained_look import look_trained, move_off_identity
+from attn_inject.surgery.recipe import Recipe, recipe_of
+from attn_inject.testing import look_trained, move_off_identity
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 
@@ -44,8 +44,16 @@ def test_after_conv_position_and_options_round_trip(tmp_path):
 
 def test_a_block_rule_built_in_python_round_trips(tmp_path):
     convs = (ConvSpec((1, 1), width=frozenset({"expand"}), optional=True), ConvSpec(depthwise=True), ConvSpec((1, 1)))
-    rule = Rule("my_blocks", "inverted residuals by class", "block", "block_output", convs=convs,
-                class_glob="InvertedResidual", residual=True, options=(("se", (("reduction", 8),)),))  # fmt: skip
+    rule = Rule(
+        "my_blocks",
+        "inverted residuals by class",
+        "block",
+        "block_output",
+        convs=convs,
+        class_glob="InvertedResidual",
+        residual=True,
+        options=(("se", (("reduction", 8),)),),
+    )
     assert resolve_rules([rule]) == [rule]
     model = look_trained(create_model("torchvision:mobilenet_v2", num_classes=10))
     inject(model, "se", [rule], example_input=X[:1])

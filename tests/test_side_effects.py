@@ -5,11 +5,12 @@ import random
 import pytest
 import torch
 from torch import nn
-from tiny_models import BranchyNet, conv_bn
 
 from attn_inject import AttnInjectError, inject, plan
 from attn_inject.blocks import EfficientChannelAttention
-from attn_inject.preserve import preserved
+from attn_inject.graph.preserve import preserved
+from attn_inject.testing import look_trained
+from tests.helpers.tiny_models import BranchyNet, conv_bn
 
 X = torch.randn(1, 3, 16, 16)
 
@@ -60,21 +61,13 @@ class Net(nn.Module):
         return self.block(self.stem(x)).mean((2, 3))
 
 
-def trained(model: nn.Module) -> nn.Module:
-    """Weights that look trained: random norm affine and running stats."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def state(model: nn.Module) -> dict:
     """Everything plan/inject must leave alone: tensors, module attributes, RNG states."""
     return {
         "tensors": {k: v.clone() for k, v in model.state_dict().items()},
-        "dicts": [{k: (v, list(v) if isinstance(v, list) else None) for k, v in m.__dict__.items()} for m in model.modules()],
+        "dicts": [
+            {k: (v, list(v) if isinstance(v, list) else None) for k, v in m.__dict__.items()} for m in model.modules()
+        ],
         "rng": (torch.get_rng_state(), random.getstate()),
     }
 
@@ -91,10 +84,10 @@ def assert_same_state(before: dict, model: nn.Module) -> None:
 
 
 def test_a_patched_forward_keeps_buffer_updates_unused_calls_and_draws_in_order():
-    original, patched = trained(Net(CountingBlock(8))), trained(Net(CountingBlock(8)))
+    original, patched = look_trained(Net(CountingBlock(8))), look_trained(Net(CountingBlock(8)))
     patched.load_state_dict(original.state_dict())
     inject(patched, "eca", after="residual", example_input=X)
-    assert list(patched.block.forward.variants.values())[0].fn is not None
+    assert next(iter(patched.block.forward.variants.values())).fn is not None
     probed = []
     patched.block.probe.register_forward_hook(lambda *a: probed.append(1))
     for _ in range(3):
@@ -115,21 +108,30 @@ def test_a_patched_forward_keeps_buffer_updates_unused_calls_and_draws_in_order(
     assert not torch.equal(patched(X), original(X))
 
 
-@pytest.mark.parametrize("effect,reason", [
-    ("counter", "sets attribute 'calls'"),
-    ("append", "changes the contents of attribute 'log'"),
-    ("draw", "draws random numbers fx runs once at trace time"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "effect,reason",
+    [
+        ("counter", "sets attribute 'calls'"),
+        ("append", "changes the contents of attribute 'log'"),
+        ("draw", "draws random numbers fx runs once at trace time"),
+    ],
+)
 def test_a_forward_with_effects_fx_cannot_record_is_left_unpatched_and_named(effect, reason):
-    model = trained(Net(PythonEffects(8, effect)))
+    model = look_trained(Net(PythonEffects(8, effect)))
     before = state(model)
-    with pytest.raises(AttnInjectError, match=rf"matched nothing in Net.*could not be traced by torch.fx \(e\.g\. block: its forward {reason}, which a traced graph would not repeat\)"):
+    with pytest.raises(
+        AttnInjectError,
+        match=(
+            rf"matched nothing in Net.*could not be traced by torch.fx \(e\.g\. block: its forward {reason}, which"
+            rf" a traced graph would not repeat\)"
+        ),
+    ):
         inject(model, "eca", after="residual", example_input=X)
     assert_same_state(before, model)
 
 
 def test_plan_is_exactly_a_dry_run():
-    model = trained(Net(CountingBlock(8)))
+    model = look_trained(Net(CountingBlock(8)))
     model.train()
     random.seed(3)
     before = state(model)
@@ -140,7 +142,7 @@ def test_plan_is_exactly_a_dry_run():
 
 
 def test_a_successful_inject_leaves_the_original_state_and_rng_as_they_were():
-    model = trained(Net(CountingBlock(8)))
+    model = look_trained(Net(CountingBlock(8)))
     before = state(model)
     inject(model, "eca", after="residual", example_input=X)
     tensors = {k: v for k, v in model.state_dict().items() if ".eca." not in k}
@@ -154,16 +156,18 @@ def test_a_successful_inject_leaves_the_original_state_and_rng_as_they_were():
 
 
 def test_a_failed_inject_leaves_every_value_attribute_and_rng_state(monkeypatch):
-    model = trained(Net(CountingBlock(8)))
+    model = look_trained(Net(CountingBlock(8)))
     before = state(model)
     monkeypatch.setattr(EfficientChannelAttention, "forward", lambda self, x: x * 1.5)
-    with pytest.raises(AttnInjectError, match=r"Block block\.eca \(EfficientChannelAttention\) does not return its input unchanged"):
+    with pytest.raises(
+        AttnInjectError, match=r"Block block\.eca \(EfficientChannelAttention\) does not return its input unchanged"
+    ):
         inject(model, "eca", after="residual", example_input=X)
     assert_same_state(before, model)
 
 
 def test_preserved_copies_only_what_is_written():
-    model = trained(BranchyNet())
+    model = look_trained(BranchyNet())
     weight, mean = model.stem[0].weight.clone(), model.stem[1].running_mean.clone()
     with preserved(model):
         with torch.no_grad():
@@ -180,7 +184,10 @@ def test_preserved_copies_only_what_is_written():
 
 def test_a_lazy_model_is_refused_before_it_is_run():
     model = nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
-    with pytest.raises(AttnInjectError, match=r"^Sequential has lazy modules whose parameters are not initialised yet \(0\) Run one forward"):
+    with pytest.raises(
+        AttnInjectError,
+        match=r"^Sequential has lazy modules whose parameters are not initialised yet \(0\) Run one forward",
+    ):
         plan(model, "eca", after="conv", example_input=X)
     assert type(model[0]) is nn.LazyConv2d and model[0].has_uninitialized_params()
     model(X)

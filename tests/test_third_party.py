@@ -1,7 +1,7 @@
 """Models from other libraries as users get them: Hugging Face transformers vision models (built from
 small configs, nothing is downloaded), torchvision detection parts, timm's hook-based feature
-extractor. Weights are made to look trained (benchmarks/trained_look.py) so that a block at a branch
-end is not hidden by a zero init, and every test moves the blocks off identity to see them act."""
+extractor. Weights are made to look trained (attn_inject.testing.look_trained) so that a block at a
+branch end is not hidden by a zero init, and every test moves the blocks off identity to see them act."""
 
 import copy
 import io
@@ -17,33 +17,75 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-from trained_look import blocks_not_run, look_trained, move_off_identity
 
 from attn_inject import AttnInjectError, inject, plan
-from attn_inject.verify import first_difference
+from attn_inject.graph.example import first_difference
+from attn_inject.testing import blocks_not_run, look_trained, move_off_identity
 
 BIT = dict(embedding_size=16, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], num_groups=8)
 DPT_HYBRID = dict(
-    is_hybrid=True, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
-    backbone_out_indices=(0, 1, 2, 3), neck_hidden_sizes=(32, 64, 32, 32), fusion_hidden_size=32,
+    is_hybrid=True,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=64,
+    backbone_out_indices=(0, 1, 2, 3),
+    neck_hidden_sizes=(32, 64, 32, 32),
+    fusion_hidden_size=32,
     backbone_featmap_shape=(1, 128, 4, 4),
-    backbone_config=hf.BitConfig(**BIT, layer_type="bottleneck", global_padding="SAME", embedding_dynamic_padding=True,
-                                 out_features=["stage1", "stage2", "stage3"]),
-)  # fmt: skip
+    backbone_config=hf.BitConfig(
+        **BIT,
+        layer_type="bottleneck",
+        global_padding="SAME",
+        embedding_dynamic_padding=True,
+        out_features=["stage1", "stage2", "stage3"],
+    ),
+)
 
 # name: (model class, config, ECA sites after "residual", modules legitimately not reached)
 HF_MODELS = {
-    "resnet": (hf.ResNetForImageClassification, hf.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 2]), 3, ()),
-    "convnext": (hf.ConvNextForImageClassification, hf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 2], num_stages=2), 3, ()),
-    "regnet": (hf.RegNetForImageClassification, hf.RegNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 2], groups_width=8), 3, ()),
+    "resnet": (
+        hf.ResNetForImageClassification,
+        hf.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 2]),
+        3,
+        (),
+    ),
+    "convnext": (
+        hf.ConvNextForImageClassification,
+        hf.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 2], num_stages=2),
+        3,
+        (),
+    ),
+    "regnet": (
+        hf.RegNetForImageClassification,
+        hf.RegNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 2], groups_width=8),
+        3,
+        (),
+    ),
     "mobilenet_v2": (hf.MobileNetV2ForImageClassification, hf.MobileNetV2Config(depth_multiplier=0.25), 10, ()),
     # only the residual rule: the expand and depthwise convs sit in sibling modules of the add's (issue 9, item 2)
-    "efficientnet": (hf.EfficientNetForImageClassification, hf.EfficientNetConfig(width_coefficient=0.25, depth_coefficient=0.3, hidden_dim=320), 1, ()),
+    "efficientnet": (
+        hf.EfficientNetForImageClassification,
+        hf.EfficientNetConfig(width_coefficient=0.25, depth_coefficient=0.3, hidden_dim=320),
+        1,
+        (),
+    ),
     "bit": (hf.BitForImageClassification, hf.BitConfig(**BIT), 3, ()),
-    "mobilevit": (hf.MobileViTForImageClassification, hf.MobileViTConfig(hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 16, 16, 16, 32, 64]), 3, ()),
+    "mobilevit": (
+        hf.MobileViTForImageClassification,
+        hf.MobileViTConfig(hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 16, 16, 16, 32, 64]),
+        3,
+        (),
+    ),
     # the first fusion layer is called without a residual, so its residual_layer1 never runs
-    "dpt_hybrid": (hf.DPTForDepthEstimation, hf.DPTConfig(**DPT_HYBRID), 10, ("neck.fusion_stage.layers.0.residual_layer1",)),
-}  # fmt: skip
+    "dpt_hybrid": (
+        hf.DPTForDepthEstimation,
+        hf.DPTConfig(**DPT_HYBRID),
+        10,
+        ("neck.fusion_stage.layers.0.residual_layer1",),
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(HF_MODELS))
@@ -52,7 +94,11 @@ def test_transformers_model_patches_bitwise_and_keeps_its_output_type(name, capl
     x = torch.randn(2, 3, 64, 64)
     model = look_trained(cls(config), x)
     with torch.no_grad():
-        expected = {"pixel_values=": model(pixel_values=x), "positional": model(x), "tuple": model(x, return_dict=False)}
+        expected = {
+            "pixel_values=": model(pixel_values=x),
+            "positional": model(x),
+            "tuple": model(x, return_dict=False),
+        }
     assert type(expected["positional"]) is not dict and isinstance(expected["tuple"], tuple)
 
     report = plan(model, "eca", after="residual", example_input=x[:1])
@@ -130,7 +176,9 @@ class ResNetFPN(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = IntermediateLayerGetter(torchvision.models.resnet18(), {"layer2": "c3", "layer3": "c4", "layer4": "c5"})
+        self.body = IntermediateLayerGetter(
+            torchvision.models.resnet18(), {"layer2": "c3", "layer3": "c4", "layer4": "c5"}
+        )
         self.fpn = FeaturePyramidNetwork([128, 256, 512], 16)
 
     def forward(self, x):
@@ -158,13 +206,18 @@ def test_module_that_traces_but_fails_to_run_falls_back_to_eager():
     """torchvision's LastLevelP6P7 traces, but its graph fails (its list of names becomes strings):
     it runs eagerly, and the ResNet blocks around it are still patched."""
     body = torchvision.models.resnet18()
-    model = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512], 16, extra_blocks=LastLevelP6P7(16, 16))
+    model = BackboneWithFPN(
+        body, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512], 16, extra_blocks=LastLevelP6P7(16, 16)
+    )
     x = torch.randn(2, 3, 64, 64)
     look_trained(model, x)
     with torch.no_grad():
         expected = model(x)
     report = plan(model, "eca", after="residual", example_input=x[:1])
-    assert dict(report.untraced)["fpn.extra_blocks"] == "traced, but its graph failed on the example: AttributeError: 'str' object has no attribute 'extend'"
+    assert (
+        dict(report.untraced)["fpn.extra_blocks"]
+        == "traced, but its graph failed on the example: AttributeError: 'str' object has no attribute 'extend'"
+    )
     assert len(report) == 8
     inject(model, "eca", after="residual", example_input=x[:1])
     with torch.no_grad():
@@ -188,7 +241,9 @@ def test_hook_based_feature_extractor_keeps_its_hook_state():
     report = plan(model, "eca", after="residual", example_input=x[:1])
     assert dict(report.untraced)["<model>"].startswith("its result does not depend on its inputs or children")
     inject(model, "eca", after="residual", example_input=x[:1])
-    assert {key: list(value) for key, value in model.hooks._feature_outputs.items()} == state == {torch.device("cpu"): []}
+    assert (
+        {key: list(value) for key, value in model.hooks._feature_outputs.items()} == state == {torch.device("cpu"): []}
+    )
     copy.deepcopy(model)
     torch.save(model, io.BytesIO())
     with torch.no_grad():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from tiny_models import InplaceBasic, conv_bn
 from torch import nn
-from trained import looks_trained, off_identity
 
-import attn_inject.trace_cache as trace_cache
+import attn_inject.graph.trace_cache as trace_cache
 from attn_inject import inject, plan
-from attn_inject.analyze import analyze
+from attn_inject.graph.analyze import analyze
+from attn_inject.graph.nodes import META_KEY
+from attn_inject.testing import look_trained, move_off_identity
+from tests.helpers.tiny_models import InplaceBasic, conv_bn
 
 
 @pytest.fixture
@@ -44,16 +45,19 @@ class ScaledBlock(nn.Module):
 
 
 def _stem_and(*blocks: nn.Module) -> nn.Module:
-    return looks_trained(nn.Sequential(*conv_bn(3, 8), *blocks))
+    return look_trained(nn.Sequential(*conv_bn(3, 8), *blocks))
 
 
 def test_modules_built_alike_are_traced_once_and_get_graphs_of_their_own(traces):
-    model = looks_trained(nn.Sequential(*conv_bn(3, 8), InplaceBasic(8), InplaceBasic(8), InplaceBasic(8)))
+    model = look_trained(nn.Sequential(*conv_bn(3, 8), InplaceBasic(8), InplaceBasic(8), InplaceBasic(8)))
     analysis = analyze(model.eval(), (torch.randn(1, 3, 16, 16),))
     assert traces == ["Sequential", "InplaceBasic"]
     graphs = [r.graph for r in analysis.records if isinstance(r.module, InplaceBasic)]
     assert len(graphs) == 3 and len({id(g) for g in graphs}) == 3
-    convs = [next(n for n in g.nodes if n.op == "call_module" and n.target == "conv1").meta["ops"][0].path for g in graphs]
+    convs = [
+        next(n for n in g.nodes if n.op == "call_module" and n.target == "conv1").meta[META_KEY].ops[0].path
+        for g in graphs
+    ]
     assert convs == ["2.conv1", "3.conv1", "4.conv1"]  # each graph carries its own module's metadata
 
 
@@ -74,7 +78,7 @@ def test_a_different_attribute_is_a_different_structure(traces, second):
     assert traces.count("ScaledBlock") == 2
     with torch.no_grad():
         assert torch.equal(model(x), expected)
-    off_identity(model)
+    move_off_identity(model)
     with torch.no_grad():
         assert not torch.equal(model(x), expected)
 
@@ -117,7 +121,7 @@ def test_arguments_fixed_at_trace_time_are_keyed_by_type_too(traces):
         def forward(self, x):
             return self.b(self.a(self.stem(x), 1), 1.0)
 
-    model = looks_trained(Net())
+    model = look_trained(Net())
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         expected = model(x)

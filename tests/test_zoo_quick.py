@@ -1,17 +1,13 @@
-"""benchmarks/zoo.py in its quick mode: three models, each in its own worker process."""
+"""`python -m benchmarks.zoo` in its quick mode: three models, each in its own worker process."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.running import run_python
 
 
 def test_zoo_quick_mode(tmp_path):
     out = tmp_path / "zoo.jsonl"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "zoo.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = run_python("-m", "benchmarks.zoo", "--quick", "--out", str(out), timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {row["spec"]: row for row in map(json.loads, out.read_text().splitlines())}
     assert sorted(rows) == ["timm:convnext", "timm:resnet", "torchvision:mobilenet_v2"]

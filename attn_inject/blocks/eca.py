@@ -66,14 +66,18 @@ def resolve_kernel_size(channels: int, kernel_size: KernelSize, gamma: float = 2
 
 
 def _is_step(step) -> bool:
-    return isinstance(step, (list, tuple)) and len(step) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in step)
+    return (
+        isinstance(step, (list, tuple))
+        and len(step) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in step)
+    )
 
 
 def _plain(steps) -> list:
     return [list(s) for s in steps]
 
 
-@register_block("eca", fresh_output=True)
+@register_block("eca", gate="conv", fresh_output=True)
 class EfficientChannelAttention(nn.Module):
     def __init__(
         self,

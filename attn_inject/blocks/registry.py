@@ -1,4 +1,10 @@
-"""Block registry: a plain dict from name to class, filled by the @register_block decorator.
+"""The block registry: a plain dict from name to a BlockSpec, filled by the @register_block decorator.
+
+A BlockSpec holds everything the rest of the library knows about a block, so a user's block gets
+exactly the built-ins' treatment: the layer feeding its gate (zeroed at the identity init, spared
+from weight decay), whether its output is a fresh tensor (the residual add may then write into
+it), the site facts it takes as options (``block_in_channels``), and the empty attention slots of
+timm's residual blocks it may fill (``self.se = None``).
 
 The block contract, checked at registration:
 
@@ -6,9 +12,10 @@ The block contract, checked at registration:
   that all have defaults, one of them ``init`` ("identity" | "paper");
 - ``forward(x)`` takes an NCHW map and returns one of the same shape, dtype and device;
 - built with ``init="identity"`` it returns its input unchanged, bit for bit (``inject`` verifies it);
-- ``fresh_output=True`` (the built-in blocks) promises that forward returns a new tensor that its
-  backward does not need, so the residual add after it may write into it; otherwise the add is
-  out of place (a block returning ``x`` itself still trains).
+- ``gate`` names the submodule whose output feeds the block's gate (SE ``fc2``, ECA ``conv``);
+- ``fresh_output=True`` promises that forward returns a new tensor that its backward does not
+  need, so the residual add after it may write into it; otherwise the add is out of place (a block
+  returning ``x`` itself still trains).
 
 Option values are checked against ``__init__``'s annotations (``int``, ``float``, ``str``, ``bool``,
 ``X | None``) before the block is built: bools are not numbers, floats are finite.
@@ -20,18 +27,48 @@ import inspect
 import math
 import types
 import typing
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from ..errors import AttnInjectError
+from ..errors import AttnInjectError, one_line
 
-_BLOCKS: dict[str, type[nn.Module]] = {}
-_FRESH_OUTPUT: set[type[nn.Module]] = set()
+# Facts of a site that a block may take as constructor options; the plan fills them in.
+SITE_FACTS = ("block_in_channels",)  # the channels entering the matched branch or block
+DEFAULT_SLOTS = ("se",)  # timm's ResNet, Res2Net and SKNet blocks keep ``self.se = None``
+
+ModuleType = TypeVar("ModuleType", bound=type[nn.Module])
 
 
-def register_block(name: str, *, fresh_output: bool = False) -> Callable[[type[nn.Module]], type[nn.Module]]:
+@dataclass(frozen=True)
+class BlockSpec:
+    """What the library knows about one registered block."""
+
+    name: str
+    cls: type[nn.Module]
+    gate: str | None = None  # submodule feeding the gate: zero at the identity init, no weight decay
+    fresh_output: bool = False  # forward returns a new tensor its backward does not need
+    site_facts: tuple[str, ...] = ()  # SITE_FACTS the constructor takes
+    slots: tuple[str, ...] = DEFAULT_SLOTS  # empty attention attributes a branch_end block may take
+
+    def gate_parameters(self, block: nn.Module) -> list[str]:
+        """Names (inside ``block``) of the gate layer's parameters."""
+        if self.gate is None:
+            return []
+        return [f"{self.gate}.{n}" for n, _ in block.get_submodule(self.gate).named_parameters()]
+
+
+_BLOCKS: dict[str, BlockSpec] = {}
+_BY_CLASS: dict[type[nn.Module], BlockSpec] = {}
+
+
+def register_block(
+    name: str, *, gate: str | None = None, fresh_output: bool = False, slots: tuple[str, ...] = DEFAULT_SLOTS
+) -> Callable[[ModuleType], ModuleType]:
     """Register an attention block class under ``name`` (see the module docstring for the contract)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise AttnInjectError(
@@ -39,32 +76,78 @@ def register_block(name: str, *, fresh_output: bool = False) -> Callable[[type[n
             hint="For example register_block('cbam').",
         )
 
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
-        _check_contract(name, cls)
-        if name in _BLOCKS and _BLOCKS[name] is not cls:
-            raise AttnInjectError(f"block name {name!r} is already registered to {_BLOCKS[name].__name__}")
-        _BLOCKS[name] = cls
-        if fresh_output:
-            _FRESH_OUTPUT.add(cls)
+    def add(cls: ModuleType) -> ModuleType:
+        params = _check_contract(name, cls)
+        known = _BLOCKS.get(name)
+        if known is not None and known.cls is not cls:
+            raise AttnInjectError(f"block name {name!r} is already registered to {known.cls.__name__}")
+        site_facts = tuple(fact for fact in SITE_FACTS if fact in params)
+        spec = BlockSpec(name, cls, gate, fresh_output, site_facts, tuple(slots))
+        _check_gate(spec)
+        _BLOCKS[name] = _BY_CLASS[cls] = spec
         return cls
 
     return add
 
 
-def _check_contract(name: str, cls: Any) -> None:
+def unregister_block(name: str) -> None:
+    """Take a block out of the registry (a test's or a notebook's temporary block)."""
+    spec = block_spec(name)
+    del _BLOCKS[name]
+    _BY_CLASS.pop(spec.cls, None)
+
+
+@contextmanager
+def registered_block(name: str, cls: type[nn.Module], **spec_options: Any) -> Iterator[type[nn.Module]]:
+    """``register_block(name, **spec_options)(cls)`` for the duration of a ``with`` block."""
+    register_block(name, **spec_options)(cls)
+    try:
+        yield cls
+    finally:
+        unregister_block(name)
+
+
+def _check_contract(name: str, cls: Any) -> dict[str, inspect.Parameter]:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise AttnInjectError(f"register_block({name!r}) needs a torch.nn.Module subclass, not {cls!r}")
     params = list(inspect.signature(cls).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     problem = None
-    if not params or params[0].name != "channels" or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+    if not params or params[0].name != "channels" or params[0].kind not in positional:
         problem = "its __init__ must take channels as the first argument"
     elif "init" not in {p.name for p in params}:
         problem = "its __init__ must take an init option ('identity' | 'paper')"
-    elif any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params[1:]):
+    elif any(p.default is p.empty and p.kind not in variadic for p in params[1:]):
         problem = "every option after channels needs a default"
     if problem:
-        raise AttnInjectError(f"register_block({name!r}): {cls.__name__} breaks the block contract: {problem}",
-                              hint="See attn_inject.blocks.registry for the contract.")  # fmt: skip
+        raise AttnInjectError(
+            f"register_block({name!r}): {cls.__name__} breaks the block contract: {problem}",
+            hint="See attn_inject.blocks.registry for the contract.",
+        )
+    return {p.name: p for p in params}
+
+
+def _check_gate(spec: BlockSpec) -> None:
+    """A named gate layer must be a submodule of the block (built once, at 64 channels, on the meta device)."""
+    if spec.gate is None:
+        return
+    where = f"register_block({spec.name!r}, gate={spec.gate!r})"
+    try:
+        with torch.device("meta"):
+            block = spec.cls(64)
+    except Exception as exc:  # the user's constructor
+        raise AttnInjectError(
+            f"{where}: {spec.cls.__name__}(64) fails with its default options ({one_line(exc)})",
+            hint="A registered block must build from channels alone.",
+        ) from None
+    try:
+        block.get_submodule(spec.gate)
+    except AttributeError:
+        raise AttnInjectError(
+            f"{where}: {spec.cls.__name__} has no submodule {spec.gate!r}",
+            hint="gate names the submodule whose output feeds the block's gate, e.g. 'fc2'.",
+        ) from None
 
 
 def list_blocks() -> list[str]:
@@ -72,19 +155,27 @@ def list_blocks() -> list[str]:
     return sorted(_BLOCKS)
 
 
-def get_block(name: str) -> type[nn.Module]:
-    """The block class registered as ``name``; an unknown name lists the valid ones."""
+def block_spec(name: str) -> BlockSpec:
+    """The spec registered as ``name``; an unknown name lists the valid ones."""
     try:
         return _BLOCKS[name]
     except (KeyError, TypeError):
-        raise AttnInjectError(
-            f"unknown block {name!r}", hint=f"Valid blocks: {', '.join(list_blocks())}."
-        ) from None
+        raise AttnInjectError(f"unknown block {name!r}", hint=f"Valid blocks: {', '.join(list_blocks())}.") from None
 
 
-def returns_fresh_output(block: nn.Module) -> bool:
-    """Whether ``block``'s output may be written in place (registered with ``fresh_output=True``)."""
-    return type(block) in _FRESH_OUTPUT
+def get_block(name: str) -> type[nn.Module]:
+    """The block class registered as ``name``; an unknown name lists the valid ones."""
+    return block_spec(name).cls
+
+
+def spec_of(module: nn.Module) -> BlockSpec | None:
+    """The spec of a registered block's instance; None for any other module."""
+    return _BY_CLASS.get(type(module))
+
+
+def is_attention_block(module: nn.Module) -> bool:
+    """True for an instance of a registered block (these are leaves of every traced graph)."""
+    return type(module) in _BY_CLASS
 
 
 def block_options(name: str) -> dict[str, Any]:
@@ -113,7 +204,10 @@ def check_block_options(name: str, options: dict[str, Any]) -> None:
                 hint=f"Its options and defaults: {valid}.",
             )
         if isinstance(value, float) and not math.isfinite(value):
-            raise AttnInjectError(f"block {name!r}: option {key}={value!r} must be a finite number", hint=f"Its options and defaults: {valid}.")
+            raise AttnInjectError(
+                f"block {name!r}: option {key}={value!r} must be a finite number",
+                hint=f"Its options and defaults: {valid}.",
+            )
     try:
         with torch.device("meta"):
             get_block(name)(8, **options)
@@ -129,12 +223,13 @@ def check_block_options(name: str, options: dict[str, Any]) -> None:
 def _option_types(cls: type) -> dict[str, tuple[type, ...]]:
     """Option name -> the types its annotation allows (only plain types and unions of them)."""
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]
     except Exception:  # unresolvable annotations: no type checks
         return {}
     allowed = {}
     for key, hint in hints.items():
-        members = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+        is_union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        members = typing.get_args(hint) if is_union else (hint,)
         if all(isinstance(t, type) for t in members):
             allowed[key] = tuple(members)
     return allowed
@@ -146,8 +241,3 @@ def _is_instance(value: Any, allowed: tuple[type, ...]) -> bool:
     if isinstance(value, int) and float in allowed:
         return True
     return isinstance(value, allowed)
-
-
-def is_attention_block(module: nn.Module) -> bool:
-    """True for an instance of a registered block (these are leaves of every traced graph)."""
-    return type(module) in _BLOCKS.values()

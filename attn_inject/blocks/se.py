@@ -34,7 +34,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU}
 RD_BASES = ("channels", "input")
 
 
-@register_block("se", fresh_output=True)
+@register_block("se", gate="fc2", fresh_output=True)
 class SqueezeExcite(nn.Module):
     def __init__(
         self,
@@ -51,9 +51,15 @@ class SqueezeExcite(nn.Module):
         init: str = "identity",
     ):
         super().__init__()
-        if reduction <= 0 or rd_divisor < 1 or (rd_channels is not None and rd_channels < 1) or (rd_ratio is not None and rd_ratio <= 0):
+        if (
+            reduction <= 0
+            or rd_divisor < 1
+            or (rd_channels is not None and rd_channels < 1)
+            or (rd_ratio is not None and rd_ratio <= 0)
+        ):
             raise AttnInjectError(
-                f"SE needs reduction > 0, rd_ratio > 0, rd_divisor >= 1 and rd_channels >= 1; got reduction={reduction}, "
+                "SE needs reduction > 0, rd_ratio > 0, rd_divisor >= 1 and rd_channels >= 1; "
+                f"got reduction={reduction}, "
                 f"rd_ratio={rd_ratio}, rd_divisor={rd_divisor}, rd_channels={rd_channels}"
             )
         if rd_of not in RD_BASES:
@@ -71,7 +77,7 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv2d(rd, channels, kernel_size=1, bias=True)
         if init == "identity":
             nn.init.zeros_(self.fc2.weight)
-            nn.init.zeros_(self.fc2.bias)
+            nn.init.zeros_(self.fc2.bias)  # type: ignore[arg-type]  # bias=True above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))

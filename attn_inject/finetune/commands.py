@@ -17,11 +17,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import AttnInjectError
-from ..recipe import recipe_of, set_recipe
-from ..safe_output import atomic_write, check_output
-from ..saving import file_header, load, save, storable
+from ..files.checkpoints import load_pretrained
+from ..files.format import file_header, storable
+from ..files.output import atomic_write, check_safetensors_output
+from ..files.saving import load, save
+from ..surgery.recipe import recipe_of, set_recipe
 from . import distributed
-from .data import SeededSamples, check_image_folder, data_config, fit_head, head_size, image_folder, transforms
+from .data import SeededSamples, check_image_folder, data_config, head_size, image_folder, transforms
 from .loop import Progress, TrainConfig, evaluate, finetune, val_loader
 
 
@@ -31,11 +33,10 @@ def open_model(path: str | Path, arch: str | None = None, num_classes: int | Non
         return load(path, arch)
     if arch is None:
         raise AttnInjectError(
-            "a plain checkpoint (no attn_inject recipe inside)", where=str(path),
+            "a plain checkpoint (no attn_inject recipe inside)",
+            where=str(path),
             hint="Name its architecture with --arch (a timm name, torchvision:NAME or package.module:factory).",
-        )  # fmt: skip
-    from ..checkpoint import load_pretrained
-
+        )
     try:
         return load_pretrained(path, arch, num_classes=num_classes)
     except AttnInjectError:
@@ -50,10 +51,18 @@ def _is_patched(path: str | Path) -> bool:
 
 
 def run_eval(
-    checkpoint: str | Path, data: str | Path, *, arch: str | None = None, num_classes: int | None = None,
-    img_size: int | None = None, batch_size: int = 64, workers: int = 0, device: str | None = None,
-    bf16: bool = False, progress: Progress | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str | None = None,
+    bf16: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Top-1, top-5 and loss of a checkpoint on ``data/val`` (timm's eval transform for the model)."""
     info = check_image_folder(data, ("val",))
     context = distributed.setup(device)
@@ -62,9 +71,11 @@ def run_eval(
         current = head_size(model)
         if current is not None and current != len(info.classes):
             raise AttnInjectError(
-                f"the data has {len(info.classes)} classes but the model's head has {current} outputs", where=str(data),
-                hint=f"Evaluate a model trained for these classes (attn-inject finetune ... --num-classes {len(info.classes)}).",
-            )  # fmt: skip
+                f"the data has {len(info.classes)} classes but the model's head has {current} outputs",
+                where=str(data),
+                hint="Evaluate a model trained for these classes "
+                f"(attn-inject finetune ... --num-classes {len(info.classes)}).",
+            )
         model.to(context.device)
         cfg = data_config(model, img_size)
         val = SeededSamples(image_folder(data, "val"), transforms(cfg)[1])
@@ -73,28 +84,44 @@ def run_eval(
     finally:
         distributed.teardown(context)
     return {
-        **dataclasses.asdict(metrics), "checkpoint": str(checkpoint), "classes": len(info.classes),
-        "input_size": list(cfg["input_size"]), "is_main": context.is_main,
-    }  # fmt: skip
+        **dataclasses.asdict(metrics),
+        "checkpoint": str(checkpoint),
+        "classes": len(info.classes),
+        "input_size": list(cfg["input_size"]),
+        "is_main": context.is_main,
+    }
 
 
 def run_finetune(
-    checkpoint: str | Path, data: str | Path, output: str | Path, config: TrainConfig, *, arch: str | None = None,
-    num_classes: int | None = None, resume: bool = False, force: bool = False, device: str | None = None,
+    checkpoint: str | Path,
+    data: str | Path,
+    output: str | Path,
+    config: TrainConfig,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    device: str | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Fine-tune a checkpoint on ``data`` and write the result to ``output`` (a patched file if the input was)."""
-    out = check_output(output, inputs=(checkpoint,), force=force or resume)
-    if out.suffix != ".safetensors":
-        raise AttnInjectError("the output must be a .safetensors file", where=str(out), hint="Name it NAME.safetensors.")
+    out = check_safetensors_output(output, inputs=(checkpoint,), force=force or resume)
     config.check()
     context = distributed.setup(device)
     try:
         model = open_model(checkpoint, arch, num_classes)
         summary = finetune(
-            model, data, config, output=out, save_model=save_model, num_classes=num_classes, resume=resume,
-            context=context, progress=progress,
-        )  # fmt: skip
+            model,
+            data,
+            config,
+            output=out,
+            save_model=save_model,
+            num_classes=num_classes,
+            resume=resume,
+            context=context,
+            progress=progress,
+        )
     finally:
         distributed.teardown(context)
     return {**summary, "checkpoint": str(checkpoint), "is_main": context.is_main}

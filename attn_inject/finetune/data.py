@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
+from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.data.readers.img_extensions import get_img_extensions
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -37,25 +40,21 @@ class ImageFolderInfo:
 
 def data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:
     """timm's data config for ``model`` (mean, std, crop, interpolation), at ``img_size`` if given."""
-    from timm.data import resolve_data_config
-
     if img_size is not None and img_size < 1:
-        raise AttnInjectError(f"--img-size must be a positive integer, got {img_size}")
+        raise AttnInjectError(f"img_size must be a positive integer, got {img_size}", field="img_size")
     args = {"input_size": (3, img_size, img_size)} if img_size else {}
     return resolve_data_config(args, model=model)
 
 
 def image_folder(root: str | Path, split: str, transform: Any = None):
     """timm's folder dataset for ``root/split``, checked: it exists and holds images in class folders."""
-    from timm.data import create_dataset
-    from timm.data.readers.img_extensions import get_img_extensions
-
     folder = Path(root) / split
     if not folder.is_dir():
         raise AttnInjectError(
-            f"no {split}/ folder", where=str(Path(root)),
+            f"no {split}/ folder",
+            where=str(Path(root)),
             hint=f"Use the ImageFolder layout: {Path(root) / split}/<class>/<image>.",
-        )  # fmt: skip
+        )
     try:
         dataset = create_dataset("", root=str(folder), split=split, search_split=False, transform=transform)
     except RuntimeError as exc:  # timm: "Found 0 images in subfolders of ..."
@@ -64,9 +63,10 @@ def image_folder(root: str | Path, split: str, transform: Any = None):
         dataset = None
     if dataset is None or len(dataset) == 0:
         raise AttnInjectError(
-            "no images found", where=str(folder),
+            "no images found",
+            where=str(folder),
             hint=f"Put the images in one folder per class ({', '.join(get_img_extensions())}).",
-        )  # fmt: skip
+        )
     return dataset
 
 
@@ -79,7 +79,9 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Im
     """Check ``root``'s splits exist, hold images and agree on the classes; every file is opened."""
     root = Path(root)
     if not root.is_dir():
-        raise AttnInjectError("no such data folder", where=str(root), hint="Pass the folder that holds train/ and val/.")
+        raise AttnInjectError(
+            "no such data folder", where=str(root), hint="Pass the folder that holds train/ and val/."
+        )
     datasets = {split: image_folder(root, split) for split in splits}
     classes = {split: classes_of(ds) for split, ds in datasets.items()}
     first = splits[0]
@@ -90,8 +92,9 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Im
             raise AttnInjectError(
                 f"{first}/ has {len(classes[first])} classes and {split}/ has {len(classes[split])}; they differ "
                 f"(only in {first}/: {only_first or 'none'}, only in {split}/: {only_here or 'none'})",
-                where=str(root), hint="Both splits need the same class folders.",
-            )  # fmt: skip
+                where=str(root),
+                hint="Both splits need the same class folders.",
+            )
     for ds in datasets.values():
         for index in range(len(ds)):
             check_image(Path(ds.reader.filename(index, absolute=True)))
@@ -111,8 +114,9 @@ def check_image(path: Path) -> None:
 
 def head_size(model: nn.Module) -> int | None:
     """Outputs of the classifier: timm's ``num_classes``, else the last Linear's ``out_features``."""
-    if isinstance(getattr(model, "num_classes", None), int):
-        return model.num_classes
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int):
+        return num_classes
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features if linears else None
 
@@ -127,26 +131,28 @@ def fit_head(model: nn.Module, n_classes: int, num_classes: int | None) -> bool:
         if current is not None and current != n_classes:
             raise AttnInjectError(
                 f"the data has {n_classes} classes but the model's head has {current} outputs",
-                hint=f"Pass --num-classes {n_classes} to replace the head with a new one (it starts untrained).",
-            )  # fmt: skip
+                hint=f"Pass num_classes={n_classes} to replace the head with a new one (it starts untrained).",
+                field="num_classes",
+            )
         return False
     if num_classes != n_classes:
-        raise AttnInjectError(f"--num-classes {num_classes} does not match the data's {n_classes} classes")
+        raise AttnInjectError(
+            f"num_classes={num_classes} does not match the data's {n_classes} classes", field="num_classes"
+        )
     if current == num_classes:
         return False
-    if not callable(getattr(model, "reset_classifier", None)):
+    reset_classifier = getattr(model, "reset_classifier", None)
+    if not callable(reset_classifier):
         raise AttnInjectError(
             f"{type(model).__name__} has no reset_classifier() to replace its head",
             hint="Replace the classifier in Python and save the model first.",
-        )  # fmt: skip
-    model.reset_classifier(num_classes)
+        )
+    reset_classifier(num_classes)
     return True
 
 
 def transforms(config: dict[str, Any], **train_options: Any) -> tuple[Any, Any]:
     """timm's (train, eval) transforms for a data config; ``train_options`` go to create_transform."""
-    from timm.data import create_transform
-
     train = create_transform(**config, is_training=True, **train_options)
     evaluation = create_transform(**config)
     return train, evaluation
@@ -175,8 +181,8 @@ class SeededSamples(Dataset):
         path = self.reader.filename(index, absolute=True)
         target = self.reader.samples[index][1]
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
         except Exception as exc:
             raise AttnInjectError(f"cannot decode image ({type(exc).__name__}: {exc})", where=str(path)) from None
         sample_seed = hash((self.seed, self.epoch, index)) % 2**31
@@ -191,16 +197,12 @@ class _seeded:
         self.seed = seed
 
     def __enter__(self) -> None:
-        import numpy as np
-
         self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(self.seed)
         np.random.seed(self.seed)
         torch.default_generator.manual_seed(self.seed)  # the CPU generator only: CUDA's is left alone
 
     def __exit__(self, *exc: Any) -> None:
-        import numpy as np
-
         python, numpy_state, torch_state = self.states
         random.setstate(python)
         np.random.set_state(numpy_state)

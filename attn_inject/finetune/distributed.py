@@ -7,7 +7,7 @@ without them everything runs in one process. The backend is nccl on GPUs and glo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def distributed(self) -> bool:
@@ -71,11 +71,6 @@ def all_sum(values: list[float], context: Context) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
     dist.all_reduce(tensor)
     return tensor.tolist()
-
-
-def all_true(flag: bool, context: Context) -> bool:
-    """True when ``flag`` is true on every rank (a failing rank stops them all together)."""
-    return all_sum([0.0 if flag else 1.0], context)[0] == 0 if context.distributed else flag
 
 
 def barrier(context: Context) -> None:

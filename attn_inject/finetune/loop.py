@@ -12,20 +12,31 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ..errors import AttnInjectError
 from . import distributed
 from .data import SeededSamples, check_image_folder, data_config, fit_head, image_folder, transforms
-from .params import AttentionFirst, attention_parameter_names, classifier_path, param_groups, set_trainable, trainable_summary
+from .params import (
+    AttentionFirst,
+    attention_parameter_names,
+    classifier_path,
+    param_groups,
+    set_trainable,
+    trainable_summary,
+)
 from .state import read_state, state_path, write_state
 
 KEEP = ("last", "best")
@@ -51,21 +62,18 @@ class TrainConfig:
     train_transform: dict[str, Any] = field(default_factory=dict)  # extra timm create_transform options
 
     def check(self) -> None:
-        problems = [
-            f"{name} must be {rule}, got {value}"
-            for name, value, ok, rule in [
-                ("--epochs", self.epochs, self.epochs >= 1, ">= 1"),
-                ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
-                ("--warmup-steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
-                ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
-                ("--clip-grad", self.clip_grad, self.clip_grad is None or self.clip_grad > 0, "> 0"),
-                ("--workers", self.workers, self.workers >= 0, ">= 0"),
-                ("--keep", self.keep, self.keep in KEEP, f"one of {', '.join(KEEP)}"),
-            ]
-            if not ok
-        ]  # fmt: skip
-        if problems:
-            raise AttnInjectError(problems[0])
+        """Every setting in range; the first that is not is an error naming the field."""
+        for name, ok, rule in [
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "> 0"),
+            ("workers", self.workers >= 0, ">= 0"),
+            ("keep", self.keep in KEEP, f"one of {', '.join(KEEP)}"),
+        ]:
+            if not ok:
+                raise AttnInjectError(f"{name} must be {rule}, got {getattr(self, name)}", field=name)
 
 
 @dataclass(frozen=True)
@@ -76,17 +84,39 @@ class Metrics:
     images: int
 
 
-class Progress:
-    """What the loop reports; this one reports nothing (the CLI passes a rich one)."""
+class Progress(Protocol):
+    """Where the loops report: a phase of ``total`` steps starts, advances with fields (loss, img/s),
+    stops; notes in between. The CLI passes a rich one; ``SilentProgress`` reports nothing."""
 
     def start(self, description: str, total: int) -> None: ...
-    def update(self, advance: int = 1, **fields: Any) -> None: ...
+
+    def update(self, advance: int = 1, **fields: float) -> None: ...
+
     def stop(self) -> None: ...
+
     def note(self, message: str) -> None: ...
+
+
+class SilentProgress(Progress):
+    """Reports nothing (the default, and what every rank but the first uses)."""
+
+    def start(self, description: str, total: int) -> None:
+        return None
+
+    def update(self, advance: int = 1, **fields: float) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+    def note(self, message: str) -> None:
+        return None
 
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; ``message`` says which checkpoint is intact and how to continue."""
+
+    field = "resume"  # the setting the message names
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -94,11 +124,16 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def evaluate(
-    model: nn.Module, loader: DataLoader, context: distributed.Context, *, bf16: bool = False,
-    progress: Progress | None = None, description: str = "eval",
-) -> Metrics:  # fmt: skip
+    model: nn.Module,
+    loader: DataLoader,
+    context: distributed.Context,
+    *,
+    bf16: bool = False,
+    progress: Progress | None = None,
+    description: str = "eval",
+) -> Metrics:
     """Top-1, top-5 and mean loss over the loader, summed over all ranks."""
-    progress = progress or Progress()
+    progress = progress or SilentProgress()
     was_training = model.training
     model.eval()
     loss_sum = top1 = top5 = images = 0.0
@@ -158,17 +193,19 @@ def finetune(
     """
     config.check()
     context = context or distributed.Context()
-    progress = progress if progress is not None and context.is_main else Progress()
+    progress = progress if progress is not None and context.is_main else SilentProgress()
     if config.batch_size % context.world_size:
         raise AttnInjectError(
-            f"--batch-size {config.batch_size} does not split over {context.world_size} processes",
+            f"batch_size={config.batch_size} does not split over {context.world_size} processes",
             hint="The batch size is global: use a multiple of the number of processes.",
-        )  # fmt: skip
+            field="batch_size",
+        )
     if config.attention_only_steps and not attention_parameter_names(model):
         raise AttnInjectError(
-            f"--attention-only-steps needs injected attention blocks; {type(model).__name__} has none",
-            hint="Patch the model first (attn-inject patch), or leave out --attention-only-steps.",
-        )  # fmt: skip
+            f"attention_only_steps needs injected attention blocks; {type(model).__name__} has none",
+            hint="Patch the model first (inject, attn-inject patch), or leave out attention_only_steps.",
+            field="attention_only_steps",
+        )
     info = check_image_folder(data)
     previous = read_state(state_path(output)) if resume else None
     _seed_everything(config.seed)
@@ -180,15 +217,19 @@ def finetune(
     train_set = SeededSamples(image_folder(data, "train"), train_tf, config.seed)
     val_set = SeededSamples(image_folder(data, "val"), eval_tf, config.seed)
     per_rank = config.batch_size // context.world_size
-    sampler = DistributedSampler(train_set, context.world_size, context.rank, shuffle=True, seed=config.seed)
+    sampler: DistributedSampler = DistributedSampler(
+        train_set, context.world_size, context.rank, shuffle=True, seed=config.seed
+    )
     train_loader = DataLoader(train_set, per_rank, sampler=sampler, drop_last=True, num_workers=config.workers)
     validation = val_loader(val_set, context, per_rank, config.workers)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise AttnInjectError(
-            f"train/ has {len(train_set)} images, fewer than one batch of {config.batch_size}", where=str(data),
-            hint="Lower --batch-size.",
-        )  # fmt: skip
+            f"train/ has {len(train_set)} images, fewer than one batch of {config.batch_size}",
+            where=str(data),
+            hint="Lower batch_size.",
+            field="batch_size",
+        )
 
     set_trainable(model, "all")
     optimizer, scheduler = _optimizer(model, config, steps_per_epoch * config.epochs)
@@ -196,16 +237,24 @@ def finetune(
     schedule = AttentionFirst(model, config.attention_only_steps, also=[new_head] if new_head else ())
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     summary: dict[str, Any] = {
-        "classes": len(info.classes), "train_images": info.counts["train"], "val_images": info.counts["val"],
-        "head_replaced": head_replaced, "world_size": context.world_size, "steps_per_epoch": steps_per_epoch,
-        "config": asdict(config), "output": str(output), "epochs": [],
-    }  # fmt: skip
+        "classes": len(info.classes),
+        "train_images": info.counts["train"],
+        "val_images": info.counts["val"],
+        "head_replaced": head_replaced,
+        "world_size": context.world_size,
+        "steps_per_epoch": steps_per_epoch,
+        "config": asdict(config),
+        "output": str(output),
+        "epochs": [],
+    }
     start_epoch, step = 0, 0
     if previous is not None:
         start_epoch, step = _restore(previous, model, optimizer, scheduler, summary, info.classes, config)
         progress.note(f"resuming after epoch {start_epoch} of {config.epochs} (step {step})")
     else:
-        summary["before"] = asdict(evaluate(model, validation, context, bf16=config.bf16, progress=progress, description="eval before"))
+        summary["before"] = asdict(
+            evaluate(model, validation, context, bf16=config.bf16, progress=progress, description="eval before")
+        )
         progress.note(_metrics_line("before", summary["before"]))
 
     wrapped = model
@@ -237,12 +286,16 @@ def finetune(
                 progress.update(1, loss=loss.item(), img_s=seen * context.world_size / (time.perf_counter() - t0))
             progress.stop()
             seconds = time.perf_counter() - t0
-            loss_sum, seen = distributed.all_sum([loss_sum, seen], context)
+            loss_sum, images = distributed.all_sum([loss_sum, seen], context)
             metrics = evaluate(model, validation, context, bf16=config.bf16, progress=progress, description="eval")
             record = {
-                "epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen, **asdict(metrics),
-                "images_per_s": seen / seconds, "lr": optimizer.param_groups[0]["lr"],
-            }  # fmt: skip
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": loss_sum / images,
+                **asdict(metrics),
+                "images_per_s": images / seconds,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
             summary["epochs"].append(record)
             progress.note(_metrics_line(f"epoch {epoch + 1}", record))
             best = max(summary["epochs"], key=lambda r: r["top1"])
@@ -255,8 +308,7 @@ def finetune(
         done = len(summary["epochs"])
         kept = f"{output} holds epoch {done}" if done else f"nothing was written to {output}"
         raise TrainingInterrupted(
-            f"interrupted during epoch {epoch + 1}; {kept}"
-            + ("; continue with --resume" if done else "")
+            f"interrupted during epoch {epoch + 1}; {kept}" + ("; continue with resume=True" if done else "")
         ) from None
     final = summary["epochs"][-1]
     chosen = final if config.keep == "last" else max(summary["epochs"], key=lambda r: r["top1"])
@@ -266,15 +318,17 @@ def finetune(
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
-
     groups = param_groups(model, config.lr, config.attention_lr, config.weight_decay)
     optimizer = create_optimizer_v2(groups, "adamw", lr=config.lr, weight_decay=config.weight_decay)
     scheduler = CosineLRScheduler(
-        optimizer, t_initial=total_steps, lr_min=config.min_lr, warmup_t=config.warmup_steps,
-        warmup_lr_init=config.lr * 0.01, warmup_prefix=True, t_in_epochs=False,
-    )  # fmt: skip
+        optimizer,
+        t_initial=total_steps,
+        lr_min=config.min_lr,
+        warmup_t=config.warmup_steps,
+        warmup_lr_init=config.lr * 0.01,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
     return optimizer, scheduler
 
 
@@ -295,12 +349,15 @@ def _state(model, optimizer, scheduler, summary, classes, step) -> dict[str, Any
 
 def _restore(state, model, optimizer, scheduler, summary, classes, config) -> tuple[int, int]:
     if state["classes"] != list(classes):
-        raise AttnInjectError("the data's classes differ from the interrupted run's", hint="Resume with the same --data.")
+        raise AttnInjectError(
+            "the data's classes differ from the interrupted run's", hint="Resume with the same data.", field="data"
+        )
     if state["total_epochs"] != config.epochs:
         raise AttnInjectError(
-            f"--epochs {config.epochs} differs from the interrupted run's {state['total_epochs']}",
-            hint="Resume with the same --epochs (the learning-rate schedule depends on it).",
-        )  # fmt: skip
+            f"epochs={config.epochs} differs from the interrupted run's {state['total_epochs']}",
+            hint="Resume with the same epochs (the learning-rate schedule depends on it).",
+            field="epochs",
+        )
     if state["epochs_done"] >= config.epochs:
         raise AttnInjectError(f"the run already finished all {config.epochs} epochs; nothing to resume")
     model.load_state_dict(state["model"])
@@ -314,8 +371,6 @@ def _restore(state, model, optimizer, scheduler, summary, classes, config) -> tu
 
 
 def _seed_everything(seed: int) -> None:
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

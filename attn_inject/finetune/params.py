@@ -6,21 +6,21 @@
 
 Weight decay follows timm's rule (nothing with one dimension or less: biases, norm weights, layer
 scales; plus the model's own ``no_weight_decay()`` names) and also spares the layer that feeds each
-block's gate (SE ``fc2``, ECA ``conv``): those start at zero, the identity, and decay would only
-pull them back there.
+block's gate (its ``BlockSpec.gate``: SE ``fc2``, ECA ``conv``): those start at zero, the identity,
+and decay would only pull them back there.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
-from ..blocks import EfficientChannelAttention, SqueezeExcite, is_attention_block
+from ..blocks import is_attention_block, spec_of
 from ..errors import AttnInjectError
+from ..graph.nodes import join_path
 
-# block class -> prefix (inside the block) of the layer whose output is the gate's logit
-GATE_LAYERS: dict[type[nn.Module], str] = {SqueezeExcite: "fc2.", EfficientChannelAttention: "conv."}
 CHOICES = ("attention", "all")
 
 
@@ -32,7 +32,7 @@ def attention_blocks(model: nn.Module) -> dict[str, nn.Module]:
 def attention_parameter_names(model: nn.Module) -> set[str]:
     """Names (as in ``model.named_parameters()``) of the injected blocks' parameters."""
     return {
-        f"{prefix}.{name}" if prefix else name
+        join_path(prefix, name)
         for prefix, block in attention_blocks(model).items()
         for name, _ in block.named_parameters()
     }
@@ -55,25 +55,27 @@ def set_trainable(model: nn.Module, which: str, also: Iterable[str] = ()) -> Non
         raise AttnInjectError(
             f"{type(model).__name__} has no injected attention blocks with parameters",
             hint='Inject blocks first (attn_inject.inject), or train with "all".',
-        )  # fmt: skip
+        )
     extra = set()
     for path in also:
         try:
             extra |= {f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters()}
         except AttributeError:
-            raise AttnInjectError(f"no module {path!r} to train with the attention blocks", where=type(model).__name__) from None
+            raise AttnInjectError(
+                f"no module {path!r} to train with the attention blocks", where=type(model).__name__
+            ) from None
     for name, param in model.named_parameters():
         param.requires_grad_(name in attention or name in extra)
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
     """Parameters trained without weight decay: 0-/1-d tensors, the model's own list, the gates' layers."""
-    own = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    model_list = getattr(model, "no_weight_decay", None)
+    own = set(model_list()) if callable(model_list) else set()
     names = {name for name, param in model.named_parameters() if param.ndim <= 1 or name in own}
     for path, block in attention_blocks(model).items():
-        gate = GATE_LAYERS.get(type(block))
-        if gate is not None:
-            names |= {f"{path}.{n}" if path else n for n, _ in block.named_parameters() if n.startswith(gate)}
+        spec = spec_of(block)
+        names |= {join_path(path, name) for name in (spec.gate_parameters(block) if spec else ())}
     return names
 
 
@@ -90,7 +92,7 @@ def param_groups(
         raise AttnInjectError(
             f"need lr > 0, attention_lr > 0 and weight_decay >= 0; got lr={lr}, attention_lr={attention_lr}, "
             f"weight_decay={weight_decay}"
-        )  # fmt: skip
+        )
     attention = attention_parameter_names(model)
     no_decay = no_weight_decay_names(model)
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -161,4 +163,3 @@ def trainable_summary(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     percent = 100 * trainable / total if total else 0.0
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
-

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import AttnInjectError
-from ..safe_output import atomic_write
+from ..files.output import atomic_write
 
 SUFFIX = ".train-state.pt"
 
@@ -29,14 +29,25 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
 def read_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise AttnInjectError(
-            "nothing to resume: no training state", where=str(path),
+            "nothing to resume: no training state",
+            where=str(path),
             hint="It is written after each epoch of a run with the same --output; run without --resume to start.",
-        )  # fmt: skip
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise AttnInjectError(f"cannot read the training state ({type(exc).__name__})", where=str(path)) from None
-    needed = {"model", "optimizer", "scheduler", "epochs_done", "step", "summary", "classes", "total_epochs", "torch_rng"}
+    needed = {
+        "model",
+        "optimizer",
+        "scheduler",
+        "epochs_done",
+        "step",
+        "summary",
+        "classes",
+        "total_epochs",
+        "torch_rng",
+    }
     if not isinstance(state, dict) or not needed <= set(state):
         raise AttnInjectError("not a training state written by attn-inject finetune", where=str(path))
     return state

@@ -1,0 +1,204 @@
+"""The console: all terminal output of the CLI (rich tables on stdout, warnings and errors on
+stderr, --json), and library messages in the CLI's words."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..matching.plan import Plan
+from ..rules import Rule
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def setup_logging() -> None:
+    """Library warnings (e.g. keys mapped by order) go to stderr through rich."""
+    handler = RichHandler(console=err, show_time=False, show_path=False)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+
+
+def error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
+
+def emit_json(payload: dict[str, Any]) -> None:
+    """One strict JSON object on the last line of stdout: NaN and infinities become null."""
+    out.file.write(json.dumps(_finite(payload), default=str, allow_nan=False) + "\n")
+    out.file.flush()
+
+
+def flag_words(message: str, field: str | None) -> str:
+    """A library message naming a setting (``epochs=5``, ``num_classes``, ``resume=True``) in the
+    words of the command line (``--epochs 5``, ``--num-classes``, ``--resume``)."""
+    if not field:
+        return message
+    flag = "--" + field.replace("_", "-")
+    spelled = {"=True": flag, "=": flag + " ", "": flag}
+    return re.sub(rf"(?<![\w-]){field}(=True\b|=|\b)", lambda m: spelled[m.group(1)], message)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def rules_table(rules: Iterable[Rule]) -> Table:
+    table = Table(title="Built-in rules", title_justify="left")
+    for column in ("rule", "kind", "insert", "description"):
+        table.add_column(column)
+    for rule in rules:
+        table.add_row(rule.name, rule.kind, rule.insert, rule.description)
+    return table
+
+
+def plan_table(plan: Plan) -> Table:
+    options = ", ".join(f"{k}={v}" for k, v in plan.options)
+    rules = ", ".join(r.name for r in plan.rules)
+    title = f"{plan.model_class}: {plan.block}{f' ({options})' if options else ''} after {rules}"
+    table = Table(title=title, title_justify="left", show_footer=True)
+    table.add_column("#", justify="right", footer="")
+    table.add_column("module", footer="total")
+    table.add_column("rule")
+    table.add_column("position")
+    table.add_column("channels", justify="right")
+    table.add_column("params added", justify="right", footer=f"{plan.params_added:,}")
+    table.add_column("FLOPs added", justify="right", footer=f"{plan.flops_added:,}")
+    for i, site in enumerate(plan.sites, 1):
+        table.add_row(
+            str(i),
+            site.path or "<model>",
+            site.rule,
+            site.where or site.position,
+            str(site.channels),
+            f"{site.params:,}",
+            f"{site.flops:,}",
+        )
+    table.caption = (
+        f"{len(plan.sites)} sites · parameters {plan.params_before:,} -> {plan.params_after:,} "
+        f"(+{plan.params_added:,}, +{plan.percent_added:.3f}%) · FLOPs per image +{plan.flops_added:,} "
+        f"(torch FlopCounterMode at the example size)"
+    )
+    table.caption_justify = "left"
+    return table
+
+
+class TrainingProgress:
+    """Progress of ``attn_inject.finetune`` loops: a rich bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
+        self.description = ""
+        self.fields: dict[str, float] = {}
+        self.steps = 0
+
+    def start(self, description: str, total: int) -> None:
+        self.description, self.fields, self.steps = description, {}, 0
+        if self.console.is_terminal:
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.console,
+                transient=True,
+            )
+            self.task = self.bar.add_task(description, total=total, info="")
+            self.bar.start()
+
+    def update(self, advance: int = 1, **fields: float) -> None:
+        self.steps += advance
+        self.fields = fields
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, advance=advance, info=_fields(fields))
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        elif self.fields:
+            self.console.print(f"{self.description}: {self.steps} steps · {_fields(self.fields)}", soft_wrap=True)
+
+    def note(self, message: str) -> None:
+        self.console.print(message, soft_wrap=True)
+
+
+def _fields(fields: dict[str, float]) -> str:
+    names = {"loss": "loss {:.4f}", "img_s": "{:.1f} img/s"}
+    return " · ".join(names.get(k, k + " {:g}").format(v) for k, v in fields.items())
+
+
+def patch_summary(summary: dict[str, Any]) -> Table:
+    """``attn-inject patch``: what was written and how it was checked."""
+    table = Table(title=f"patched {summary['input']} ({summary['arch']})", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    added = summary["params_added"]
+    sites = summary["sites"]
+    table.add_row("block", f"{summary['block']} after {', '.join(summary['rules'])}")
+    table.add_row("sites", f"{len(sites)}: {', '.join(sites[:4])}{', …' if len(sites) > 4 else ''}")
+    table.add_row("parameters", f"{summary['params_before']:,} -> {summary['params_after']:,} (+{added:,})")
+    if summary["keys_mapped_by_order"]:
+        table.add_row("keys", "[yellow]mapped by order and shape[/] (another implementation of the arch)")
+    checked = (
+        "the file read back (recipe, every tensor bit for bit); outputs equal the original's bit for bit"
+        if summary["verified"] == "fast"
+        else "as fast, and the model rebuilt from the file with load() gives the original's outputs bit for bit"
+    )
+    table.add_row("verified", f"[green]{summary['verified']}[/]: {checked} (eval, input {summary['example_input']})")
+    kind = "adapter (new blocks only)" if summary["adapter_only"] else "patched model"
+    table.add_row("output", f"{summary['output']} — {kind}, {summary['bytes']:,} bytes")
+    return table
+
+
+def show_file(info: dict[str, Any]) -> None:
+    """``attn-inject inspect``: the file, its recipe, and each injection's sites."""
+    table = Table(title=info["file"], title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("content", info["content"])
+    table.add_row("size", f"{info['bytes']:,} bytes, {info['tensors']} tensors, {info['stored_values']:,} values")
+    if info["content"] != "plain":
+        table.add_row(
+            "arch",
+            f"{info['arch']}" + (f" (num_classes={info['num_classes']})" if info["num_classes"] is not None else ""),
+        )
+        table.add_row("sites", f"{info['sites']} blocks, {info['injected_params']:,} parameters")
+        table.add_row(
+            "format",
+            f"version {info['format_version']}; written with "
+            + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+        )
+        if info["base_fingerprint"]:
+            table.add_row("base", f"{info['base_fingerprint']}")
+    out.print(table)
+    for i, inj in enumerate(info.get("injections", []), 1):
+        options = ", ".join(f"{k}={v}" for k, v in inj["options"].items())
+        title = f"injection {i}: {inj['block']}{f' ({options})' if options else ''} after {', '.join(inj['rules'])}" + (
+            f" at {inj['position']}" if inj["position"] else ""
+        )
+        sites = Table(title=title, title_justify="left")
+        sites.add_column("#", justify="right")
+        sites.add_column("module")
+        for n, module in enumerate(inj["sites"], 1):
+            sites.add_row(str(n), module)
+        out.print(sites)

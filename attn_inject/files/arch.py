@@ -1,0 +1,65 @@
+"""Architecture strings: building a model from a timm name, torchvision:NAME, or package.module:factory."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+import timm
+import torchvision
+from torch import nn
+
+from ..errors import AttnInjectError
+from ..surgery.recipe import Recipe, set_recipe
+
+
+def create_model(arch: str, num_classes: int | None = None) -> nn.Module:
+    """An untrained model for ``arch`` (weights come from a checkpoint; nothing is downloaded).
+
+    The model remembers ``arch`` and ``num_classes`` (``recipe.recipe_of``), so ``save`` can write them.
+    """
+    model = _create(arch, num_classes)
+    set_recipe(model, Recipe(arch, num_classes))
+    return model
+
+
+def _create(arch: str, num_classes: int | None) -> nn.Module:
+    extra: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if arch.startswith("torchvision:"):
+        return _torchvision(arch.split(":", 1)[1], extra)
+    if ":" in arch:
+        return _factory(arch, extra)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise AttnInjectError(
+            f"unknown timm model {arch!r}",
+            hint=(f"Did you mean {', '.join(close)}? " if close else "")
+            + "Use a timm name, torchvision:NAME or package.module:factory.",
+        )
+    return timm.create_model(arch, pretrained=False, **extra)
+
+
+def _torchvision(name: str, extra: dict) -> nn.Module:
+    try:
+        return torchvision.models.get_model(name, weights=None, **extra)
+    except ValueError:
+        close = difflib.get_close_matches(name, torchvision.models.list_models(), n=3)
+        raise AttnInjectError(
+            f"unknown torchvision model {name!r}",
+            hint=f"Did you mean {', '.join(close)}?" if close else "See torchvision.models.list_models().",
+        ) from None
+
+
+def _factory(arch: str, extra: dict) -> nn.Module:
+    module_name, _, attr = arch.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise AttnInjectError(
+            f"cannot import {arch!r}: {exc}", hint="Use package.module:factory, importable here."
+        ) from None
+    model = factory(**extra)
+    if not isinstance(model, nn.Module):
+        raise AttnInjectError(f"{arch} returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,184 @@
+"""Plain checkpoints: reading weights safely, fitting a state_dict from another implementation by
+order and shape, and building an architecture that holds them (``load_pretrained``).
+
+A checkpoint is read with timm's ``load_state_dict`` (``torch.load(weights_only=True)`` for
+.pth/.pt/.bin, safetensors for .safetensors; it unwraps ``state_dict``/``model``/``state_dict_ema``
+and strips ``module.``/``_orig_mod.`` prefixes), so no pickled code is ever run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from timm.models import load_state_dict, remap_state_dict
+from torch import nn
+
+from ..errors import AttnInjectError, one_line
+from .arch import create_model
+from .format import file_header
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file; anything else (code, a whole pickled model) is refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise AttnInjectError(
+            "a folder, not a checkpoint file", where=str(path), hint="Give the path of a weights file."
+        )
+    if not path.is_file():
+        raise AttnInjectError("no such checkpoint file", where=str(path), hint="Check the path.")
+    if path.stat().st_size == 0:
+        raise AttnInjectError(
+            "the checkpoint file is empty", where=str(path), hint="The file was not written completely; get it again."
+        )
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise AttnInjectError(
+            f"unsupported checkpoint type {path.suffix or '(no suffix)'}",
+            where=str(path),
+            hint=f"Use one of: {', '.join(WEIGHT_SUFFIXES)}.",
+        )
+    try:
+        state = load_state_dict(str(path), use_ema=True, weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: torch, zipfile and safetensors raise many kinds
+        text = str(exc)
+        globals_named = re.search(r"Unsupported globals?: ?([^\s.]+(?:\.[^\s.]+)*)", text, re.IGNORECASE)
+        if globals_named:
+            raise AttnInjectError(
+                f"the checkpoint holds pickled code or objects ({globals_named.group(1)}), which are never unpickled",
+                where=str(path),
+                hint="Save model.state_dict() (tensors only) and pass that file.",
+            ) from None
+        first_line = one_line(exc)
+        damaged = "The file is truncated or damaged, or not a PyTorch state_dict; get it again."
+        if path.suffix == ".safetensors":
+            raise AttnInjectError(
+                f"not a valid .safetensors file ({first_line})", where=str(path), hint=damaged
+            ) from None
+        raise AttnInjectError(
+            f"not a valid checkpoint: torch.load cannot parse it ({first_line})", where=str(path), hint=damaged
+        ) from None
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise AttnInjectError("the checkpoint holds no tensors", where=str(path))
+    return tensors
+
+
+def fit_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """``state`` keyed for ``model``; True in the result when keys were mapped by order and shape.
+
+    Keys that already match (every key and shape) are used as they are. Otherwise, when both hold
+    the same number of tensors and every shape agrees in order (weights of another implementation
+    of the same architecture), keys are mapped by position with timm's ``remap_state_dict``.
+    """
+    target = model.state_dict()
+    if set(state) == set(target) and all(state[k].shape == target[k].shape for k in target):
+        return state, False
+    problem = _first_mismatch(target, state)
+    if problem is None and source.endswith(".safetensors"):
+        problem = "the keys differ and a .safetensors file does not keep the tensors' original order"
+    if problem is not None:
+        raise AttnInjectError(
+            f"the checkpoint does not fit {type(model).__name__}: {problem}",
+            where=source,
+            hint="Check --arch (and --num-classes if the head differs).",
+        )
+    log.warning(
+        "%s: keys differ from %s; mapped all %d tensors by order and shape", source, type(model).__name__, len(state)
+    )
+    return remap_state_dict(state, model, allow_reshape=False), True
+
+
+def _first_mismatch(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` cannot be mapped onto ``target`` by position, or None if it can."""
+    if len(state) != len(target):
+        missing = [k for k in target if k not in state][:3]
+        return f"{len(state)} tensors for {len(target)} (missing e.g. {missing})"
+    for (key, want), (theirs, got) in zip(target.items(), state.items()):
+        if want.shape != got.shape:
+            return f"{theirs} has shape {list(got.shape)} where {key} needs {list(want.shape)}"
+    return None
+
+
+def load_pretrained(path: str | os.PathLike, arch: str, *, num_classes: int | None = None) -> nn.Module:
+    """A plain (unpatched) checkpoint as a model: build ``arch``, read ``path`` safely, map keys by
+    order and shape where needed (with a warning), load strictly; returned in eval mode."""
+    _refuse_patched_file(path)
+    state = read_state_dict(path)
+    return model_holding(arch, num_classes, lambda model: fit_state_dict(model, state, str(path))[0])
+
+
+def model_holding(arch: str, num_classes: int | None, weights_for) -> nn.Module:
+    """``arch`` built and loaded strictly with ``weights_for(model)`` (which checks the keys), in eval mode.
+
+    timm and torchvision models are built on the meta device and take the checkpoint's tensors
+    (cast to the model's dtypes, copied where misaligned) instead of initialising weights that would
+    be overwritten, which is as fast as reading them; if that
+    leaves anything on the meta device (a non-persistent buffer) or fails, the model is built normally.
+    """
+    if ":" not in arch or arch.startswith("torchvision:"):
+        model = _built_on_meta(arch, num_classes)
+        if model is not None:
+            target = model.state_dict()
+            state = weights_for(model)
+            model.load_state_dict({k: _like(v, target[k]) for k, v in state.items()}, assign=True)
+            if not _meta_left(model):
+                return model.eval()
+    model = create_model(arch, num_classes)
+    state = weights_for(model)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _built_on_meta(arch: str, num_classes: int | None) -> nn.Module | None:
+    try:
+        with torch.device("meta"):
+            return create_model(arch, num_classes)
+    except AttnInjectError:
+        raise
+    except Exception:  # code that needs real tensors at construction: build normally
+        return None
+
+
+def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``value`` as the model's own tensor would hold it: ``target``'s dtype and strides, aligned.
+
+    CPU kernels take other paths, whose results differ in the last bits, for weights in another
+    memory layout (a checkpoint saved channels-last, or from another implementation) or at an
+    unaligned address (safetensors packs tensors at 8-byte offsets). load_state_dict without
+    ``assign`` copies into the model's own memory; this gives the same tensors without the copy
+    where none is needed.
+    """
+    if value.dtype == target.dtype and value.stride() == target.stride() and not value.data_ptr() % 64:
+        return value
+    out = torch.empty_strided(target.shape, target.stride(), dtype=target.dtype, device=value.device)
+    return out.copy_(value)
+
+
+def _meta_left(model: nn.Module) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.is_meta for m in model.modules() for v in _tensors_of(m))
+
+
+def _tensors_of(module: nn.Module):
+    yield from module._parameters.values()
+    yield from module._buffers.values()
+    yield from module.__dict__.values()
+
+
+def _refuse_patched_file(path: str | os.PathLike) -> None:
+    header = file_header(path) if str(path).endswith(".safetensors") and Path(path).is_file() else None
+    if header is not None and header.recipe is not None:
+        raise AttnInjectError(
+            "the file is already patched (it holds an attn_inject recipe)",
+            where=str(path),
+            hint="Read it with attn_inject.load(path); `attn-inject inspect` shows what it holds.",
+        )

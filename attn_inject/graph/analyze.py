@@ -1,0 +1,500 @@
+"""One example forward that traces every module on the way and records what matching needs.
+
+Each module met during the forward is traced on its own (children as leaves) and its graph is
+run by an fx Interpreter with the real arguments it was called with; a child call recurses into
+the child. That gives, for every node, the shape and dtype it produced, and for every module the
+convs and norms on its main path (what its parent sees through it). A module whose forward cannot
+be traced, or whose graph fails on the real arguments, runs eagerly, and the calls it makes to
+its children are analysed as they happen (and its own conv units found: opaque_calls.py). Every
+tensor a traced module receives is linked to the caller's node that produced it (dataflow.py
+follows residuals with it).
+
+Nothing here changes the model: tracing works on detached copies, and the model runs in eval
+mode under no_grad (the caller sets and restores the mode).
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+from ..errors import one_line
+from ..fx_compat import flat_inputs, pytree_info
+from ..patched import Absent, TensorSeq, patched_forward
+from .align import align
+from .bitsets import GraphBits
+from .example import example_forward_failed
+from .nodes import (
+    META_KEY,
+    LearnedOp,
+    NodeFacts,
+    function_op,
+    is_primitive,
+    join_path,
+    module_kind,
+    module_op,
+    shape_of,
+    target_path,
+)
+from .opaque_calls import OpaqueUnit, PrimitiveCalls, conv_units
+from .trace import TraceFailure, TraceResult, bound_on_instance
+from .trace_cache import TraceCache
+
+
+@dataclass(eq=False)
+class ModuleRecord:
+    """One module as called with one pattern of None arguments."""
+
+    path: str
+    module: nn.Module
+    method: str
+    fixed: frozenset  # (name, value) arguments baked into the graph: the Nones, and scalars if needed
+    graph: fx.Graph | None = None  # eval-mode graph; nodes carry NodeFacts (nodes.facts)
+    train_graph: fx.Graph | None = None  # set only when the train-mode trace differs
+    train_names: dict[str, str] = field(default_factory=dict, repr=False)  # eval node -> its train node (align.py)
+    train_reason: str | None = None  # why the train-mode trace failed
+    reason: str | None = None  # why the module could not be traced
+    constants: dict = field(default_factory=dict)  # tensors fx stowed as attributes during tracing
+    ops: tuple[LearnedOp, ...] = ()  # learned ops on its main path, gates excluded
+    bits: GraphBits | None = None
+    unit: tuple[LearnedOp, ...] = ()  # set when the module ends a conv unit of an untraceable parent
+    # tensor placeholder -> (record, node) of the caller's graph that produced that tensor
+    sources: dict[fx.Node, tuple[ModuleRecord, fx.Node]] = field(default_factory=dict, repr=False)
+
+    @property
+    def traced(self) -> bool:
+        return self.graph is not None
+
+    @property
+    def traced_graph(self) -> fx.Graph:
+        """The eval-mode graph of a traced record."""
+        if self.graph is None:
+            raise TypeError(f"{self.path or '<model>'} was not traced")
+        return self.graph
+
+    @property
+    def traced_bits(self) -> GraphBits:
+        """The bitsets of a traced record's graph."""
+        if self.bits is None:
+            raise TypeError(f"{self.path or '<model>'} was not traced")
+        return self.bits
+
+    def node(self, name: str, train: bool = False) -> fx.Node | None:
+        """The node called ``name`` in the eval-mode graph (or the train-mode one)."""
+        graph = self.train_graph if train else self.graph
+        return next((n for n in graph.nodes if n.name == name), None) if graph is not None else None
+
+
+@dataclass
+class Analysis:
+    model: nn.Module
+    records: list[ModuleRecord] = field(default_factory=list)
+    called: set[int] = field(default_factory=set)  # id() of every module a traced graph called, leaves too
+
+    def traced(self) -> list[ModuleRecord]:
+        return [r for r in self.records if r.traced]
+
+    def untraced(self) -> list[ModuleRecord]:
+        return [r for r in self.records if not r.traced]
+
+    def unreached(self) -> list[str]:
+        """Outermost modules holding convolutions that the analysis never saw called, directly or
+        through a descendant (a ModuleList, or an nn.Sequential its parent iterates, is reached
+        through its members)."""
+        seen = {id(r.module) for r in self.records} | self.called
+        missed: list[str] = []
+        for path, module in self.model.named_modules():
+            if is_primitive(module) or any(path.startswith(p + ".") for p in missed):
+                continue
+            inside = list(module.modules())
+            if not any(id(m) in seen for m in inside) and any(isinstance(m, nn.Conv2d) for m in inside):
+                missed.append(path)
+        return missed
+
+
+_SCALARS = (int, float, bool, str)
+
+
+def _is_scalar(value: Any) -> bool:
+    """A hashable constant a graph may be specialised on: a scalar or a tuple of scalars (a size)."""
+    if type(value) is tuple:
+        return bool(value) and all(type(v) in _SCALARS for v in value)
+    return type(value) in _SCALARS
+
+
+def _structural_arguments(bound: inspect.BoundArguments) -> frozenset:
+    """Arguments every trace fixes: the Nones, lists/tuples of tensors (by type and length) and
+    dicts of tensors (by type and keys: torchvision's FPN takes an OrderedDict of feature maps),
+    so that ``if x is None`` / ``isinstance(x, list)`` / ``x.keys()`` take the branch the call takes."""
+    fixed: set[tuple[str, TensorSeq | None]] = set()
+    for name, value in bound.arguments.items():
+        if value is None:
+            fixed.add((name, None))
+        elif type(value) in (list, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            fixed.add((name, TensorSeq(type(value), len(value))))
+        elif (
+            type(value) in (dict, OrderedDict)
+            and value
+            and all(type(k) is str for k in value)
+            and all(isinstance(v, torch.Tensor) for v in value.values())
+        ):
+            fixed.add((name, TensorSeq(type(value), len(value), tuple(value))))
+    return frozenset(fixed)
+
+
+def root_method(model: nn.Module) -> str:
+    """The method analysed and patched on the top-level model: timm's forward_features if present.
+
+    timm's forward() calls self.forward_features(), so patching that keeps both entry points
+    consistent; for other models it is forward().
+    """
+    return "forward_features" if callable(getattr(type(model), "forward_features", None)) else "forward"
+
+
+def analyze(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Analysis:
+    """Run the example forward through the model, tracing and recording as it goes."""
+    analysis = Analysis(model)
+    try:
+        with torch.no_grad():
+            _Analyzer(analysis).run(model, "", args, kwargs or {}, root_method(model))
+    except Exception as exc:  # the user's model failed on the example input
+        raise example_forward_failed(model, exc) from None
+    return analysis
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+@contextmanager
+def _own_hooks_set_aside(module: nn.Module) -> Iterator[None]:
+    """The module's own forward hooks and pre-hooks emptied, and restored (same dict objects) on exit:
+    the real call around its analysis runs them, and they must not run twice (timm's
+    ``feature_cls="hook"`` would keep the repeat's outputs in its state)."""
+    saved = {name: hooks for name in _HOOK_DICTS if (hooks := module.__dict__.get(name))}
+    for name, hooks in saved.items():
+        object.__setattr__(module, name, type(hooks)())
+    try:
+        yield
+    finally:
+        for name, hooks in saved.items():
+            object.__setattr__(module, name, hooks)
+
+
+def call_method(module: nn.Module, method: str, args: tuple, kwargs: dict) -> Any:
+    return module(*args, **kwargs) if method == "forward" else getattr(module, method)(*args, **kwargs)
+
+
+def forward_signature(module: nn.Module, method: str) -> inspect.Signature:
+    installed = patched_forward(module, method)
+    if installed is not None:
+        return installed.__signature__
+    bound = bound_on_instance(module, method)
+    if bound is not None:
+        return inspect.signature(bound)
+    params = list(inspect.signature(getattr(type(module), method)).parameters.values())[1:]
+    return inspect.Signature(params)
+
+
+class _Analyzer:
+    def __init__(self, analysis: Analysis):
+        self.analysis = analysis
+        self.seen: dict[tuple, ModuleRecord] = {}
+        # one scope per module being run: id(tensor) -> (weakref, record, node) of its graph's nodes
+        # that produced it; None for a module run eagerly (its data flow is not seen)
+        self.scopes: list[dict[int, tuple] | None] = []
+        self.intercepting: object | None = None  # the untraceable module whose calls are analysed in place
+        self.traces = TraceCache()  # modules built alike are traced once
+
+    def produced(self, value: Any, record: ModuleRecord, node: fx.Node) -> None:
+        """Remember ``node`` as the producer of a tensor, or of the tensors a container holds."""
+        scope = self.scopes[-1]
+        if scope is None:  # an eager module: its data flow is not followed
+            return
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                scope[id(item)] = (weakref.ref(item), record, node)
+
+    def producer(self, value: Any) -> tuple[ModuleRecord, fx.Node] | None:
+        """The caller's node that produced this tensor argument, if the caller was traced."""
+        caller = self.scopes[-2] if len(self.scopes) > 1 else None
+        entry = caller.get(id(value)) if caller is not None and isinstance(value, torch.Tensor) else None
+        return entry[1:] if entry is not None and entry[0]() is value else None
+
+    def run(self, module: nn.Module, path: str, args: tuple, kwargs: dict, method: str = "forward") -> Any:
+        out, _ = self.run_recorded(module, path, args, kwargs, method)
+        return out
+
+    def run_recorded(self, module, path, args, kwargs, method="forward") -> tuple[Any, ModuleRecord | None]:
+        self.analysis.called.add(id(module))
+        if is_primitive(module):
+            return call_method(module, method, args, kwargs), None
+        try:
+            bound = forward_signature(module, method).bind(*args, **kwargs)
+        except TypeError:
+            return call_method(module, method, args, kwargs), None
+        bound.apply_defaults()
+        fixed = _structural_arguments(bound)
+        key = (id(module), method, fixed)
+        if key in self.seen:
+            return call_method(module, method, args, kwargs), self.seen[key]
+        record = self.seen[key] = ModuleRecord(path, module, method, fixed)
+        self.analysis.records.append(record)
+        try:
+            traced = self._trace(record, bound)
+        except TraceFailure as exc:
+            record.reason = str(exc)
+            return self._run_opaque(record, args, kwargs), record
+        graph = record.graph = traced.graph
+        record.constants = traced.constants
+        self._trace_train_mode(record, traced)
+        self.scopes.append({})
+        try:
+            leaves = _RecordingInterpreter(self, record).run(
+                *_placeholder_values(record, graph, bound), enable_io_processing=False
+            )
+            out = graph.process_outputs(leaves)
+        except Exception as exc:  # it traced, but its graph does not run as its forward does: run that
+            record.graph = record.train_graph = None
+            record.constants = {}
+            record.reason = f"traced, but its graph failed on the example: {one_line(exc)}"
+            return self._run_opaque(record, args, kwargs), record
+        finally:
+            self.scopes.pop()
+        record.bits = GraphBits(graph)
+        record.ops = record.bits.main_path_ops()
+        return out, record
+
+    def _trace(self, record: ModuleRecord, bound: inspect.BoundArguments) -> TraceResult:
+        """Trace with the structural arguments fixed; failing that, with the scalar ones fixed too."""
+        try:
+            return self.traces.trace(record.module, record.method, record.fixed, training=False)
+        except TraceFailure:
+            scalars = frozenset((k, v) for k, v in bound.arguments.items() if _is_scalar(v))
+            if not scalars - record.fixed:
+                raise
+            traced = self.traces.trace(record.module, record.method, record.fixed | scalars, training=False)
+            record.fixed = record.fixed | scalars
+            return traced
+
+    def _trace_train_mode(self, record: ModuleRecord, eval_traced: TraceResult) -> None:
+        if not eval_traced.reads_training:
+            return  # the forward never looked at self.training: both modes trace alike
+        try:
+            train = self.traces.trace(record.module, record.method, record.fixed, training=True)
+        except TraceFailure as exc:
+            record.train_reason = str(exc)
+            return
+        train_graph, constants, eval_graph = train.graph, train.constants, eval_traced.graph
+        if train_graph.python_code("self").src != eval_graph.python_code("self").src:
+            for node in train_graph.find_nodes(op="get_attr"):
+                if node.target in constants:  # keep apart from the eval graph's constants
+                    record.constants[f"{node.target}_train"] = constants[node.target]
+                    node.target = f"{node.target}_train"
+            record.train_graph = train_graph
+            record.train_names = align(eval_graph, train_graph)
+
+    def _run_opaque(self, record: ModuleRecord, args: tuple, kwargs: dict) -> Any:
+        """Run an untraceable module eagerly; the calls it makes to its descendants are analysed in
+        place (one pass: a call's output is the analysis' output). Where that cannot be observed
+        (children called inside torch.cond), the module runs unobserved instead."""
+        token, start = object(), len(self.analysis.records)
+        called_before = set(self.analysis.called)
+        stand_ins = [
+            _AnalysedCall(self, token, sub, join_path(record.path, sub_path))
+            for sub_path, sub in record.module.named_modules()
+            if sub is not record.module
+        ]
+        own = PrimitiveCalls(
+            record.module, record.path, lambda: self.intercepting is token and not torch.compiler.is_compiling()
+        )
+        outer, self.intercepting = self.intercepting, token
+        self.scopes.append(None)  # an eager caller: its children's arguments have no known producers
+        refused = None
+        try:
+            out = call_method(record.module, record.method, args, kwargs)
+        except Exception as exc:  # torch.cond & co. refuse the stand-ins
+            refused = exc
+        finally:
+            self.scopes.pop()
+            self.intercepting = outer
+            own.remove()
+            for stand_in in reversed(stand_ins):
+                stand_in.remove()
+        if refused is not None:  # forget what was seen of it, run it unobserved
+            self.analysis.called = called_before
+            dropped = {id(r) for r in self.analysis.records[start:]}
+            self.seen = {k: v for k, v in self.seen.items() if id(v) not in dropped}
+            del self.analysis.records[start:]
+            out = call_method(record.module, record.method, args, kwargs)
+            record.reason = f"{record.reason}; its children's calls cannot be observed ({type(refused).__name__})"
+        else:
+            for unit in conv_units(own.calls):
+                self._unit_record(unit)
+        record.ops = tuple(
+            op
+            for sub_path, sub in record.module.named_modules()
+            if (op := module_op(sub, join_path(record.path, sub_path), None)) is not None
+        )
+        return out
+
+    def _unit_record(self, unit: OpaqueUnit) -> None:
+        """A record for the last module of a unit inside an untraceable module: its own forward,
+        traced and run on the input it had, is where the block goes."""
+        end = unit.end
+        record = ModuleRecord(end.path, end.module, "forward", frozenset(), unit=unit.ops)
+        try:
+            traced = self.traces.trace(end.module, "forward", frozenset(), training=False)
+        except TraceFailure:
+            return
+        graph = record.graph = traced.graph
+        record.constants = traced.constants
+        self._trace_train_mode(record, traced)
+        self.scopes.append({})
+        try:
+            _RecordingInterpreter(self, record).run(end.input)
+        finally:
+            self.scopes.pop()
+        record.bits = GraphBits(graph)
+        self.analysis.records.append(record)
+
+
+class _AnalysedCall:
+    """Stands in for a descendant's ``forward`` while an untraceable module runs: a call the module
+    makes itself is analysed there and then; calls made from inside that analysis, or under
+    torch.compile, go to the forward it replaced."""
+
+    def __init__(self, analyzer: _Analyzer, token: object, module: nn.Module, path: str):
+        self.analyzer, self.token, self.module, self.path = analyzer, token, module, path
+        self.previous = module.__dict__.get("forward", Absent)
+        module.__dict__["forward"] = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        analyzer = self.analyzer
+        if analyzer.intercepting is not self.token or torch.compiler.is_compiling():
+            return self._previous(*args, **kwargs)
+        if is_primitive(self.module):  # nothing to analyse: run it as it is
+            analyzer.analysis.called.add(id(self.module))
+            return self._previous(*args, **kwargs)
+        analyzer.intercepting = None
+        self.remove()  # the analysis sees the module's own forward
+        try:
+            with _own_hooks_set_aside(self.module):  # the real call around this one runs them
+                return analyzer.run(self.module, self.path, args, kwargs)
+        finally:
+            self.module.__dict__["forward"] = self
+            analyzer.intercepting = self.token
+
+    def _previous(self, *args: Any, **kwargs: Any) -> Any:
+        if self.previous is Absent:
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return self.previous(*args, **kwargs)
+
+    def remove(self) -> None:
+        if self.previous is Absent:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.__dict__["forward"] = self.previous
+
+
+def _placeholder_values(record: ModuleRecord, graph: fx.Graph, bound: inspect.BoundArguments) -> list[Any]:
+    """The call's arguments in the order of the graph's placeholders."""
+    info = pytree_info(graph)
+    if info is not None:  # list arguments: fx flattens (self, *args) into leaves
+        arguments = [bound.arguments[name] for name in info.orig_args[1:]]
+        return flat_inputs(graph, record.module, *arguments)[1:]
+    values: list[Any] = []
+    params = bound.signature.parameters
+    for node in graph.find_nodes(op="placeholder"):
+        name = node.target.lstrip("*")
+        param = params.get(name)
+        if param is None or param.kind is param.VAR_KEYWORD:
+            continue
+        value = bound.arguments.get(name, ())
+        values.extend(value) if param.kind is param.VAR_POSITIONAL else values.append(value)
+    return values
+
+
+class _RecordingInterpreter(fx.Interpreter):
+    def __init__(self, analyzer: _Analyzer, record: ModuleRecord):
+        super().__init__(record.module, garbage_collect_values=True, graph=record.graph)
+        self.analyzer = analyzer
+        self.record = record
+        self.child_record: ModuleRecord | None = None
+
+    def call_module(self, target, args, kwargs):
+        child = self.fetch_attr(target)
+        args, kwargs = _mutable(args), _mutable(kwargs)  # children may update list arguments in place
+        out, self.child_record = self.analyzer.run_recorded(child, join_path(self.record.path, target), args, kwargs)
+        return out
+
+    def fetch_attr(self, target: str) -> Any:
+        if target in self.record.constants:
+            return self.record.constants[target]
+        return super().fetch_attr(target)
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.child_record = None
+        result = super().run_node(n)
+        if n.op == "placeholder" and (source := self.analyzer.producer(result)) is not None:
+            self.record.sources[n] = source
+        self.analyzer.produced(result, self.record, n)
+        tensor = result if isinstance(result, torch.Tensor) else None
+        shape = tuple(tensor.shape) if tensor is not None else None
+        n.meta[META_KEY] = NodeFacts(
+            shape=shape,
+            dtype=tensor.dtype if tensor is not None else None,
+            device=tensor.device if tensor is not None else None,
+            container=isinstance(result, (list, tuple, dict))
+            and any(isinstance(v, torch.Tensor) for v in (result.values() if isinstance(result, dict) else result)),
+            ops=self._ops_of(n, shape),
+        )
+        return result
+
+    def _ops_of(self, n: fx.Node, shape: tuple[int, ...] | None) -> tuple[LearnedOp, ...]:
+        if n.op == "call_module":
+            child = self.fetch_attr(target_path(n))
+            if module_kind(child) in ("conv", "norm"):
+                op = module_op(child, join_path(self.record.path, target_path(n)), shape)
+                return (op,) if op is not None else ()
+            return self.child_record.ops if self.child_record is not None else ()
+        op = function_op(n, self.record.path, shape, _arg_shape(self))
+        return (op,) if op is not None else ()
+
+
+def _mutable(value: Any) -> Any:
+    """fx hands node arguments over as immutable lists/dicts; give the child plain ones."""
+    if isinstance(value, immutable_list) or type(value) is list:
+        return [_mutable(v) for v in value]
+    if isinstance(value, immutable_dict) or type(value) is dict:
+        return {k: _mutable(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
+def _arg_shape(interp: fx.Interpreter):
+    def shape(arg: Any) -> tuple[int, ...] | None:
+        if isinstance(arg, fx.Node):
+            if arg.op == "get_attr":
+                value = interp.fetch_attr(target_path(arg))
+                return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            return shape_of(arg)
+        return None
+
+    return shape

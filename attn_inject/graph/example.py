@@ -1,0 +1,100 @@
+"""The example forward's inputs and how its outputs are compared: seeded tensors, one no-grad run,
+bit-for-bit equality."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..errors import AttnInjectError, one_line
+
+DEFAULT_INPUT_SIZE = (3, 224, 224)
+MAX_SIDE = 4096  # an example image larger than this would need tens of GB of activations in a CNN
+
+
+def parameter_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype (float32 unless the parameters are floating point) and device of the model's parameters."""
+    first = next(model.parameters(), None)
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    device = first.device if first is not None else torch.device("cpu")
+    return dtype, device
+
+
+def seeded_tensors(
+    shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Standard normal tensors of ``shapes``, drawn in order from one generator seeded ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for shape in shapes)
+
+
+def example_args(model: nn.Module, example_input: Any = None, input_size: tuple[int, ...] | None = None) -> tuple:
+    """Positional arguments for the example forward.
+
+    ``example_input`` may be a tensor or a tuple of arguments. By default: one image of
+    ``input_size`` (C, H, W), else the model's configured size (timm ``pretrained_cfg["input_size"]``),
+    else 3x224x224; random normal from a fixed seed, in the dtype and on the device of the model's
+    parameters.
+    """
+    if example_input is not None:
+        return example_input if isinstance(example_input, tuple) else (example_input,)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = tuple(input_size or cfg.get("input_size", DEFAULT_INPUT_SIZE))
+    if not all(type(s) is int and 0 < s <= MAX_SIDE for s in size):
+        raise AttnInjectError(
+            f"input size {size} is not a (channels, height, width) of positive ints up to {MAX_SIDE}",
+            hint="Pass a smaller size, or example_input= with a tensor the model accepts.",
+        )
+    return seeded_tensors([(1, *size)], *parameter_dtype_device(model))
+
+
+def run(model: nn.Module, args: tuple) -> Any:
+    """One forward under no_grad, from a fixed random state (so forwards that draw random numbers
+    give the same output before and after injection); the caller's random state is kept."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        return model(*args)
+
+
+def example_forward_failed(model: nn.Module, exc: Exception) -> AttnInjectError:
+    """The error for a model that fails on the example input."""
+    return AttnInjectError(
+        f"the example forward of {type(model).__name__} failed: {one_line(exc)}",
+        hint="Pass example_input= (a tensor or tuple of arguments) that the model accepts.",
+    )
+
+
+def first_difference(expected: Any, actual: Any) -> str | None:
+    """None if every tensor in the two outputs is bitwise equal; else a description."""
+    leaves_e, spec_e = pytree.tree_flatten(expected)
+    leaves_a, spec_a = pytree.tree_flatten(actual)
+    if spec_e != spec_a:
+        return f"the output structure changed ({spec_e} -> {spec_a})"
+    for i, (e, a) in enumerate(zip(leaves_e, leaves_a)):
+        if isinstance(e, torch.Tensor):
+            if not isinstance(a, torch.Tensor) or e.shape != a.shape or e.dtype != a.dtype:
+                return f"output {i} changed type or shape"
+            if not bitwise_equal(e, a):
+                diff = (e.float() - a.float()).abs().nan_to_num(nan=float("inf")).max().item()
+                return f"output {i} differs (max abs difference {diff:.3g})"
+        elif e != a:
+            return f"output {i} changed ({e!r} -> {a!r})"
+    return None
+
+
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bitwise_equal(e: torch.Tensor, a: torch.Tensor) -> bool:
+    """Equal bit for bit: floats are compared as integers of the same width (so -0.0 != 0.0, NaN == NaN)."""
+    if e.shape != a.shape or e.dtype != a.dtype:
+        return False
+    if e.is_floating_point() and e.element_size() in _SAME_WIDTH_INT:
+        int_type = _SAME_WIDTH_INT[e.element_size()]
+        return torch.equal(e.contiguous().view(int_type), a.contiguous().view(int_type))
+    return torch.equal(e, a)

@@ -1,0 +1,150 @@
+"""Leave a model exactly as it was after running it: tensor values, module attributes, RNG states.
+
+plan() is a dry run and a failed inject changes nothing, yet both run the user's forward, which may
+update buffers (a step counter, a cache), set Python attributes or draw random numbers. Inside
+``preserved(model)`` every such change is taken back on exit:
+
+- tensors: copy on first write. A dispatch mode sees every aten op; before the first op that writes
+  into the storage of one of the model's tensors (parameters, buffers, tensor attributes), that
+  tensor is cloned. Memory is what the forward writes (usually a few counters), not a second copy
+  of the weights, and reads cost nothing but the dispatch. ``tensor._version`` alone would say
+  *what* was written, not the old values; a full copy up front would double the model's memory.
+- every module's class and ``__dict__`` (attributes, and the contents of dict/list/set attributes: caches,
+  the submodule, parameter and buffer tables), restored in place so references stay valid;
+- the random states of torch (CPU, and CUDA once initialised) and of Python's ``random``.
+
+Objects nested deeper inside attributes (an attribute's own attributes) are not tracked.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.parameter import is_lazy
+from torch.utils._python_dispatch import TorchDispatchMode
+
+log = logging.getLogger(__name__)
+
+_CONTAINERS = (dict, list, set)
+
+
+def _storage_key(tensor: torch.Tensor) -> int | None:
+    if tensor.is_meta or (type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter)):
+        return None
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, wrappers)
+        return None
+
+
+def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        values = [*module._parameters.values(), *module._buffers.values(), *module.__dict__.values()]
+        for value in values:
+            if isinstance(value, torch.Tensor) and not is_lazy(value):
+                seen.setdefault(id(value), value)
+    return list(seen.values())
+
+
+class _CopyOnWrite(TorchDispatchMode):
+    """Clones a tracked tensor before the first op that writes into its storage."""
+
+    supports_higher_order_operators = True  # torch.cond & co. run as they are (writes inside are not seen)
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        super().__init__()
+        self.by_storage: dict[int, list[torch.Tensor]] = {}
+        for tensor in tensors:
+            key = _storage_key(tensor)
+            if key is not None:
+                self.by_storage.setdefault(key, []).append(tensor)
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, old value)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.by_storage and isinstance(func, torch._ops.OpOverload) and func._schema.is_mutable:
+            for i, arg in enumerate(func._schema.arguments):
+                if arg.alias_info is None or not arg.alias_info.is_write:
+                    continue
+                value = args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
+                for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(tensor, torch.Tensor):
+                        self._save(tensor)
+        return func(*args, **kwargs)
+
+    def _save(self, written: torch.Tensor) -> None:
+        key = _storage_key(written)
+        for tensor in self.by_storage.pop(key, ()) if key is not None else ():
+            self.saved[id(tensor)] = (tensor, tensor.detach().clone())
+
+
+def rng_states() -> tuple:
+    """The random states of torch (CPU, and CUDA once initialised) and of Python's ``random``."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.random.get_rng_state(), random.getstate(), cuda
+
+
+def set_rng_states(states: tuple) -> None:
+    torch.random.set_rng_state(states[0])
+    random.setstate(states[1])
+    if states[2] is not None:
+        torch.cuda.set_rng_state_all(states[2])
+
+
+def same_rng(a: tuple, b: tuple) -> bool:
+    cuda_same = (a[2] is None) == (b[2] is None) and all(torch.equal(x, y) for x, y in zip(a[2] or (), b[2] or ()))
+    return torch.equal(a[0], b[0]) and a[1] == b[1] and cuda_same
+
+
+class _Snapshot:
+    def __init__(self, model: nn.Module):
+        self.modules = list(model.modules())
+        self.classes = [type(m) for m in self.modules]  # lazy modules change class on their first call
+        self.dicts = [dict(m.__dict__) for m in self.modules]
+        self.contents = [
+            {
+                k: (v, type(v)(v.items()) if isinstance(v, dict) else type(v)(v))
+                for k, v in d.items()
+                if type(v) in _CONTAINERS
+            }
+            for d in self.dicts
+        ]
+        self.tensors = _model_tensors(model)
+        self.versions = {id(t): t._version for t in self.tensors}
+        self.rng = rng_states()
+
+    def restore(self, copies: _CopyOnWrite) -> None:
+        for tensor, old in copies.saved.values():
+            with torch.inference_mode() if tensor.is_inference() else torch.no_grad():
+                tensor.copy_(old)
+        missed = [t for t in self.tensors if t._version != self.versions[id(t)] and id(t) not in copies.saved]
+        if missed:
+            log.warning("%d tensor(s) were changed in a way attn_inject could not undo", len(missed))
+        for module, cls, saved, contents in zip(self.modules, self.classes, self.dicts, self.contents):
+            if type(module) is not cls:
+                module.__class__ = cls
+            for key in [k for k in module.__dict__ if k not in saved]:
+                del module.__dict__[key]
+            module.__dict__.update(saved)
+            for container, items in contents.values():
+                container.clear()
+                container.update(items) if isinstance(container, (dict, set)) else container.extend(items)
+        set_rng_states(self.rng)
+
+
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Run the body, then put ``model`` (and the RNG states) back exactly as they were."""
+    snapshot = _Snapshot(model)
+    copies = _CopyOnWrite(snapshot.tensors)
+    try:
+        with copies:
+            yield
+    finally:
+        snapshot.restore(copies)

@@ -1,0 +1,248 @@
+"""Candidates: analysed graphs -> the places a block may go (residual branches, conv units), and
+the reasons others are not places; whether a rule's pattern matches one.
+
+* residual: an add of two equal-shape NCHW maps that fork from one tensor, followed across module
+  boundaries (dataflow.py: the branch may start in a parent); an add of maps that do not fork
+  from one tensor is a merge (FPN, LR-ASPP), reported as a miss. The branch is the side with more
+  learned ops (convs, then norms, then nodes); the other is the shortcut (identity, or a projection
+  with fewer convs) and never gets a block. The branch must hold a conv or norm whose channels are
+  the map's channel dim (so NHWC and token residuals are reported, not patched).
+* unit: a conv followed by a norm (and an activation) in one graph, outside any gate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import fx
+
+from ..graph.analyze import Analysis, ModuleRecord
+from ..graph.dataflow import Merge, find_fork
+from ..graph.nodes import (
+    LearnedOp,
+    facts,
+    function_op,
+    is_activation_node,
+    is_add,
+    module_kind,
+    shape_of,
+    target_path,
+)
+from ..rules.model import ConvSpec, Rule
+
+CandidateKind = Literal["residual", "unit", "block"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    kind: CandidateKind
+    record: ModuleRecord
+    path: str  # shown to users and matched by globs: the owner (residual) or the conv (unit)
+    node: str  # residual/block: the add (a block without one: its output); unit: the unit's last node
+    branch: str  # residual: the add's branch input; unit: same as node
+    block_output: str  # residual: last node of add (-> activation) chain; unit: same as node
+    branch_arg: int | None  # residual: which argument of the add is the branch
+    ops: tuple[LearnedOp, ...]  # residual/block: the branch's (main path's) learned ops; unit: conv (and norm)
+    shape: tuple[int, ...]
+    has_norm: bool = True
+
+    @property
+    def convs(self) -> tuple[LearnedOp, ...]:
+        return tuple(op for op in self.ops if op.kind == "conv")
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+
+@dataclass(frozen=True)
+class Miss:
+    """A residual add or module that could not be a site, and why."""
+
+    path: str
+    reason: str
+
+
+def find_candidates(analysis: Analysis) -> tuple[list[Candidate], list[Miss]]:
+    candidates: list[Candidate] = []
+    misses: list[Miss] = []
+    for record in analysis.records:
+        if not record.traced:
+            continue
+        if record.unit:
+            candidates.append(_opaque_unit(record))
+            continue
+        for node in record.traced_graph.nodes:
+            if is_add(node):
+                found = _residual(record, node)
+                if isinstance(found, Candidate):
+                    candidates.append(found)
+                elif isinstance(found, Miss):
+                    misses.append(found)
+            elif (conv := _conv_op(record, node)) is not None:
+                unit = _unit(record, node, conv)
+                if unit is not None:
+                    candidates.append(unit)
+    return candidates, misses
+
+
+def rule_matches(rule: Rule, cand: Candidate) -> bool:
+    if rule.kind != cand.kind or not rule.selects(cand.path):
+        return False
+    if rule.kind == "unit":
+        return (cand.has_norm or not rule.norm) and (rule.convs is None or _spec_ok(rule.convs[0], cand.convs[0]))
+    return rule.convs is None or pattern_matches(rule.convs, cand.convs)
+
+
+def pattern_matches(specs: tuple[ConvSpec, ...], convs: tuple[LearnedOp, ...]) -> bool:
+    """Whether the convs, in order, fit the specs (an optional spec may match nothing)."""
+    if not specs:
+        return not convs
+    head, rest = specs[0], specs[1:]
+    if convs and _spec_ok(head, convs[0]) and pattern_matches(rest, convs[1:]):
+        return True
+    return head.optional and pattern_matches(rest, convs)
+
+
+def _spec_ok(spec: ConvSpec, op: LearnedOp) -> bool:
+    return spec.matches(op.kernel, op.depthwise, op.in_channels, op.channels)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
+    args = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+    if len(args) != 2:
+        return None
+    a, b = args
+    shape = shape_of(add)
+    if not shape or shape_of(a) != shape or shape_of(b) != shape:
+        return None  # broadcasting or non-tensor add: not a residual
+    where = record.path or "<model>"
+    if len(shape) != 4:
+        return Miss(where, f"residual {add.name} is on a {len(shape)}-D tensor {list(shape)}, not an NCHW map")
+    fork = find_fork(record, a, b)
+    if fork is None:
+        return None  # not both from the inputs: no residual here
+    if isinstance(fork, Merge):
+        return Miss(
+            where,
+            f"add {add.name} merges two maps that do not fork from one tensor (seen in {fork.where}): not a residual",
+        )
+    sides = []
+    for i, side in enumerate((a, b)):
+        ops = fork.ops(i)
+        convs = sum(o.kind == "conv" for o in ops)
+        size = bin(fork.local_bits(i)).count("1")
+        sides.append(((convs, sum(o.kind == "norm" for o in ops), size), side, ops))
+    (score_a, _, _), (score_b, _, _) = sides
+    if score_a == score_b:
+        if score_a[0]:
+            return None  # parallel conv branches summed (RepVGG, Inception): not a residual
+        return Miss(where, f"residual {add.name}: both inputs look alike, cannot tell branch from shortcut")
+    (_, branch, ops), (shortcut_score, _, _) = sorted(sides, key=lambda s: s[0], reverse=True)
+    if not fork.followed and shortcut_score[0]:
+        return None  # two computed inputs from different arguments of an opaque caller's call
+    learned = [o for o in ops if o.kind in ("conv", "norm")]
+    if not learned:
+        return Miss(where, f"residual {add.name}: the branch has no conv or norm")
+    layout = _nchw_problem(learned, shape)
+    if layout:
+        return Miss(where, f"residual {add.name}: {layout}")
+    return Candidate(
+        kind="residual",
+        record=record,
+        path=record.path,
+        node=add.name,
+        branch=branch.name,
+        block_output=_chain_end(record, add).name,
+        branch_arg=add.args.index(branch),
+        ops=ops,
+        shape=shape,
+    )
+
+
+def _nchw_problem(learned: list[LearnedOp], shape: tuple[int, ...]) -> str | None:
+    """Why the added map is not NCHW, judged from the branch's last conv (or, failing that, norm).
+
+    A conv's output is NCHW, so the map is NCHW when it has that conv's spatial size (channels may
+    differ: GhostNet concatenates and slices). With no conv, the last norm's channels must be dim 1.
+    An NHWC map (B, H, W, C) fails both tests (MambaOut, Swin).
+    """
+    convs = [o for o in learned if o.kind == "conv"]
+    if convs and convs[-1].out_shape is not None and len(convs[-1].out_shape) == 4:
+        if tuple(convs[-1].out_shape[2:]) != tuple(shape[2:]):
+            return f"map {list(shape)} is not NCHW: the branch's last conv gives {list(convs[-1].out_shape)}"
+        return None
+    last = learned[-1]
+    if last.channels != shape[1] or (last.out_shape is not None and tuple(last.out_shape) != tuple(shape)):
+        return f"map {list(shape)} is not NCHW with the branch's {last.channels} channels"
+    return None
+
+
+def _chain_end(record: ModuleRecord, node: fx.Node) -> fx.Node:
+    """Follow a node through single-use activations (the block output: after add and act)."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not is_activation_node(user, record.module.get_submodule) or shape_of(user) != shape_of(node):
+            break
+        node = user
+    return node
+
+
+def _conv_op(record: ModuleRecord, node: fx.Node) -> LearnedOp | None:
+    ops = facts(node).ops
+    if len(ops) != 1 or ops[0].kind != "conv":
+        return None
+    if node.op == "call_module" and module_kind(record.module.get_submodule(target_path(node))) != "conv":
+        return None  # a child whose main path is a single conv is a unit in its own graph
+    return ops[0]
+
+
+def _unit(record: ModuleRecord, conv: fx.Node, conv_op: LearnedOp) -> Candidate | None:
+    shape = shape_of(conv)
+    if not shape or len(shape) != 4 or record.traced_bits.gates >> record.traced_bits.index[conv] & 1:
+        return None
+    end, norm_op = conv, None
+    nxt = _single_user(conv)
+    if nxt is not None and _is_norm(record, nxt) and shape_of(nxt) == shape:
+        end, norm_op = nxt, next(iter(facts(nxt).ops), None)
+    end = _chain_end(record, end)
+    ops = (conv_op, norm_op) if norm_op else (conv_op,)
+    return _unit_candidate(record, end.name, ops, shape)
+
+
+def _opaque_unit(record: ModuleRecord) -> Candidate:
+    """A unit of an untraceable module, ending in ``record``'s module (analyze.py, opaque_calls.py)."""
+    end = record.traced_graph.output_node().args[0]
+    assert isinstance(end, fx.Node)  # _unit_record traces the unit's last module, which returns its map
+    return _unit_candidate(record, end.name, record.unit, shape_of(end))
+
+
+def _unit_candidate(record: ModuleRecord, end: str, ops: tuple[LearnedOp, ...], shape) -> Candidate:
+    """A unit ending at node ``end``: its conv (and norm), placed after the unit."""
+    return Candidate(
+        kind="unit",
+        record=record,
+        path=ops[0].path,
+        node=end,
+        branch=end,
+        block_output=end,
+        branch_arg=None,
+        ops=ops,
+        shape=shape,
+        has_norm=len(ops) > 1,
+    )
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_norm(record: ModuleRecord, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return module_kind(record.module.get_submodule(target_path(node))) == "norm"
+    op = function_op(node, record.path, shape_of(node), lambda _: None)
+    return op is not None and op.kind == "norm"

@@ -1,0 +1,245 @@
+"""The public entry points: plan (a dry run) and inject (plan, splice, verify)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..blocks import check_block_options, get_block
+from ..errors import AttnInjectError
+from ..graph.analyze import ModuleRecord, analyze
+from ..graph.example import example_args, example_forward_failed, first_difference, run, seeded_tensors
+from ..graph.nodes import NodeFacts, facts
+from ..graph.preserve import preserved, rng_states, set_rng_states
+from ..matching.plan import Plan, Site, build_plan
+from ..rules import Rule, resolve_rules
+from .checks import (
+    check_block_sizes,
+    check_flags,
+    check_globs,
+    check_model,
+    check_not_quantized,
+    check_not_stacked,
+    on_meta_device,
+)
+from .eject import record_undo
+from .recipe import Injection, base_recipe, set_recipe
+from .splice import Undo, splice
+from .verify import mismatch_error
+
+log = logging.getLogger(__name__)
+
+RuleSpec = str | Path | Rule | Iterable[str | Path | Rule]
+
+
+def plan(
+    model: nn.Module,
+    block: str,
+    after: RuleSpec,
+    *,
+    include: str | Iterable[str] = (),
+    exclude: str | Iterable[str] = (),
+    position: str | None = None,
+    example_input: Any = None,
+    stack: bool = False,
+    **block_options: Any,
+) -> Plan:
+    """Where ``inject`` would put ``block`` blocks, without changing the model.
+
+    Args:
+        model: any nn.Module (timm, torchvision, your own).
+        block: a registered block name (``list_blocks()``: "se", "eca").
+        after: a built-in rule name (``list_rules()``), a path to a YAML rule file, or a list.
+        include / exclude: globs on module paths (e.g. ``"layer4.*"``).
+        position: override the rules' insert position (branch_end, block_output, unit_output, or
+            after_convN: after the N-th conv unit of the branch or block, negative N from the end).
+        example_input: a tensor or tuple of arguments for the example forward; by default one image
+            of the model's configured input size (3x224x224 if it has none).
+        stack: allow a block at a place that already has a block of the same type (from an earlier
+            inject); by default that is refused, as re-running the same inject usually is a mistake.
+        block_options: passed to the block (SE ``reduction``/``rd_ratio``/``rd_of``/``act``/``gate``,
+            ECA ``gamma``/``beta``/``kernel_size``, both ``init="identity"|"paper"``); they win over
+            the options a rule carries.
+
+    The model is run on the example input but left exactly as it was: parameters, buffers, every
+    module's attributes and the random states (see :mod:`attn_inject.preserve`).
+    """
+    check_model(model)
+    request = _Request.checked(model, block, after, include, exclude, position, stack, block_options)
+    with preserved(model):
+        return _analyse_and_plan(model, request, example_input)[0]
+
+
+def inject(
+    model: nn.Module,
+    block: str,
+    after: RuleSpec,
+    *,
+    include: str | Iterable[str] = (),
+    exclude: str | Iterable[str] = (),
+    position: str | None = None,
+    example_input: Any = None,
+    verify: bool = True,
+    stack: bool = False,
+    **block_options: Any,
+) -> nn.Module:
+    """Splice ``block`` into ``model`` wherever ``after`` matches; returns the same (patched) model.
+
+    The model is changed in place (deepcopy it first to keep the original). With the default
+    ``init="identity"`` the patched model's outputs equal the original's bit for bit; ``verify``
+    runs both on the example input and raises (leaving the model unchanged) if they differ. All
+    checks run before the first change: on any error the model is untouched. Arguments are those
+    of :func:`plan`.
+    """
+    check_model(model)
+    check_flags(verify=verify)
+    if verify and on_meta_device(model):
+        raise AttnInjectError(
+            f"{type(model).__name__} is on the meta device: it has no values to verify the patched outputs against",
+            hint="plan() works on it; inject(..., verify=False) splices the blocks in on the meta device "
+            "(materialise with to_empty() and load weights that include the blocks').",
+        )
+    request = _Request.checked(model, block, after, include, exclude, position, stack, block_options)
+    with preserved(model):  # the example forwards leave no trace
+        the_plan, args, reference = _analyse_and_plan(
+            model, request, example_input, reference=verify and block_options.get("init", "identity") == "identity"
+        )
+    injection = Injection.from_plan(the_plan, args, request.include, request.exclude, position)
+    recipe = base_recipe(model).then(injection)
+    rng = rng_states()
+    try:
+        blocks = _build_blocks(the_plan)
+        undo = _splice_and_verify(model, the_plan, blocks, args, reference)
+    except BaseException:
+        set_rng_states(rng)  # building the blocks drew their default init
+        raise
+    record_undo(model, undo)  # for eject(); and the recipe, for save() / load()
+    set_recipe(model, recipe)
+    return model
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The arguments of one plan/inject call, checked (nothing about the model's forward yet)."""
+
+    block: str
+    rules: list[Rule]
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    stack: bool
+    options: dict[str, Any]
+
+    @classmethod
+    def checked(
+        cls,
+        model: nn.Module,
+        block: str,
+        after: RuleSpec,
+        include: str | Iterable[str],
+        exclude: str | Iterable[str],
+        position: str | None,
+        stack: bool,
+        options: dict[str, Any],
+    ) -> _Request:
+        check_not_quantized(model)
+        check_flags(stack=stack)
+        check_block_options(block, options)
+        rules = resolve_rules(after)
+        if position is not None:
+            if not isinstance(position, str):
+                raise AttnInjectError(
+                    f"position must be a string, not {position!r}",
+                    hint="Valid: branch_end, block_output, unit_output, "
+                    "or after_convN (N a conv index: 1, 2, ..., -1).",
+                )
+            rules = [r.with_position(position) for r in rules]
+        return cls(block, rules, check_globs("include", include), check_globs("exclude", exclude), stack, options)
+
+
+def _analyse_and_plan(
+    model: nn.Module, request: _Request, example_input: Any, reference: bool = False
+) -> tuple[Plan, tuple, Any]:
+    """The example forward(s) and the plan, checked; changes nothing (callers preserve state)."""
+    args = example_args(model, example_input)
+    with _eval_mode(model):
+        try:
+            expected = run(model, args) if reference else None
+        except Exception as exc:
+            raise example_forward_failed(model, exc) from None
+        analysis = analyze(model, args)
+    the_plan = build_plan(analysis, request.block, request.options, request.rules, request.include, request.exclude)
+    check_block_sizes(the_plan)
+    if not request.stack:
+        check_not_stacked(the_plan)
+    return the_plan, args, expected
+
+
+def _splice_and_verify(
+    model: nn.Module, the_plan: Plan, blocks: dict[str, nn.Module], args: tuple, reference: Any
+) -> Undo:
+    what = f"after injecting {the_plan.block} into {type(model).__name__}"
+    with _eval_mode(model) as modes:
+        undo = splice(the_plan, blocks)
+        try:
+            with preserved(model):
+                problem = None if reference is None else first_difference(reference, run(model, args))
+        except BaseException:
+            undo()
+            raise
+        if problem:
+            undo()
+            with preserved(model):  # tell a nondeterministic model and a non-identity block from a bug here
+                raise mismatch_error(what, problem, lambda: run(model, args), reference, blocks, _site_inputs(the_plan))
+        if the_plan.unreached:
+            log.warning("%s; they were left as they are", the_plan.note("unreached"))
+        for site in the_plan.sites:  # new blocks follow their owner's mode
+            owner = model.get_submodule(site.owner)
+            blocks[site.module_name].train(modes.get(owner, owner.training))
+    return undo
+
+
+def _build_blocks(the_plan: Plan) -> dict[str, nn.Module]:
+    cls = get_block(the_plan.block)
+    blocks = {}
+    for site, records in the_plan.site_records:
+        anchor = _anchor_facts(records, site)
+        block = cls(site.channels, **dict(site.options)).to(anchor.device, anchor.dtype)
+        blocks[site.module_name] = block.eval()  # verified in eval mode; then it follows its owner
+    return blocks
+
+
+def _site_inputs(the_plan: Plan) -> dict[str, Any]:
+    """A random feature map of each site's shape, dtype and device, to test its block alone."""
+    maps = seeded_tensors([site.shape for site in the_plan.sites], torch.float32, torch.device("cpu"))
+    inputs = {}
+    for (site, records), x in zip(the_plan.site_records, maps):
+        anchor = _anchor_facts(records, site)
+        inputs[site.module_name] = x.to(anchor.device, anchor.dtype)
+    return inputs
+
+
+def _anchor_facts(records: tuple[ModuleRecord, ...], site: Site) -> NodeFacts:
+    """What the example forward saw at a site's anchor: the map the block takes (shape, dtype, device)."""
+    anchor = records[0].node(site.anchor)
+    if anchor is None:
+        raise AssertionError(f"the plan's anchor {site.anchor} is not in the graph of {site.owner or '<model>'}")
+    return facts(anchor)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[dict[nn.Module, bool]]:
+    """Put every module in eval mode; restore each module's own flag afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield modes
+    finally:
+        for module, training in modes.items():
+            module.training = training
