@@ -79,6 +79,7 @@ class GraphCode:
 def _graph_code_from_imports(src: str, imports: str, specs: dict[str, Any] | None = None) -> GraphCode:
     globals_: dict[str, Any] = {}
     exec(imports, globals_)
+    del globals_["__builtins__"]  # exec adds it; it is not a name of the graph's code (and not importable)
     return GraphCode(src, globals_, specs)
 
 
