@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from attn_inject import AttnInjectError, inject, plan
-from attn_inject.blocks import EfficientChannelAttention
+from attn_inject.blocks import EfficientChannelAttention, registered_block
 from attn_inject.graph.preserve import preserved
 from attn_inject.testing import look_trained
 from tests.helpers.tiny_models import BranchyNet, conv_bn
@@ -163,6 +163,89 @@ def test_a_failed_inject_leaves_every_value_attribute_and_rng_state(monkeypatch)
         AttnInjectError, match=r"Block block\.eca \(EfficientChannelAttention\) does not return its input unchanged"
     ):
         inject(model, "eca", after="residual", example_input=X)
+    assert_same_state(before, model)
+
+
+class Raises(nn.Module):
+    """A user's block that raises on real values (a bug its shape-only cost estimate does not see)."""
+
+    def __init__(self, channels: int, init: str = "identity"):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x):
+        if x.is_meta:
+            return x
+        raise RuntimeError("boom")
+
+
+class ToDouble(Raises):
+    """A user's block that returns its input in float64: the next conv (float32 weights) fails."""
+
+    def forward(self, x):
+        return x.double()
+
+
+class AlwaysRaises(Raises):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(
+    "cls,why",
+    [
+        (
+            Raises,
+            r"the patched model's forward failed \(RuntimeError: boom\); the model was left unchanged\. Block"
+            r" block\.bad \(Raises\) raises RuntimeError: boom on a float32 \[1, 8, 16, 16\] map",
+        ),
+        (
+            ToDouble,
+            r"output 0 changed type or shape; the model was left unchanged\. Block block\.bad \(ToDouble\) returns"
+            r" a float64 \[1, 8, 16, 16\] map for a float32 \[1, 8, 16, 16\] one",
+        ),
+    ],
+)
+def test_a_registered_block_that_raises_or_changes_dtype_under_verify_leaves_the_model_untouched(cls, why):
+    model = look_trained(Net(CountingBlock(8)))
+    model.block.seen.fill_(3)
+    before = state(model)
+    with (
+        registered_block("bad", cls),
+        pytest.raises(AttnInjectError, match=r"^after injecting bad into Net: " + why),
+    ):
+        inject(model, "bad", after="residual", example_input=X)
+    assert_same_state(before, model)
+    assert not any(isinstance(m, Raises) for m in model.modules())
+
+
+def test_a_block_that_changes_dtype_before_a_conv_fails_the_forward_and_is_named():
+    model = look_trained(Net(nn.Sequential(CountingBlock(8), nn.Conv2d(8, 4, 1))))
+    before = state(model)
+    with (
+        registered_block("bad", ToDouble),
+        pytest.raises(
+            AttnInjectError,
+            match=r"^after injecting bad into Net: the patched model's forward failed \(RuntimeError: .*\); the model"
+            r" was left unchanged\. Block block\.0\.bad \(ToDouble\) returns a float64 \[1, 8, 16, 16\] map",
+        ),
+    ):
+        inject(model, "bad", after="residual", example_input=X)
+    assert_same_state(before, model)
+
+
+def test_a_block_that_fails_even_on_shapes_is_refused_at_planning():
+    model = look_trained(Net(CountingBlock(8)))
+    before = state(model)
+    with (
+        registered_block("bad", AlwaysRaises),
+        pytest.raises(
+            AttnInjectError,
+            match=r"block: rule 'residual': block 'bad' fails when built and run on a 8x16x16 map"
+            r" \(RuntimeError: boom\) Check the block's code",
+        ),
+    ):
+        inject(model, "bad", after="residual", example_input=X)
     assert_same_state(before, model)
 
 
