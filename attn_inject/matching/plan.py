@@ -8,10 +8,10 @@ at the same place. Every check that can fail (names, options, train-mode graphs)
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -253,7 +253,7 @@ def _site_options(block: str, options: dict[str, Any], matched_cand: Candidate, 
 
 def _site_cost(block: str, site_options: tuple, cand: Candidate, rule: Rule, path: str) -> tuple[int, int]:
     try:
-        return _block_cost(block, get_block(block), site_options)(cand.shape[1:])
+        return _block_cost(block, cast(Hashable, get_block(block)), site_options)(cand.shape[1:])
     except AttnInjectError as exc:
         raise AttnInjectError(f"rule {rule.name!r}: {exc.what}", where=path or "<model>", hint=exc.hint) from None
 
@@ -285,7 +285,7 @@ def _train_mode_problem(
 
 
 @lru_cache(maxsize=64)
-def _block_cost(block: str, cls: type, options: tuple) -> Callable[[tuple[int, ...]], tuple[int, int]]:
+def _block_cost(block: str, cls: Any, options: tuple) -> Callable[[tuple[int, ...]], tuple[int, int]]:
     """(parameters, FLOPs per image) of a block at a (C, H, W) site, measured on the meta device
     (cached per class: another class registered under the same name is measured anew)."""
 
