@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
 from .errors import AttnInjectError
@@ -38,9 +40,18 @@ def open_regular(path: str | os.PathLike, what: str) -> BinaryIO:
         raise
 
 
+@contextmanager
+def read_errors(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """An OSError while reading (a failing disk, a lost mount) as one AttnInjectError."""
+    try:
+        yield
+    except OSError as exc:
+        raise AttnInjectError(f"cannot read {what}: {exc.strerror or exc}", where=str(path)) from None
+
+
 def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
     """All of a regular file of at most ``limit`` bytes; a larger one is refused before it is read."""
-    with open_regular(path, what) as handle:
+    with open_regular(path, what) as handle, read_errors(path, what):
         size = os.fstat(handle.fileno()).st_size
         if size > limit:
             raise AttnInjectError(f"{what} is {size:,} bytes; {what}s are at most {limit:,}", where=str(path))

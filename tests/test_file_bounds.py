@@ -5,6 +5,7 @@ byte order, and save() refuses what load() would refuse."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import attn_inject.files.container as container
 from attn_inject import AttnInjectError, apply_adapter, inject, load, save
 from attn_inject.files.arch import create_model
 from attn_inject.files.checkpoints import load_pretrained
@@ -348,3 +350,21 @@ def test_the_writer_round_trips_every_dtype_through_safetensors(tmp_path):
     assert header["__metadata__"] == {"a": '{"a":[1],"b":2}', "format": "pt", "z": "1"}
     # largest elements first (each tensor stays aligned), by name within a size
     assert list(header)[1:] == ["i64", "empty", "f32", "bf16", "f16", "bool", "u8"]
+
+
+def test_load_and_apply_adapter_check_their_arguments_and_read_errors(small, monkeypatch):
+    with pytest.raises(AttnInjectError, match=r"^map_location='bogus' is not a device \(RuntimeError: "):
+        load(small["model"], map_location="bogus")
+    with pytest.raises(AttnInjectError, match=r"^dtype must be a floating-point torch\.dtype, not torch\.int8"):
+        load(small["model"], dtype=torch.int8)
+    with pytest.raises(AttnInjectError, match=r"^model must be a torch\.nn\.Module, not str"):
+        apply_adapter("resnet", small["adapter"])
+
+    def failing_disk(*_):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(container, "read_exactly_at_most", failing_disk)
+    with pytest.raises(
+        AttnInjectError, match=r"model\.safetensors: cannot read the \.safetensors file: Input/output error"
+    ):
+        load(small["model"])

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import AttnInjectError
 from ..graph.example import parameter_dtype_device
+from ..surgery.checks import check_model
 from ..surgery.eject import eject
 from ..surgery.recipe import injected_key, recipe_of
 from .format import (
@@ -34,6 +35,7 @@ from .saving import check_replayable, replay
 
 def apply_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Patch the base ``model`` (in place) with an adapter file written by ``save(..., adapter_only=True)``."""
+    check_model(model)
     header = file_header(path)
     recipe = patched_recipe(header)
     if header.content != "adapter":

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ..errors import AttnInjectError
-from ..safe_read import open_regular, read_exactly_at_most
+from ..safe_read import open_regular, read_errors, read_exactly_at_most
 from ..surgery.recipe import canonical_json
 
 MAX_HEADER_BYTES = 8 << 20  # a ResNet-50 file's header is ~40 kB; safetensors itself allows 100 MB
@@ -75,7 +75,7 @@ class RawHeader:
 
 def read_header(path: str | os.PathLike) -> RawHeader:
     """The header of a .safetensors file, checked; any problem is one AttnInjectError naming the file."""
-    with open_regular(path, "the .safetensors file") as handle:
+    with open_regular(path, "the .safetensors file") as handle, read_errors(path, "the .safetensors file"):
         size = os.fstat(handle.fileno()).st_size
         if size < 8:
             raise damaged(path, f"{size} bytes, shorter than the 8-byte header length")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import AttnInjectError
+from ..errors import AttnInjectError, one_line
 from ..graph.example import configured_input_size, example_shapes_problem, parameter_dtype_device, seeded_tensors
 from ..surgery.api import inject
 from ..surgery.recipe import Recipe, check_num_classes, injected_key, patched_recipe_of
@@ -106,6 +106,9 @@ def load(
     remembered on the model, so ``save`` and ``eject`` work on the result.
     """
     check_num_classes(num_classes)
+    device = _device(map_location)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise AttnInjectError(f"dtype must be a floating-point torch.dtype, not {dtype!r}", hint="E.g. torch.float16.")
     header = file_header(path)
     recipe = patched_recipe(header)
     if header.content == "adapter":
@@ -115,7 +118,6 @@ def load(
             hint="Build the base model and call attn_inject.apply_adapter(model, path).",
         )
     build_arch = arch_to_build(recipe, arch, trust_remote_code, header.path)
-    device = torch.device(map_location)
     model = rebuild(
         recipe,
         build_arch,
@@ -128,6 +130,15 @@ def load(
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _device(map_location: str | torch.device) -> torch.device:
+    try:
+        return torch.device(map_location)
+    except (RuntimeError, TypeError) as exc:
+        raise AttnInjectError(
+            f"map_location={map_location!r} is not a device ({one_line(exc)})", hint="E.g. 'cpu' or 'cuda:0'."
+        ) from None
 
 
 def rebuild(
