@@ -231,7 +231,8 @@ def edit_tensor(raw: bytes, which: float, where: float, value: float) -> bytes:
     if count == 0:
         return raw
     i = begin + min(int(where * count), count - 1) * size
-    packed = struct.pack("<f", value) if size == 4 else struct.pack("<q", int(value) if math.isfinite(value) else -1)
+    whole = max(-(2**63), min(2**63 - 1, int(value))) if math.isfinite(value) else -1  # an int64 buffer
+    packed = struct.pack("<f", value) if size == 4 else struct.pack("<q", whole)
     offset = len(raw) - len(data)
     return raw[: offset + i] + packed + raw[offset + i + size :]
 
