@@ -36,7 +36,15 @@ from attn_inject.files.arch import create_model
 from attn_inject.files.describe import describe_file
 from attn_inject.testing import look_trained, move_off_identity
 from benchmarks.results_file import loadavg, write_results
-from tests.helpers.safetensors_edit import join, split, with_metadata, with_recipe, with_tensor, with_tensor_bytes
+from tests.helpers.safetensors_edit import (
+    join,
+    map_tensors,
+    split,
+    with_metadata,
+    with_recipe,
+    with_tensor,
+    with_tensor_bytes,
+)
 
 DEFAULT_JSON = Path("benchmarks/results/hostile_load.json")
 MODELS = {"resnet18": "basic", "test_resnet": "residual"}
@@ -66,21 +74,12 @@ def nan_weight(raw: bytes) -> bytes:
 
 
 def half_weights(raw: bytes) -> bytes:
-    header, data = split(raw)
-    out, chunks, offset = {}, [], 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            out[name] = entry
-            continue
-        begin, end = entry["data_offsets"]
-        chunk = data[begin:end]
-        if entry["dtype"] == "F32":
-            chunk = torch.frombuffer(bytearray(chunk), dtype=torch.float32).half().numpy().tobytes()
-            entry = {**entry, "dtype": "F16"}
-        out[name] = {**entry, "data_offsets": [offset, offset + len(chunk)]}
-        chunks.append(chunk)
-        offset += len(chunk)
-    return join(out, b"".join(chunks))
+    def half(_name: str, entry: dict, chunk: bytes) -> torch.Tensor | None:
+        if entry["dtype"] != "F32":
+            return None
+        return torch.frombuffer(bytearray(chunk), dtype=torch.float32).reshape(entry["shape"]).half()
+
+    return map_tensors(raw, half)
 
 
 def wrong_block_shape(raw: bytes) -> bytes:

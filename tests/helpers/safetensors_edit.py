@@ -61,18 +61,24 @@ def with_tensor_bytes(raw: bytes, name: str, value: torch.Tensor) -> bytes:
 
 def with_tensor(raw: bytes, name: str, value: torch.Tensor) -> bytes:
     """``raw`` with tensor ``name`` replaced by ``value`` (any dtype and shape; the offsets are redone)."""
+    return map_tensors(raw, lambda key, entry, chunk: value if key == name else None)
+
+
+def map_tensors(raw: bytes, change: Callable[[str, dict, bytes], torch.Tensor | None]) -> bytes:
+    """``raw`` with each tensor for which ``change(name, entry, its bytes)`` gives a tensor replaced by
+    that tensor (any dtype and shape); the byte ranges are laid out again."""
     header, data = split(raw)
-    chunks, offset, out = {}, 0, {}
+    chunks, offset, out = [], 0, {}
     for key, entry in header.items():
         if key == "__metadata__":
             out[key] = entry
             continue
         begin, end = entry["data_offsets"]
-        chunk = data[begin:end]
-        if key == name:
+        chunk, value = data[begin:end], change(key, entry, data[begin:end])
+        if value is not None:
             chunk = value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
             entry = {"dtype": NAMES[value.dtype], "shape": list(value.shape)}
-        chunks[key] = chunk
+        chunks.append(chunk)
         out[key] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + len(chunk)]}
         offset += len(chunk)
-    return join(out, b"".join(chunks.values()))
+    return join(out, b"".join(chunks))
