@@ -368,3 +368,11 @@ def test_load_and_apply_adapter_check_their_arguments_and_read_errors(small, mon
         AttnInjectError, match=r"model\.safetensors: cannot read the \.safetensors file: Input/output error"
     ):
         load(small["model"])
+
+
+def test_inspect_shows_what_a_file_says_as_text_not_markup(tmp_path, capsys, small):
+    raw = with_recipe(small["raw"], lambda r: r.update(arch="[/x] [bold]evil"))
+    (tmp_path / "f.safetensors").write_bytes(raw)
+    code, out, err = run_cli_one_line(capsys, "inspect", tmp_path / "f.safetensors")
+    assert code == 0, err
+    assert "[/x] [bold]evil" in " ".join(out.split())

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from attn_inject import AttnInjectError, apply_adapter, load
+from attn_inject.cli import console
 from attn_inject.files.checkpoints import load_pretrained
 from attn_inject.files.describe import describe_file
 from attn_inject.files.eject import eject_file
@@ -293,8 +294,10 @@ def check_case(honest: dict, which: str, edits: list[tuple]) -> dict[str, Any]:
         before = snapshot(folder)
 
         info = timed(outcomes, "inspect", lambda: describe_file(path))
-        if info is not None:
-            json.dumps(info)  # what `inspect --json` prints
+        if info is not None:  # what `inspect` and `inspect --json` print
+            json.dumps(info)
+            with console.out.capture():
+                console.show_file(info)
         model = timed(outcomes, "load", lambda: load(path))
         if model is not None:
             check_loaded(honest, path, model)
