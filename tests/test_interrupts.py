@@ -18,7 +18,7 @@ import torch
 import attn_inject.files.container as container
 from attn_inject import AttnInjectError, load, save
 from attn_inject.files.eject import eject_file
-from attn_inject.files.output import MARK, check_output, process_start
+from attn_inject.files.output import MARK, check_output, host, process_start
 from attn_inject.finetune.state import write_state
 from tests.helpers.cli import run_cli_one_line
 from tests.helpers.finetune_data import tiny_model, write_image_folder
@@ -109,21 +109,22 @@ def dead_pid() -> int:
 
 
 def test_the_next_run_removes_stale_temporaries_and_keeps_everything_else(tmp_path):
-    me, start = os.getpid(), process_start(os.getpid())
+    me, start, here = os.getpid(), process_start(os.getpid()), host()
     stale = {
-        f".out.{MARK}-{dead_pid()}-{start}-abcd1234.safetensors",  # its process is gone
-        f".out.{MARK}-{me}-{start + 1}-abcd1234.safetensors",  # its pid now runs another process
-        f".out.train-state.{MARK}-{dead_pid()}-7-x_9y8z7w.pt",
+        f".out.{MARK}-{here}-{dead_pid()}-{start}-abcd1234.safetensors",  # its process is gone
+        f".out.{MARK}-{here}-{me}-{start + 1}-abcd1234.safetensors",  # its pid now runs another process
+        f".out.train-state.{MARK}-{here}-{dead_pid()}-7-x_9y8z7w.pt",
     }
     kept = {
-        f".out.{MARK}-{me}-{start}-abcd1234.safetensors",  # a live run's file
+        f".out.{MARK}-{here}-{me}-{start}-abcd1234.safetensors",  # a live run's file
+        f".out.{MARK}-otherhost-{dead_pid()}-7-abcd1234.safetensors",  # another host's: its process is not ours to see
         ".out.a7ap2ota.tmp.safetensors",  # not named by this scheme: never ours to judge
         "notes.txt",
-        f"{MARK}-1-1-abcd1234.safetensors",  # not hidden: not a temporary file of ours
+        f"{MARK}-{here}-1-1-abcd1234.safetensors",  # not hidden: not a temporary file of ours
     }
     for name in stale | kept:
         (tmp_path / name).write_bytes(b"x")
-    link = f".l.{MARK}-{dead_pid()}-1-abcd1234.safetensors"
+    link = f".l.{MARK}-{here}-{dead_pid()}-1-abcd1234.safetensors"
     os.symlink(tmp_path / "notes.txt", tmp_path / link)
     kept.add(link)  # a link is never removed, whatever its name
     check_output(tmp_path / "new.safetensors")

@@ -7,9 +7,11 @@ and renames it into place, so a failed or interrupted run leaves neither a parti
 file (a failed write, Ctrl-C, and SIGTERM/SIGHUP, which the CLI turns into Ctrl-C, remove it).
 
 A process killed outright (SIGKILL, the OOM killer, a power cut) cannot clean up: its temporary file
-is named ``.NAME.attn-inject-tmp-PID-START-XXXXXXXX.SUFFIX``, with the process id and start time of
-the process writing it, and every later run that writes into that folder (``check_output`` and
-``atomic_write``) removes those whose process no longer runs. Another run's live file is kept.
+is named ``.NAME.attn-inject-tmp-HOST-PID-START-XXXXXXXX.SUFFIX``, with the host name, process id
+and start time of the process writing it, and every later run on the same host that writes into
+that folder (``check_output`` and ``atomic_write``) removes those whose process no longer runs.
+Another run's live file is kept, and so is any file of another host (a shared folder: its process
+cannot be seen from here).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,7 +29,7 @@ from ..errors import AttnInjectError
 log = logging.getLogger(__name__)
 
 MARK = "attn-inject-tmp"
-_TEMPORARY = re.compile(rf"^\..*\.{MARK}-(\d+)-(\d+)-[a-z0-9_]+(\.[^.]*)?$")
+_TEMPORARY = re.compile(rf"^\..*\.{MARK}-([A-Za-z0-9]+)-(\d+)-(\d+)-[a-z0-9_]+(\.[^.]*)?$")
 
 
 def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> Path:
@@ -115,7 +118,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[str]:
         match = _TEMPORARY.match(entry.name)
         if match is None or not entry.is_file(follow_symlinks=False):
             continue
-        if _running(int(match.group(1)), int(match.group(2))):
+        if match.group(1) != host() or _running(int(match.group(2)), int(match.group(3))):
             continue
         try:
             os.unlink(entry.path)
@@ -129,7 +132,12 @@ def remove_stale_temporaries(folder: str | Path) -> list[str]:
 
 def _own_mark() -> str:
     pid = os.getpid()
-    return f"{MARK}-{pid}-{process_start(pid) or 0}"
+    return f"{MARK}-{host()}-{pid}-{process_start(pid) or 0}"
+
+
+def host() -> str:
+    """This machine's name as it appears in temporary file names (letters and digits only)."""
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 
 
 def _running(pid: int, start: int) -> bool:
