@@ -131,6 +131,9 @@ def cases(configured: tuple[int, ...]) -> dict[str, Callable[[bytes], bytes]]:
         "arch resnet152 (another, larger model)": lambda raw: with_recipe(
             raw, lambda recipe: recipe.update(arch="resnet152")
         ),
+        "arch eva02_enormous_patch14_clip_224 (a giant model, built on meta)": lambda raw: with_recipe(
+            raw, lambda recipe: recipe.update(arch="eva02_enormous_patch14_clip_224")
+        ),
         "NaN weights": nan_weight,
         "fp16 weights": half_weights,
         "an injected tensor of the wrong shape": wrong_block_shape,
