@@ -90,9 +90,15 @@ edit = st.one_of(
     ),
     st.tuples(st.just("recipe"), fraction, st.just("replace"), st.integers(0, len(HOSTILE_VALUES) - 1)),
     st.tuples(st.just("tensor"), fraction, fraction, st.sampled_from(FLOATS)),
-    st.tuples(st.just("tensor"), fraction, fraction, st.sampled_from(FLOATS)),
 )
-case = st.tuples(st.sampled_from(["model", "model", "adapter"]), st.lists(edit, min_size=1, max_size=3))
+# edits a file may take and still be read (other weights): the property then checks the model is equal
+benign = st.one_of(
+    st.tuples(st.just("tensor"), fraction, fraction, st.floats(-1e3, 1e3, allow_nan=False, width=32)),
+    st.tuples(st.just("byte"), st.just("data"), fraction, st.integers(0, 255)),
+)
+case = st.tuples(
+    st.sampled_from(["model", "model", "adapter"]), st.lists(st.one_of(edit, benign), min_size=1, max_size=2)
+)
 
 
 def apply_edits(raw: bytes, edits: list[tuple]) -> bytes:
@@ -359,7 +365,7 @@ def test_edited_files_load_equal_or_are_refused_cleanly(honest, which_and_edits)
 
 
 @pytest.mark.slow
-@settings(max_examples=600, derandomize=False, **SETTINGS)
+@settings(max_examples=1000, derandomize=False, **SETTINGS)
 @given(which_and_edits=case)
 def test_edited_files_load_equal_or_are_refused_cleanly_long(honest, which_and_edits):
     record(check_case(honest, *which_and_edits))
