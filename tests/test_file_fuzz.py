@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings, target
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
@@ -352,10 +352,16 @@ def stored_recipe(path: Path) -> str:
     return split(path.read_bytes())[0]["__metadata__"][RECIPE]
 
 
+TIME_BUCKETS = (0.1, 0.5, 1, 2, 5)
+
+
 def record(outcomes: dict[str, Any]) -> None:
+    """Each entry point's outcome and time (in buckets), for --hypothesis-show-statistics."""
     for name in ("inspect", "load", "eject", "apply_adapter"):
         event(f"{name}: {outcomes[name]}")
-        target(float(outcomes[f"{name}_s"]), label=f"{name} seconds")  # steers the long run to slow cases
+        seconds = outcomes[f"{name}_s"]
+        bucket = next((f"< {b} s" for b in TIME_BUCKETS if seconds < b), f">= {TIME_BUCKETS[-1]} s")
+        event(f"{name} took {bucket}")
 
 
 @settings(max_examples=10, derandomize=True, **SETTINGS)
