@@ -92,3 +92,23 @@ def test_whole_model_time_quick(tmp_path):
     assert row["model"] == "fasterrcnn_mobilenet_v3_large_320_fpn" and row["image"] == 320 and row["sites"] == 10
     assert row["stem_passes"] == 3  # the reference forward, the analysis, the verification: no re-runs
     assert row["inject_s"] >= sum(row["steps_s"].values()) > 0 and row["forward_s"] > 0
+
+
+def test_hostile_load_quick(tmp_path):
+    out = tmp_path / "hostile_load.json"
+    proc = run_python("-m", "benchmarks.hostile_load", "--quick", "--threads", "1", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| case | file MB | inspect s | load s |" in proc.stdout and "worst hostile load: " in proc.stdout
+    rows = json.loads(out.read_text())["models"]["test_resnet"]
+    bomb, rules = (
+        "example input 1x3x4096x4096 (issue: 28 s, 3 GB)",
+        "300 maximal rules (issue: 12 s inspect, 14 s load)",
+    )
+    assert list(rows) == ["honest", bomb, rules]
+    assert rows["honest"]["load"]["outcome"] == rows["honest"]["inspect"]["outcome"] == "works"
+    assert rows[bomb]["load"]["outcome"].startswith(
+        "refused: injection 0 (eca) records the example input [[1, 3, 4096, 4096]]: 50,331,648 example values"
+    )
+    for op in ("inspect", "load"):
+        assert rows[rules][op]["outcome"].startswith("refused: not a valid .safetensors file (a header of 28,")
+    assert all(row[op]["peak_rss"] >= row[op]["rss_before"] > 0 for row in rows.values() for op in ("inspect", "load"))

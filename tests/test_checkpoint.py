@@ -1,4 +1,6 @@
 import logging
+import os
+import warnings
 
 import pytest
 import timm
@@ -53,7 +55,7 @@ def test_never_unpickles_code(tmp_path, capsys):
     torch.save({"state_dict": small().state_dict(), "payload": Evil()}, path)
     with pytest.raises(
         AttnInjectError,
-        match=r"evil\.pth: the checkpoint holds pickled code or objects \(builtins\.print\), which are never unpickled",
+        match=r"evil\.pth: this file holds code; attn_inject never runs it \(the pickle calls builtins\.print\)",
     ):
         read_state_dict(path)
     assert "pwned" not in capsys.readouterr().out
@@ -132,3 +134,41 @@ def test_load_pretrained_gives_the_models_own_layout(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
+
+
+def test_a_legacy_pickle_carrying_code_is_called_code_without_torchs_unsafe_advice(tmp_path, capsys):
+    path = tmp_path / "legacy.bin"
+    torch.save({"state_dict": small().state_dict(), "payload": Evil()}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(
+        AttnInjectError,
+        match=r"legacy\.bin: this file holds code; attn_inject never runs it \(the pickle calls builtins\.print\) Save"
+        r" model\.state_dict\(\) \(tensors only\)",
+    ) as info:
+        read_state_dict(path)
+    assert "weights_only=False" not in str(info.value) and "pwned" not in capsys.readouterr().out
+
+
+def test_a_protocol_4_pickle_is_refused_for_its_format_and_torchs_warning_is_kept_quiet(tmp_path):
+    path = tmp_path / "p4.pth"
+    torch.save(small().state_dict(), path, pickle_protocol=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(
+            AttnInjectError,
+            match=r"p4\.pth: not a checkpoint torch reads safely: a protocol-4 pickle, which torch\.load\(weights_only"
+            r"=True\) does not parse Save it again with torch\.save\(state_dict, path\) \(protocol 2, its default\)",
+        ):
+            read_state_dict(path)
+    assert [str(w.message) for w in caught] == []
+    torch.save({"w": torch.zeros(2), "payload": Evil()}, tmp_path / "p4code.pth", pickle_protocol=4)
+    with pytest.raises(AttnInjectError, match=r"p4code\.pth: this file holds code; .* calls builtins\.print\)"):
+        read_state_dict(tmp_path / "p4code.pth")
+
+
+def test_a_checkpoint_that_is_a_device_or_a_fifo_is_refused_before_it_is_read(tmp_path):
+    os.symlink("/dev/zero", tmp_path / "zero.pth")
+    os.mkfifo(tmp_path / "fifo.pth")
+    with pytest.raises(AttnInjectError, match=r"zero\.pth: the checkpoint is not a regular file \(it is a character"):
+        read_state_dict(tmp_path / "zero.pth")
+    with pytest.raises(AttnInjectError, match=r"fifo\.pth: the checkpoint is not a regular file \(it is a FIFO\)"):
+        read_state_dict(tmp_path / "fifo.pth")

@@ -10,10 +10,8 @@ run is ``./run tests tests/test_fuzz.py -m slow`` (numbers in BENCHMARKS.md).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
-import signal
 import tempfile
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from torch import nn
 
 from attn_inject import AttnInjectError, inject
 from attn_inject.blocks import is_attention_block
+from tests.helpers.limits import time_limit
 
 CASE_SECONDS = 60  # a case taking longer is a hang
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
@@ -279,20 +278,6 @@ position = st.sampled_from([None, None, "branch_end", "block_output", "unit_outp
 
 # ---------------------------------------------------------------------------------------------
 # the property
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    def hang(*_):
-        raise TimeoutError(f"a case ran longer than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def snapshot(model: nn.Module) -> tuple:

@@ -1,12 +1,16 @@
 """Rule files and Rule objects from untrusted hands: bounded, strict, one AttnInjectError each."""
 
+import os
 import time
 
 import pytest
 
 from attn_inject import AttnInjectError
+from attn_inject.graph.nodes import LearnedOp
+from attn_inject.matching.candidates import pattern_matches
 from attn_inject.rules import ConvSpec, Rule, resolve_rules
 from attn_inject.rules.located_yaml import MAX_BYTES, MAX_DEPTH
+from tests.helpers.limits import time_limit
 
 LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
@@ -92,3 +96,24 @@ def test_yaml_kernel_pair_with_a_bool_is_refused(tmp_path):
 def test_bad_after_and_rules_built_in_python(after, message):
     with pytest.raises(AttnInjectError, match=message):
         resolve_rules(after)
+
+
+def test_a_rule_file_that_is_a_device_or_a_fifo_is_refused_before_it_is_read(tmp_path):
+    os.symlink("/dev/zero", tmp_path / "zero.yaml")  # st_size 0: a size check alone would read forever
+    os.mkfifo(tmp_path / "fifo.yaml")  # opening it for reading would wait for a writer
+    with pytest.raises(
+        AttnInjectError, match=r"zero\.yaml: rule file is not a regular file \(it is a character device\)"
+    ):
+        resolve_rules(str(tmp_path / "zero.yaml"))
+    with pytest.raises(AttnInjectError, match=r"fifo\.yaml: rule file is not a regular file \(it is a FIFO\)"):
+        resolve_rules(str(tmp_path / "fifo.yaml"))
+
+
+def test_many_optional_convs_match_in_linear_time():
+    """A rule of 2,000 optional conv specs against a 3-conv branch: trying each optional spec both
+    ways would take C(2003, 3) ~ 1.3e9 steps; the matcher walks the specs once."""
+    specs = (ConvSpec(optional=True),) * 2000 + (ConvSpec((7, 7)),)
+    convs = tuple(LearnedOp("conv", f"c{i}", 8, None, in_channels=8, kernel=(3, 3)) for i in range(3))
+    with time_limit(10):
+        assert not pattern_matches(specs, convs)
+        assert pattern_matches(specs[:-1], convs)

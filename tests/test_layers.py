@@ -18,7 +18,7 @@ ROOT = REPO / "attn_inject"
 
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS = [
-    {"errors", "fx_compat", "patched", "blocks"},
+    {"errors", "fx_compat", "patched", "safe_read", "blocks"},
     {"graph"},
     {"rules"},
     {"matching"},

@@ -287,7 +287,7 @@ def bad_inputs(tmp_path, state):
     if os.geteuid() == 0:  # root writes anywhere on a writable mount
         locked = "/proc"
     return [
-        ("evil.pth", [], "evil.pth: the checkpoint holds pickled code or objects (io.open), which are never unpickled"),
+        ("evil.pth", [], "evil.pth: this file holds code; attn_inject never runs it (the pickle calls io.open)"),
         ("cut.pth", [], "cut.pth: not a valid checkpoint: torch.load cannot parse it ("),
         ("cut.safetensors", [], "cut.safetensors: not a valid .safetensors file (SafetensorError: "),
         ("garbage.safetensors", [], "garbage.safetensors: not a valid .safetensors file (SafetensorError: "),

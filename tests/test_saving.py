@@ -90,12 +90,12 @@ def test_a_failed_write_leaves_no_partial_and_no_temporary_file(tmp_path, monkey
 
     model, _ = patched_resnet18()
 
-    def explode(tensors, filename, metadata=None):
+    def explode(filename, tensors, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(saving, "save_file", explode)
+    monkeypatch.setattr(saving, "write_safetensors", explode)
     with pytest.raises(KeyboardInterrupt):
         save(model, tmp_path / "m.safetensors")
     assert os.listdir(tmp_path) == []

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from attn_inject import AttnInjectError, inject, plan
-from attn_inject.blocks import EfficientChannelAttention
+from attn_inject.blocks import EfficientChannelAttention, registered_block
 from attn_inject.graph.preserve import preserved
 from attn_inject.testing import look_trained
 from tests.helpers.tiny_models import BranchyNet, conv_bn
@@ -164,6 +164,78 @@ def test_a_failed_inject_leaves_every_value_attribute_and_rng_state(monkeypatch)
     ):
         inject(model, "eca", after="residual", example_input=X)
     assert_same_state(before, model)
+
+
+class Raises(nn.Module):
+    """A user's block that raises on real values (a bug its shape-only cost estimate does not see)."""
+
+    def __init__(self, channels: int, init: str = "identity"):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x):
+        if x.is_meta:
+            return x
+        raise RuntimeError("boom")
+
+
+class ToDouble(Raises):
+    """A user's block that returns its input in float64: the next conv (float32 weights) fails."""
+
+    def forward(self, x):
+        return x.double()
+
+
+class AlwaysRaises(Raises):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def counting_net() -> nn.Module:
+    return Net(CountingBlock(8))
+
+
+def counting_net_then_conv() -> nn.Module:
+    return Net(nn.Sequential(CountingBlock(8), nn.Conv2d(8, 4, 1)))
+
+
+@pytest.mark.parametrize(
+    "cls,net,why",
+    [
+        (
+            Raises,
+            counting_net,
+            r"after injecting bad into Net: the patched model's forward failed \(RuntimeError: boom\); the model was"
+            r" left unchanged\. Block block\.bad \(Raises\) raises RuntimeError: boom on a float32 \[1, 8, 16, 16\]"
+            r" map",
+        ),
+        (  # the float64 map reaches the model's output
+            ToDouble,
+            counting_net,
+            r"after injecting bad into Net: output 0 changed type or shape; the model was left unchanged\. Block"
+            r" block\.bad \(ToDouble\) returns a float64 \[1, 8, 16, 16\] map for a float32 \[1, 8, 16, 16\] one",
+        ),
+        (  # the float64 map reaches a float32 conv, which raises
+            ToDouble,
+            counting_net_then_conv,
+            r"after injecting bad into Net: the patched model's forward failed \(RuntimeError: .*\); the model was"
+            r" left unchanged\. Block block\.0\.bad \(ToDouble\) returns a float64 \[1, 8, 16, 16\] map",
+        ),
+        (  # found before anything changes: the block fails on meta shapes too
+            AlwaysRaises,
+            counting_net,
+            r"block: rule 'residual': block 'bad' fails when built and run on a 8x16x16 map \(RuntimeError: boom\)"
+            r" Check the block's code",
+        ),
+    ],
+)
+def test_a_registered_block_that_raises_or_changes_dtype_leaves_the_model_untouched(cls, net, why):
+    model = look_trained(net())
+    before = state(model)
+    with registered_block("bad", cls), pytest.raises(AttnInjectError, match=why):
+        inject(model, "bad", after="residual", example_input=X)
+    assert_same_state(before, model)
+    assert not any(isinstance(m, Raises) for m in model.modules())
 
 
 def test_preserved_copies_only_what_is_written():

@@ -13,7 +13,10 @@ from ..errors import AttnInjectError
 from ..graph.example import example_args
 from ..rules.located_yaml import load_located_yaml
 
-EPILOG = "Errors print one line on stderr and exit 1; set ATTN_INJECT_DEBUG=1 for a traceback."
+EPILOG = (
+    "Errors print one line on stderr and exit 1; set ATTN_INJECT_DEBUG=1 for a traceback. Ctrl-C, SIGTERM and "
+    "SIGHUP stop a command without leaving a partial file (exit 128 + the signal number)."
+)
 
 
 class Parser(argparse.ArgumentParser):

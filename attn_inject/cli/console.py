@@ -33,6 +33,17 @@ def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
+def _escaped(value: Any) -> Any:
+    """Every string in ``value`` (nested dicts and lists too) escaped for rich markup."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
+
+
 def emit_json(payload: dict[str, Any]) -> None:
     """One strict JSON object on the last line of stdout: NaN and infinities become null."""
     out.file.write(json.dumps(_finite(payload), default=str, allow_nan=False) + "\n")
@@ -171,7 +182,9 @@ def patch_summary(summary: dict[str, Any]) -> Table:
 
 
 def show_file(info: dict[str, Any]) -> None:
-    """``attn-inject inspect``: the file, its recipe, and each injection's sites."""
+    """``attn-inject inspect``: the file, its recipe, and each injection's sites. Every value read
+    from the file is shown as text, never as rich markup (a module named "[/x]" is just that)."""
+    info = _escaped(info)
     table = Table(title=info["file"], title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from ..errors import AttnInjectError
 from . import console, demo, file_commands, surgery_commands, training_commands
@@ -14,15 +17,24 @@ from .arguments import EPILOG, Parser
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Every failure is one line on stderr and exit status 1 (with ``--json``,
-    also a JSON object ``{"error": ...}`` on stdout); ATTN_INJECT_DEBUG=1 shows the traceback."""
+    also a JSON object ``{"error": ...}`` on stdout); ATTN_INJECT_DEBUG=1 shows the traceback.
+
+    SIGTERM and SIGHUP (what ``timeout``, Slurm, ``docker stop`` and a closed terminal send) are
+    handled like Ctrl-C: the command stops where it is, a file being written is removed, and the exit
+    status is 128 + the signal's number (130 for Ctrl-C).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
     console.setup_logging()
+    received: list[int] = []
     try:
-        args = build_parser().parse_args(argv)
-        return args.run(args) or 0
+        with _signals_as_interrupts(received):
+            args = build_parser().parse_args(argv)
+            code = args.run(args) or 0
+        return 128 + received[0] if received and code == 130 else code
     except KeyboardInterrupt:
-        return _fail("interrupted", as_json, code=130)
+        name = signal.Signals(received[0]).name if received else "Ctrl-C"
+        return _fail(f"interrupted ({name})", as_json, code=128 + (received[0] if received else signal.SIGINT))
     except Exception as exc:
         if os.environ.get("ATTN_INJECT_DEBUG") == "1":
             raise
@@ -30,6 +42,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(console.flag_words(str(exc), exc.field), as_json)
         # an unexpected failure still ends in one line, not a traceback
         return _fail(f"{type(exc).__name__}: {exc} (set ATTN_INJECT_DEBUG=1 for the traceback)", as_json)
+
+
+INTERRUPTS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextmanager
+def _signals_as_interrupts(received: list[int]) -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, once (a second one gets the default action: the
+    process ends; what it was writing is removed by the next run); the previous handlers come back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: object) -> None:
+        received.append(signum)
+        for other in INTERRUPTS:
+            signal.signal(other, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _fail(message: str, as_json: bool, code: int = 1) -> int:

@@ -10,16 +10,32 @@ import timm
 import torchvision
 from torch import nn
 
-from ..errors import AttnInjectError
-from ..surgery.recipe import Recipe, set_recipe
+from ..errors import AttnInjectError, one_line
+from ..surgery.recipe import Recipe, check_num_classes, set_recipe
+
+
+class BuildFailed(AttnInjectError):
+    """The model's own code failed to build it (not an unknown or unimportable arch)."""
 
 
 def create_model(arch: str, num_classes: int | None = None) -> nn.Module:
     """An untrained model for ``arch`` (weights come from a checkpoint; nothing is downloaded).
 
     The model remembers ``arch`` and ``num_classes`` (``recipe.recipe_of``), so ``save`` can write them.
+    A factory that fails (arguments it does not take, a size it cannot build) is one AttnInjectError.
     """
-    model = _create(arch, num_classes)
+    check_num_classes(num_classes)
+    try:
+        model = _create(arch, num_classes)
+    except AttnInjectError:
+        raise
+    except Exception as exc:
+        raise BuildFailed(
+            f"building {arch!r}"
+            + ("" if num_classes is None else f" with num_classes={num_classes}")
+            + f" failed: {one_line(exc)}",
+            hint="Check the arch (and --num-classes).",
+        ) from None
     set_recipe(model, Recipe(arch, num_classes))
     return model
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,8 +18,10 @@ from timm.models import load_state_dict, remap_state_dict
 from torch import nn
 
 from ..errors import AttnInjectError, one_line
-from .arch import create_model
+from ..safe_read import open_regular
+from .arch import BuildFailed, create_model
 from .format import file_header
+from .pickle_scan import scan_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise AttnInjectError(
             "a folder, not a checkpoint file", where=str(path), hint="Give the path of a weights file."
         )
-    if not path.is_file():
+    if not path.exists():
         raise AttnInjectError("no such checkpoint file", where=str(path), hint="Check the path.")
+    open_regular(path, "the checkpoint").close()  # a device or a FIFO is refused before anything reads it
     if path.stat().st_size == 0:
         raise AttnInjectError(
             "the checkpoint file is empty", where=str(path), hint="The file was not written completely; get it again."
@@ -46,29 +49,52 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             hint=f"Use one of: {', '.join(WEIGHT_SUFFIXES)}.",
         )
     try:
-        state = load_state_dict(str(path), use_ema=True, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's business
+            warnings.simplefilter("ignore", UserWarning)
+            state = load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as exc:  # a damaged or foreign file: torch, zipfile and safetensors raise many kinds
-        text = str(exc)
-        globals_named = re.search(r"Unsupported globals?: ?([^\s.]+(?:\.[^\s.]+)*)", text, re.IGNORECASE)
-        if globals_named:
-            raise AttnInjectError(
-                f"the checkpoint holds pickled code or objects ({globals_named.group(1)}), which are never unpickled",
-                where=str(path),
-                hint="Save model.state_dict() (tensors only) and pass that file.",
-            ) from None
-        first_line = one_line(exc)
-        damaged = "The file is truncated or damaged, or not a PyTorch state_dict; get it again."
-        if path.suffix == ".safetensors":
-            raise AttnInjectError(
-                f"not a valid .safetensors file ({first_line})", where=str(path), hint=damaged
-            ) from None
-        raise AttnInjectError(
-            f"not a valid checkpoint: torch.load cannot parse it ({first_line})", where=str(path), hint=damaged
-        ) from None
+        raise _unreadable(path, exc) from None
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise AttnInjectError("the checkpoint holds no tensors", where=str(path))
     return tensors
+
+
+def _unreadable(path: Path, exc: Exception) -> AttnInjectError:
+    """Why a checkpoint could not be read safely, in words: code, a pickle format, or damage.
+
+    torch's and timm's own messages advise retrying with ``weights_only=False`` (which would run any
+    code in the file): they are never quoted.
+    """
+    damaged = "The file is truncated or damaged, or not a PyTorch state_dict; get it again."
+    if path.suffix == ".safetensors":
+        return AttnInjectError(f"not a valid .safetensors file ({one_line(exc)})", where=str(path), hint=damaged)
+    scan = scan_checkpoint(path)
+    code = scan.code() if scan is not None else []
+    if code:
+        return AttnInjectError(
+            f"this file holds code; attn_inject never runs it (the pickle calls {', '.join(code[:3])})",
+            where=str(path),
+            hint="Save model.state_dict() (tensors only) with torch.save or as .safetensors, and pass that file.",
+        )
+    advice = "weights_only" in str(exc)  # torch's or timm's words, which end in unsafe advice
+    if scan is None or not advice:
+        reason = "neither a PyTorch zip archive nor a pickle" if advice else one_line(exc)
+        return AttnInjectError(
+            f"not a valid checkpoint: torch.load cannot parse it ({reason})", where=str(path), hint=damaged
+        )
+    if scan.protocol > 2:
+        return AttnInjectError(
+            f"not a checkpoint torch reads safely: a protocol-{scan.protocol} pickle, which "
+            "torch.load(weights_only=True) does not parse",
+            where=str(path),
+            hint="Save it again with torch.save(state_dict, path) (protocol 2, its default) or as .safetensors.",
+        )
+    return AttnInjectError(
+        "not a checkpoint torch reads safely: torch.load(weights_only=True) refused its pickle",
+        where=str(path),
+        hint="Save model.state_dict() (tensors only) with torch.save or as .safetensors, and pass that file.",
+    )
 
 
 def fit_state_dict(
@@ -112,7 +138,7 @@ def _first_mismatch(target: dict[str, torch.Tensor], state: dict[str, torch.Tens
 def load_pretrained(path: str | os.PathLike, arch: str, *, num_classes: int | None = None) -> nn.Module:
     """A plain (unpatched) checkpoint as a model: build ``arch``, read ``path`` safely, map keys by
     order and shape where needed (with a warning), load strictly; returned in eval mode."""
-    _refuse_patched_file(path)
+    refuse_patched_file(path)
     state = read_state_dict(path)
     return model_holding(arch, num_classes, lambda model: fit_state_dict(model, state, str(path))[0])
 
@@ -143,9 +169,7 @@ def _built_on_meta(arch: str, num_classes: int | None) -> nn.Module | None:
     try:
         with torch.device("meta"):
             return create_model(arch, num_classes)
-    except AttnInjectError:
-        raise
-    except Exception:  # code that needs real tensors at construction: build normally
+    except BuildFailed:  # code that needs real tensors at construction: build normally
         return None
 
 
@@ -174,9 +198,15 @@ def _tensors_of(module: nn.Module):
     yield from module.__dict__.values()
 
 
-def _refuse_patched_file(path: str | os.PathLike) -> None:
-    header = file_header(path) if str(path).endswith(".safetensors") and Path(path).is_file() else None
-    if header is not None and header.recipe is not None:
+def refuse_patched_file(path: str | os.PathLike) -> None:
+    """A file that already holds an attn_inject recipe is not a plain checkpoint: say so."""
+    if not (str(path).endswith(".safetensors") and Path(path).is_file()):
+        return
+    try:
+        header = file_header(path)
+    except AttnInjectError:
+        return  # not a file of ours: reading it as a checkpoint says what is wrong with it
+    if header.recipe is not None:
         raise AttnInjectError(
             "the file is already patched (it holds an attn_inject recipe)",
             where=str(path),

@@ -58,5 +58,5 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
 def _parsed(text: str | None) -> Any:
     try:
         return None if text is None else json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return text

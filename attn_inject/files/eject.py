@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import AttnInjectError
 from ..graph.example import bitwise_equal
 from ..surgery.eject import eject
 from ..surgery.recipe import patched_recipe_of
+from .container import write_safetensors
 from .format import storable
 from .output import atomic_write, check_safetensors_output
 from .saving import load
@@ -33,7 +34,7 @@ def eject_file(
     tensors = storable(state)
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        write_safetensors(tmp, tensors, {"format": "pt"})
         back = load_file(str(tmp))
         if set(back) != set(tensors) or not all(bitwise_equal(back[k], v) for k, v in tensors.items()):
             raise AttnInjectError(

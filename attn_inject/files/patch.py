@@ -30,11 +30,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import AttnInjectError
-from ..graph.example import bitwise_equal, example_args, first_difference, run
+from ..graph.example import (
+    bitwise_equal,
+    configured_input_size,
+    example_args,
+    example_shapes_problem,
+    first_difference,
+    run,
+)
 from ..surgery.api import inject
 from ..surgery.recipe import injected_key, patched_recipe_of
 from .adapters import apply_adapter
-from .checkpoints import fit_state_dict, load_pretrained, model_holding, read_state_dict
+from .checkpoints import fit_state_dict, load_pretrained, model_holding, read_state_dict, refuse_patched_file
 from .format import file_header
 from .output import check_safetensors_output
 from .saving import load, write_patched
@@ -104,6 +111,7 @@ def patch_checkpoint(
     if verify not in VERIFY_MODES:
         raise AttnInjectError(f"unknown verify mode {verify!r}", hint=f"Use one of: {', '.join(VERIFY_MODES)}.")
     out = check_safetensors_output(output, inputs=[source], force=force)
+    refuse_patched_file(source)
     state = read_state_dict(source)
     clock.lap("read")
     mapped = []
@@ -116,6 +124,12 @@ def patch_checkpoint(
     model = model_holding(arch, num_classes, weights_for)
     clock.lap("build")
     args = example_args(model, input_size=None if img_size is None else (3, img_size, img_size))
+    problem = example_shapes_problem([tuple(a.shape) for a in args], configured_input_size(model))
+    if problem:
+        raise AttnInjectError(
+            f"--img-size {img_size} gives {problem}; load() refuses files that ask for more",
+            hint="Use a smaller --img-size (up to twice the model's configured side).",
+        )
     params_before = sum(p.numel() for p in model.parameters())
     reference = run(model, args)
     clock.lap("reference_forward")

@@ -15,20 +15,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import AttnInjectError
-from ..graph.example import parameter_dtype_device, seeded_tensors
+from ..errors import AttnInjectError, one_line
+from ..graph.example import configured_input_size, example_shapes_problem, parameter_dtype_device, seeded_tensors
 from ..surgery.api import inject
-from ..surgery.recipe import Recipe, injected_key, patched_recipe_of
+from ..surgery.recipe import Recipe, check_num_classes, injected_key, patched_recipe_of
 from .checkpoints import model_holding
+from .container import write_safetensors
 from .format import (
+    ARCH_HINT,
     CONTENT_KEY,
+    DAMAGED_HINT,
     FINGERPRINT_KEY,
     RECIPE_KEY,
+    Header,
     adapter_tensors,
+    check_finite,
     file_header,
+    misfit,
     patched_recipe,
     read_tensors,
     storable,
@@ -53,17 +58,23 @@ def write_patched(
     adapter_only: bool = False,
     check: Callable[[Path], None] | None = None,
 ) -> Path:
-    """``save``; ``check(tmp)`` runs on the written temporary file before it is renamed into place."""
+    """``save``; ``check(tmp)`` runs on the written temporary file before it is renamed into place.
+
+    What ``load`` would refuse is refused here, before anything is written: an example input larger
+    than a file may ask for, and NaN or infinite values.
+    """
     recipe = saved_recipe(model)
     out = check_safetensors_output(path, force=force)
+    check_replayable(recipe, model, "the model's recipe")
     metadata = {"format": "pt", RECIPE_KEY: recipe.to_json(), CONTENT_KEY: "adapter" if adapter_only else "model"}
     state = model.state_dict()
     if adapter_only:
         state, metadata[FINGERPRINT_KEY] = adapter_tensors(state, recipe)
     tensors = storable(state)
+    check_finite(tensors, out)
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata=metadata)
+        write_safetensors(tmp, tensors, metadata)
         if check is not None:
             check(tmp)
 
@@ -88,10 +99,16 @@ def load(
     """The patched model in a file written by ``save`` or ``attn-inject patch``, in eval mode.
 
     Rebuilds the architecture (``arch`` overrides the recipe's; ``num_classes`` too), replays the
-    recipe's injections and loads every tensor strictly; ``map_location`` is the device the tensors
-    and model go to, ``dtype`` casts floating-point parameters afterwards. The recipe is
+    recipe's injections and loads every tensor strictly: each must have the rebuilt model's shape and
+    dtype and hold finite values, or the first that does not is named. ``map_location`` is the device
+    the tensors and model go to; ``dtype`` casts floating-point parameters afterwards (and only then
+    may the file's floating-point tensors have another dtype: they are converted). The recipe is
     remembered on the model, so ``save`` and ``eject`` work on the result.
     """
+    check_num_classes(num_classes)
+    device = _device(map_location)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise AttnInjectError(f"dtype must be a floating-point torch.dtype, not {dtype!r}", hint="E.g. torch.float16.")
     header = file_header(path)
     recipe = patched_recipe(header)
     if header.content == "adapter":
@@ -101,10 +118,13 @@ def load(
             hint="Build the base model and call attn_inject.apply_adapter(model, path).",
         )
     build_arch = arch_to_build(recipe, arch, trust_remote_code, header.path)
-    device = torch.device(map_location)
-    tensors = read_tensors(header.path, device)
     model = rebuild(
-        recipe, build_arch, num_classes if num_classes is not None else recipe.num_classes, tensors, header.path
+        recipe,
+        build_arch,
+        num_classes if num_classes is not None else recipe.num_classes,
+        header,
+        device,
+        convert=dtype is not None,
     )
     model.to(device)
     if dtype is not None:
@@ -112,50 +132,73 @@ def load(
     return model.eval()
 
 
+def _device(map_location: str | torch.device) -> torch.device:
+    try:
+        return torch.device(map_location)
+    except (RuntimeError, TypeError) as exc:
+        raise AttnInjectError(
+            f"map_location={map_location!r} is not a device ({one_line(exc)})", hint="E.g. 'cpu' or 'cuda:0'."
+        ) from None
+
+
 def rebuild(
-    recipe: Recipe, arch: str, num_classes: int | None, tensors: dict[str, torch.Tensor], source: Path
+    recipe: Recipe, arch: str, num_classes: int | None, header: Header, device: torch.device, convert: bool = False
 ) -> nn.Module:
-    """``arch`` with the recipe replayed, holding ``tensors`` (every key, strictly)."""
+    """``arch`` with the recipe replayed, holding the file's tensors (every key, strictly).
+
+    The base weights' names, shapes and dtypes are compared with the model built on the meta device
+    before any tensor is read; the injected blocks' after the replay, before they are loaded.
+    """
     injected = set(recipe.modules)
-    base = {k: v for k, v in tensors.items() if not injected_key(k, injected)}
-    model = model_holding(arch, num_classes, lambda m: _base_weights(m, base, source))
+    source = header.path
+    read: dict[str, torch.Tensor] = {}
+
+    def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+        target = model.state_dict()
+        base = [k for k in header.shapes if not injected_key(k, injected)]
+        known = set(base)
+        missing = [k for k in target if k not in known]
+        extra = [k for k in base if k not in target]
+        problem = (
+            (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}", ARCH_HINT)
+            if missing or extra
+            else misfit(header, target, target, convert, ARCH_HINT)
+        )
+        if problem:
+            raise AttnInjectError(
+                f"the file's weights do not fit {type(model).__name__}: {problem[0]}",
+                where=str(source),
+                hint=problem[1],
+            )
+        check_replayable(recipe, model, str(source))
+        read.update(read_tensors(source, device))
+        check_finite(read, source)
+        return {k: read[k] for k in base}
+
+    model = model_holding(arch, num_classes, base_weights)
     replay(model, recipe, str(source))
     expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    extra = [k for k in tensors if k not in expected]
+    missing = [k for k in expected if k not in header.shapes]
+    extra = [k for k in header.shapes if k not in expected]
     if missing or extra:
         raise AttnInjectError(
             f"the file does not hold what its recipe builds: missing {missing[:3]}, unexpected {extra[:3]}",
             where=str(source),
-            hint="The file is damaged or was edited; write it again with save().",
+            hint=DAMAGED_HINT,
         )
-    model.load_state_dict({k: v for k, v in tensors.items() if injected_key(k, injected)}, strict=False)
-    return model
-
-
-def _base_weights(model: nn.Module, base: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
-    target = model.state_dict()
-    missing = [k for k in target if k not in base]
-    bad = [k for k in target if k in base and base[k].shape != target[k].shape]
-    extra = [k for k in base if k not in target]
-    if missing or bad or extra:
-        detail = (
-            f"missing {missing[:3]}"
-            if missing
-            else f"unexpected {extra[:3]}"
-            if extra
-            else f"{bad[0]} has shape {list(base[bad[0]].shape)} where the model needs {list(target[bad[0]].shape)}"
-        )
+    blocks = [k for k in expected if injected_key(k, injected)]
+    problem = misfit(header, blocks, expected, convert, DAMAGED_HINT)
+    if problem:
         raise AttnInjectError(
-            f"the file's weights do not fit {type(model).__name__}: {detail}",
-            where=str(source),
-            hint="Pass the arch (and num_classes) the file was written for.",
+            f"the file does not hold what its recipe builds: {problem[0]}", where=str(source), hint=problem[1]
         )
-    return base
+    model.load_state_dict({k: read[k] for k in blocks}, strict=False)
+    return model
 
 
 def replay(model: nn.Module, recipe: Recipe, source: str) -> None:
     """Inject each of the recipe's injections into ``model``, checking each lands where it did."""
+    check_replayable(recipe, model, source)
     for i, injection in enumerate(recipe.injections):
         inject(
             model,
@@ -175,6 +218,20 @@ def replay(model: nn.Module, recipe: Recipe, source: str) -> None:
                 f"the {len(injection.modules)} recorded (e.g. {sorted(set(landed) ^ set(injection.modules))[:2]})",
                 where=source,
                 hint="Pass the arch the file was written for.",
+            )
+
+
+def check_replayable(recipe: Recipe, model: nn.Module, source: str) -> None:
+    """Refuse example inputs larger than a file may ask of ``model`` (its configured input size)."""
+    configured = configured_input_size(model)
+    for i, injection in enumerate(recipe.injections):
+        problem = None if injection.input_shapes is None else example_shapes_problem(injection.input_shapes, configured)
+        if problem:
+            raise AttnInjectError(
+                f"injection {i} ({injection.block}) records the example input "
+                f"{[list(s) for s in injection.input_shapes or ()]}: {problem}; a file may ask load() for no more",
+                where=source,
+                hint="inject() with a smaller example_input (e.g. one image of the model's size) to save the model.",
             )
 
 

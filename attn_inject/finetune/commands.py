@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import AttnInjectError
 from ..files.checkpoints import load_pretrained
+from ..files.container import write_safetensors
 from ..files.format import file_header, storable
 from ..files.output import atomic_write, check_safetensors_output
 from ..files.saving import load, save
@@ -132,7 +132,7 @@ def save_model(model: nn.Module, path: Path) -> None:
     recipe = recipe_of(model)
     if recipe is None:
         tensors = storable(model.state_dict())
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, {"format": "pt"}))
         return
     classes = head_size(model)
     if recipe.num_classes != classes and classes is not None:

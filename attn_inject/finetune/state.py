@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import AttnInjectError
+from ..files.container import create
 from ..files.output import atomic_write
 
 SUFFIX = ".train-state.pt"
@@ -23,7 +24,11 @@ def state_path(output: str | Path) -> Path:
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp: Path) -> None:
+        with create(tmp) as handle:  # through a Python file: a full disk is an OSError, not a C++ stream error
+            torch.save(state, handle)
+
+    atomic_write(path, write)
 
 
 def read_state(path: Path) -> dict[str, Any]:

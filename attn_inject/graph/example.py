@@ -3,6 +3,7 @@ bit-for-bit equality."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,13 @@ from ..errors import AttnInjectError, one_line
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 MAX_SIDE = 4096  # an example image larger than this would need tens of GB of activations in a CNN
+# What a recorded example input (a recipe's input_shapes) may ask for: at most what plan() allows (one
+# 3 x MAX_SIDE x MAX_SIDE image), in a few small tensors, and, when the model has a configured input
+# size, at most EXAMPLE_SCALE times the values of one image of that size (2x the side, or 4 images).
+MAX_EXAMPLE_VALUES = 3 * MAX_SIDE * MAX_SIDE
+MAX_EXAMPLE_TENSORS = 8
+MAX_EXAMPLE_DIMS = 8
+EXAMPLE_SCALE = 4
 
 
 def parameter_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -42,14 +50,44 @@ def example_args(model: nn.Module, example_input: Any = None, input_size: tuple[
     """
     if example_input is not None:
         return example_input if isinstance(example_input, tuple) else (example_input,)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = tuple(input_size or cfg.get("input_size", DEFAULT_INPUT_SIZE))
+    size = tuple(input_size or configured_input_size(model) or DEFAULT_INPUT_SIZE)
     if not all(type(s) is int and 0 < s <= MAX_SIDE for s in size):
         raise AttnInjectError(
             f"input size {size} is not a (channels, height, width) of positive ints up to {MAX_SIDE}",
             hint="Pass a smaller size, or example_input= with a tensor the model accepts.",
         )
     return seeded_tensors([(1, *size)], *parameter_dtype_device(model))
+
+
+def configured_input_size(model: nn.Module) -> tuple | None:
+    """The input size the model says it takes (timm ``pretrained_cfg["input_size"]``), or None."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return tuple(size) if isinstance(size, (tuple, list)) else None
+
+
+def example_shapes_problem(shapes: Sequence[Sequence[int]], configured: tuple | None = None) -> str | None:
+    """Why a recorded example input is larger than a file may ask for (None when it is not).
+
+    ``configured``: the model's configured input size (C, H, W), when known.
+    """
+    if len(shapes) > MAX_EXAMPLE_TENSORS:
+        return f"{len(shapes)} example tensors, more than {MAX_EXAMPLE_TENSORS}"
+    for shape in shapes:
+        if not (0 < len(shape) <= MAX_EXAMPLE_DIMS and all(type(n) is int and 0 < n <= MAX_SIDE for n in shape)):
+            shown = list(shape)[: MAX_EXAMPLE_DIMS + 1]
+            return f"the shape {shown} is not {MAX_EXAMPLE_DIMS} or fewer sizes up to {MAX_SIDE}"
+    values = sum(math.prod(shape) for shape in shapes)
+    if values > MAX_EXAMPLE_VALUES:
+        return f"{values:,} example values, more than the {MAX_EXAMPLE_VALUES:,} of one 3x{MAX_SIDE}x{MAX_SIDE} image"
+    if configured and all(type(n) is int and n > 0 for n in configured):
+        one = math.prod(configured)
+        if values > EXAMPLE_SCALE * one:
+            return (
+                f"{values:,} example values, more than {EXAMPLE_SCALE}x the {one:,} of one image of the model's "
+                f"configured input size {tuple(configured)}"
+            )
+    return None
 
 
 def run(model: nn.Module, args: tuple) -> Any:

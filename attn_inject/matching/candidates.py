@@ -96,13 +96,19 @@ def rule_matches(rule: Rule, cand: Candidate) -> bool:
 
 
 def pattern_matches(specs: tuple[ConvSpec, ...], convs: tuple[LearnedOp, ...]) -> bool:
-    """Whether the convs, in order, fit the specs (an optional spec may match nothing)."""
-    if not specs:
-        return not convs
-    head, rest = specs[0], specs[1:]
-    if convs and _spec_ok(head, convs[0]) and pattern_matches(rest, convs[1:]):
-        return True
-    return head.optional and pattern_matches(rest, convs)
+    """Whether the convs, in order, fit the specs (an optional spec may match nothing).
+
+    Walks the specs once, keeping the set of conv positions reachable so far: time len(specs) x
+    len(convs), whatever a rule file holds (trying each optional spec both ways would take time
+    exponential in their number).
+    """
+    reachable = {0}  # how many convs the specs so far can have consumed
+    for spec in specs:
+        skipped = reachable if spec.optional else set()
+        reachable = skipped | {i + 1 for i in reachable if i < len(convs) and _spec_ok(spec, convs[i])}
+        if not reachable:
+            return False
+    return len(convs) in reachable
 
 
 def _spec_ok(spec: ConvSpec, op: LearnedOp) -> bool:

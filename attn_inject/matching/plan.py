@@ -8,16 +8,16 @@ at the same place. Every check that can fail (names, options, train-mode graphs)
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..blocks import block_spec, get_block
-from ..errors import AttnInjectError
+from ..errors import AttnInjectError, one_line
 from ..graph.align import same_source
 from ..graph.analyze import Analysis, ModuleRecord
 from ..graph.nodes import join_path
@@ -253,7 +253,7 @@ def _site_options(block: str, options: dict[str, Any], matched_cand: Candidate, 
 
 def _site_cost(block: str, site_options: tuple, cand: Candidate, rule: Rule, path: str) -> tuple[int, int]:
     try:
-        return _block_cost(block, site_options)(cand.shape[1:])
+        return _block_cost(block, cast(Hashable, get_block(block)), site_options)(cand.shape[1:])
     except AttnInjectError as exc:
         raise AttnInjectError(f"rule {rule.name!r}: {exc.what}", where=path or "<model>", hint=exc.hint) from None
 
@@ -285,17 +285,23 @@ def _train_mode_problem(
 
 
 @lru_cache(maxsize=64)
-def _block_cost(block: str, options: tuple) -> Callable[[tuple[int, ...]], tuple[int, int]]:
-    """(parameters, FLOPs per image) of a block at a (C, H, W) site, measured on the meta device."""
-    cls = get_block(block)
+def _block_cost(block: str, cls: Any, options: tuple) -> Callable[[tuple[int, ...]], tuple[int, int]]:
+    """(parameters, FLOPs per image) of a block at a (C, H, W) site, measured on the meta device
+    (cached per class: another class registered under the same name is measured anew)."""
 
     @cache
     def cost(chw: tuple[int, ...]) -> tuple[int, int]:
-        with torch.device("meta"):
-            instance = cls(chw[0], **dict(options))
-            x = torch.empty(1, *chw)
-        with FlopCounterMode(display=False) as counter:
-            instance(x)
+        try:
+            with torch.device("meta"):
+                instance = cls(chw[0], **dict(options))
+                x = torch.empty(1, *chw)
+            with FlopCounterMode(display=False) as counter:
+                instance(x)
+        except Exception as exc:  # a user's block with a bug: say which, before anything is changed
+            raise AttnInjectError(
+                f"block {block!r} fails when built and run on a {'x'.join(map(str, chw))} map ({one_line(exc)})",
+                hint="Check the block's code and its options.",
+            ) from None
         return sum(p.numel() for p in instance.parameters()), counter.get_total_flops()
 
     return cost

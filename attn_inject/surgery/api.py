@@ -32,7 +32,7 @@ from .checks import (
 from .eject import record_undo
 from .recipe import Injection, base_recipe, set_recipe
 from .splice import Undo, splice
-from .verify import mismatch_error
+from .verify import forward_failed_error, mismatch_error
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,10 @@ def _splice_and_verify(
         try:
             with preserved(model):
                 problem = None if reference is None else first_difference(reference, run(model, args))
+        except Exception as exc:  # a block that raises, or returns what the next layer cannot take
+            undo()
+            with preserved(model):
+                raise forward_failed_error(what, exc, blocks, _site_inputs(the_plan)) from None
         except BaseException:
             undo()
             raise

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..blocks import check_block_options, get_block
-from ..errors import AttnInjectError
+from ..errors import AttnInjectError, first_line
+from ..graph.example import example_shapes_problem
 from ..matching.plan import Plan
 from ..rules.documents import rule_from_yaml, rule_to_yaml
 from ..rules.model import Rule, frozen, position_applies
@@ -28,6 +29,34 @@ from ..rules.schema import RecipeFields
 FORMAT_VERSION = 1
 _ATTRIBUTE = "_attn_inject_recipe"
 _JSON_SCALARS = (str, int, float, bool, type(None))
+
+# What a recipe read from a file may hold, checked before anything is parsed further or built: the
+# parse, the rules' YAML and every replayed injection (one example forward each) stay bounded.
+MAX_RECIPE_CHARS = 256 * 1024
+MAX_DEPTH = 16  # JSON nesting (a rule's YAML has its own bound)
+MAX_INJECTIONS = 8
+MAX_RULES = 16  # per injection
+MAX_CLASSES = 100_000  # a head larger than ImageNet-22k's by far
+
+
+def canonical_json(value: Any) -> str:
+    """``value`` as JSON in one canonical form (sorted keys, no spaces), so equal values give equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _valid_num_classes(value: Any) -> bool:
+    return value is None or (type(value) is int and 0 <= value <= MAX_CLASSES)
+
+
+def check_num_classes(value: Any, where: str | None = None) -> None:
+    """``num_classes`` is None or an int from 0 (no head) to MAX_CLASSES."""
+    if not _valid_num_classes(value):
+        shown = f"{value!r}" if len(repr(value)) < 30 else f"{repr(value)[:27]}..."
+        raise AttnInjectError(
+            f"num_classes must be an int from 0 to {MAX_CLASSES:,}, not {shown}",
+            where=where,
+            hint="Give the number of classes the model's head has.",
+        )
 
 
 @dataclass(frozen=True)
@@ -98,7 +127,7 @@ class Recipe:
                         f"block option {key}={value!r} cannot be written into a recipe",
                         hint="Use numbers, strings, booleans or None as block options to save the model.",
                     )
-        return json.dumps(
+        return canonical_json(
             {
                 "format_version": FORMAT_VERSION,
                 "arch": self.arch,
@@ -110,15 +139,27 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str, where: str = "recipe") -> Recipe:
-        """Parse and check a recipe; any problem is an AttnInjectError naming ``where``."""
+        """Parse and check a recipe; any problem is an AttnInjectError naming ``where``.
+
+        Bounded before it is parsed (MAX_RECIPE_CHARS) and before anything is built (nesting,
+        injections, rules, num_classes, example input sizes).
+        """
+        if isinstance(text, str) and len(text) > MAX_RECIPE_CHARS:
+            raise AttnInjectError(
+                f"the recipe is {len(text):,} characters; recipes are at most {MAX_RECIPE_CHARS:,}",
+                where=where,
+                hint="The file was not written by attn_inject or was edited.",
+            )
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (json.JSONDecodeError, TypeError, RecursionError) as exc:
             raise AttnInjectError(
-                f"the recipe is not valid JSON ({exc})",
+                f"the recipe is not valid JSON ({first_line(exc)})",
                 where=where,
                 hint="The file was not written by attn_inject or is damaged.",
             ) from None
+        if _depth(data) > MAX_DEPTH:
+            raise AttnInjectError(f"the recipe is nested more than {MAX_DEPTH} levels deep", where=where)
         top = RecipeFields(data, where, "recipe")
         version = top.get("format_version", int)
         if version > FORMAT_VERSION:
@@ -130,13 +171,17 @@ class Recipe:
         if version < 1:
             raise top.fail("format_version", f"must be >= 1, not {version}")
         top.only(["format_version", "arch", "num_classes", "injections", "versions"])
-        injections = tuple(
-            _injection(RecipeFields(d, where, f"injections[{i}]")) for i, d in enumerate(top.get("injections", list))
-        )
+        listed = top.get("injections", list)
+        if len(listed) > MAX_INJECTIONS:
+            raise top.fail("injections", f"holds {len(listed)} injections; a file may replay at most {MAX_INJECTIONS}")
+        injections = tuple(_injection(RecipeFields(d, where, f"injections[{i}]")) for i, d in enumerate(listed))
+        num_classes = top.get("num_classes", (int, type(None)))
+        if not _valid_num_classes(num_classes):
+            raise top.fail("num_classes", f"must be null or an int from 0 to {MAX_CLASSES:,}")
         versions = top.get("versions", dict, default={})
         return cls(
             top.get("arch", (str, type(None))),
-            top.get("num_classes", (int, type(None))),
+            num_classes,
             injections,
             tuple(sorted((str(k), str(v)) for k, v in versions.items())),
             version,
@@ -158,12 +203,17 @@ def _injection(fields: RecipeFields) -> Injection:
     texts = fields.strings("rules")
     if not texts:
         raise fields.fail("rules", "must hold at least one rule")
+    if len(texts) > MAX_RULES:
+        raise fields.fail("rules", f"holds {len(texts)} rules; an injection takes at most {MAX_RULES}")
     rules = [rule_from_yaml(text, f"{fields.where}: {fields.path}.rules[{i}]") for i, text in enumerate(texts)]
     shapes = fields.get("input_shapes", (list, type(None)))
     if shapes is not None and not all(
         isinstance(s, list) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in s) for s in shapes
     ):
         raise fields.fail("input_shapes", "must be a list of shapes (lists of positive ints) or null")
+    problem = None if shapes is None else example_shapes_problem(shapes)
+    if problem:
+        raise fields.fail("input_shapes", f"asks for more than a file may: {problem}")
     position = fields.get("position", (str, type(None)))
     if position is not None and not all(position_applies(rule.kind, position) for rule in rules):
         raise fields.fail("position", f"must be null or a position its rules take, not {position!r}")
@@ -177,6 +227,18 @@ def _injection(fields: RecipeFields) -> Injection:
         None if shapes is None else tuple(tuple(s) for s in shapes),
         tuple(fields.strings("modules")),
     )
+
+
+def _depth(data: Any) -> int:
+    """How deeply lists and objects nest in parsed JSON (iterative: no recursion on hostile input)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def _json_option(value: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Verification after a splice: when the patched model's output differs, tell why."""
+"""Verification after a splice: when the patched model's output differs, or its forward fails, tell why."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AttnInjectError
+from ..errors import AttnInjectError, one_line
 from ..graph.example import bitwise_equal, first_difference
+
+BLOCK_HINT = (
+    "A block built with init='identity' must be the identity (see attn_inject.blocks.registry); "
+    "pass verify=False to inject it anyway."
+)
+BUG_HINT = "This is a bug in attn_inject: please report it with the model. Pass verify=False to skip the check."
 
 
 def mismatch_error(
@@ -30,16 +36,38 @@ def mismatch_error(
             "its outputs cannot be compared",
             hint="Make its forward deterministic for the check (eval mode, no randomness), or pass verify=False.",
         )
+    block = block_problem(blocks, example)
+    return AttnInjectError(f"{base}. {block}", hint=BLOCK_HINT) if block else AttnInjectError(base, hint=BUG_HINT)
+
+
+def forward_failed_error(
+    what: str, exc: Exception, blocks: dict[str, nn.Module], example: dict[str, torch.Tensor]
+) -> AttnInjectError:
+    """The patched model's forward raised: name the block that fails on its own, if one does."""
+    base = f"{what}: the patched model's forward failed ({one_line(exc)}); the model was left unchanged"
+    block = block_problem(blocks, example)
+    return AttnInjectError(f"{base}. {block}", hint=BLOCK_HINT) if block else AttnInjectError(base, hint=BUG_HINT)
+
+
+def block_problem(blocks: dict[str, nn.Module], example: dict[str, torch.Tensor]) -> str | None:
+    """The first block that, run alone on a map of its site, raises, changes the map's dtype or
+    shape, or does not return it unchanged; None when every block is the identity."""
     for name, block in blocks.items():
         x = example[name]
-        with torch.no_grad():
-            y = block(x.clone())
-        if not (isinstance(y, torch.Tensor) and bitwise_equal(x, y)):
-            return AttnInjectError(
-                f"{base}. Block {name} ({type(block).__name__}) does not return its input unchanged when built",
-                hint="A block built with init='identity' must be the identity (see attn_inject.blocks.registry); "
-                "pass verify=False to inject it anyway.",
-            )
-    return AttnInjectError(
-        base, hint="This is a bug in attn_inject: please report it with the model. Pass verify=False to skip the check."
-    )
+        label = f"Block {name} ({type(block).__name__})"
+        try:
+            with torch.no_grad():
+                y = block(x.clone())
+        except Exception as exc:
+            return f"{label} raises {one_line(exc)} on a {_describe(x)} map"
+        if not isinstance(y, torch.Tensor):
+            return f"{label} returns {type(y).__name__}, not a tensor"
+        if y.dtype != x.dtype or y.shape != x.shape:
+            return f"{label} returns a {_describe(y)} map for a {_describe(x)} one"
+        if not bitwise_equal(x, y):
+            return f"{label} does not return its input unchanged when built"
+    return None
+
+
+def _describe(x: torch.Tensor) -> str:
+    return f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}"

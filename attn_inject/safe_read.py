@@ -1,0 +1,84 @@
+"""Reading files from untrusted hands: only regular files are opened for reading, and never more bytes
+are read than a bound, whatever the file's size claims.
+
+``st_size`` is 0 for a character device or a FIFO, so a size check alone lets ``/dev/zero`` (read
+without end) or a FIFO (a read that never returns) through. Files are opened non-blocking (opening a
+FIFO returns at once), checked to be regular on the open descriptor (no race with a rename), and
+read with an explicit limit.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+
+from .errors import AttnInjectError
+
+
+def open_regular(path: str | os.PathLike, what: str) -> BinaryIO:
+    """``path`` opened for binary reading; anything but a regular file (after links) is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise AttnInjectError(f"cannot read {what}: {exc.strerror}", where=str(path)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise AttnInjectError(
+                f"{what} is not a regular file (it is {_kind(mode)})",
+                where=str(path),
+                hint=f"Give the path of a {what} on disk.",
+            )
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextmanager
+def read_errors(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """An OSError while reading (a failing disk, a lost mount) as one AttnInjectError."""
+    try:
+        yield
+    except OSError as exc:
+        raise AttnInjectError(f"cannot read {what}: {exc.strerror or exc}", where=str(path)) from None
+
+
+def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """All of a regular file of at most ``limit`` bytes; a larger one is refused before it is read."""
+    with open_regular(path, what) as handle, read_errors(path, what):
+        size = os.fstat(handle.fileno()).st_size
+        if size > limit:
+            raise AttnInjectError(f"{what} is {size:,} bytes; {what}s are at most {limit:,}", where=str(path))
+        data = read_exactly_at_most(handle, limit + 1)
+    if len(data) > limit:  # it grew while being read
+        raise AttnInjectError(f"{what} is more than {limit:,} bytes; {what}s are at most {limit:,}", where=str(path))
+    return data
+
+
+def read_exactly_at_most(handle: BinaryIO, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``handle`` (fewer only at the end of the file)."""
+    chunks, left = [], limit
+    while left > 0:
+        chunk = handle.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISDIR: "a folder",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
