@@ -165,7 +165,7 @@ def analyze(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Analys
     analysis = Analysis(model)
     try:
         with torch.no_grad():
-            _Analyzer(analysis).run(model, "", args, kwargs or {}, root_method(model))
+            _Analyzer(analysis).run_root(model, args, kwargs or {}, root_method(model))
     except Exception as exc:  # the user's model failed on the example input
         raise example_forward_failed(model, exc) from None
     return analysis
@@ -240,6 +240,22 @@ class _Analyzer:
         out, _ = self.run_recorded(module, path, args, kwargs, method)
         return out
 
+    def run_root(self, model: nn.Module, args: tuple, kwargs: dict, method: str) -> Any:
+        """The model's whole forward. Where the patched method is another one (timm's
+        forward_features), the forward runs eagerly with that method traced and recorded where it
+        is called, and the calls the forward makes itself (timm's forward_head: ``head``) analysed
+        as they happen, as for an untraceable module; if the forward never calls that method, or
+        its calls cannot be observed, the method alone is analysed."""
+        if method == "forward":
+            return self.run(model, "", args, kwargs)
+        self.traces.structure(model)  # numbered before the stand-ins are put on the modules
+        start, called_before = len(self.analysis.records), set(self.analysis.called)
+        out, refused = self._observed(model, "", "forward", args, kwargs, also=method)
+        if refused is None and any(r.module is model and r.method == method for r in self.analysis.records[start:]):
+            return out
+        self._forget(start, called_before)
+        return self.run(model, "", args, kwargs, method)
+
     def run_recorded(self, module, path, args, kwargs, method="forward") -> tuple[Any, ModuleRecord | None]:
         self.analysis.called.add(id(module))
         if is_primitive(module):
@@ -313,45 +329,56 @@ class _Analyzer:
         """Run an untraceable module eagerly; the calls it makes to its descendants are analysed in
         place (one pass: a call's output is the analysis' output). Where that cannot be observed
         (children called inside torch.cond), the module runs unobserved instead."""
-        token, start = object(), len(self.analysis.records)
-        called_before = set(self.analysis.called)
-        stand_ins = [
-            _AnalysedCall(self, token, sub, join_path(record.path, sub_path))
-            for sub_path, sub in record.module.named_modules()
-            if sub is not record.module
-        ]
-        own = PrimitiveCalls(
-            record.module, record.path, lambda: self.intercepting is token and not torch.compiler.is_compiling()
-        )
-        outer, self.intercepting = self.intercepting, token
-        self.scopes.append(None)  # an eager caller: its children's arguments have no known producers
-        refused = None
-        try:
-            out = call_method(record.module, record.method, args, kwargs)
-        except Exception as exc:  # torch.cond & co. refuse the stand-ins
-            refused = exc
-        finally:
-            self.scopes.pop()
-            self.intercepting = outer
-            own.remove()
-            for stand_in in reversed(stand_ins):
-                stand_in.remove()
+        start, called_before = len(self.analysis.records), set(self.analysis.called)
+        out, refused = self._observed(record.module, record.path, record.method, args, kwargs)
         if refused is not None:  # forget what was seen of it, run it unobserved
-            self.analysis.called = called_before
-            dropped = {id(r) for r in self.analysis.records[start:]}
-            self.seen = {k: v for k, v in self.seen.items() if id(v) not in dropped}
-            del self.analysis.records[start:]
+            self._forget(start, called_before)
             out = call_method(record.module, record.method, args, kwargs)
             record.reason = f"{record.reason}; its children's calls cannot be observed ({type(refused).__name__})"
-        else:
-            for unit in conv_units(own.calls):
-                self._unit_record(unit)
         record.ops = tuple(
             op
             for sub_path, sub in record.module.named_modules()
             if (op := module_op(sub, join_path(record.path, sub_path), None)) is not None
         )
         return out
+
+    def _observed(
+        self, module: nn.Module, path: str, method: str, args: tuple, kwargs: dict, also: str | None = None
+    ) -> tuple[Any, Exception | None]:
+        """Call ``module.<method>`` eagerly with its descendants' forwards (and its own method
+        ``also``) standing in for analysed calls, and its own conv units found; returns the output,
+        or the exception that refused the stand-ins (torch.cond & co.)."""
+        token = object()
+        stand_ins = [
+            _AnalysedCall(self, token, sub, join_path(path, sub_path))
+            for sub_path, sub in module.named_modules()
+            if sub is not module
+        ]
+        if also is not None:
+            stand_ins.append(_AnalysedCall(self, token, module, path, also))
+        own = PrimitiveCalls(module, path, lambda: self.intercepting is token and not torch.compiler.is_compiling())
+        outer, self.intercepting = self.intercepting, token
+        self.scopes.append(None)  # an eager caller: its children's arguments have no known producers
+        try:
+            out = call_method(module, method, args, kwargs)
+        except Exception as exc:  # torch.cond & co. refuse the stand-ins
+            return None, exc
+        finally:
+            self.scopes.pop()
+            self.intercepting = outer
+            own.remove()
+            for stand_in in reversed(stand_ins):
+                stand_in.remove()
+        for unit in conv_units(own.calls):
+            self._unit_record(unit)
+        return out, None
+
+    def _forget(self, start: int, called_before: set[int]) -> None:
+        """Drop the records made since ``start`` and the calls seen since ``called_before``."""
+        self.analysis.called = called_before
+        dropped = {id(r) for r in self.analysis.records[start:]}
+        self.seen = {k: v for k, v in self.seen.items() if id(v) not in dropped}
+        del self.analysis.records[start:]
 
     def _unit_record(self, unit: OpaqueUnit) -> None:
         """A record for the last module of a unit inside an untraceable module: its own forward,
@@ -375,14 +402,15 @@ class _Analyzer:
 
 
 class _AnalysedCall:
-    """Stands in for a descendant's ``forward`` while an untraceable module runs: a call the module
-    makes itself is analysed there and then; calls made from inside that analysis, or under
-    torch.compile, go to the forward it replaced."""
+    """Stands in for a descendant's ``forward`` (or the model's own ``forward_features``) while an
+    untraceable module, or the model's forward, runs: a call the module makes itself is analysed
+    there and then; calls made from inside that analysis, or under torch.compile, go to the method
+    it replaced."""
 
-    def __init__(self, analyzer: _Analyzer, token: object, module: nn.Module, path: str):
-        self.analyzer, self.token, self.module, self.path = analyzer, token, module, path
-        self.previous = module.__dict__.get("forward", Absent)
-        module.__dict__["forward"] = self
+    def __init__(self, analyzer: _Analyzer, token: object, module: nn.Module, path: str, method: str = "forward"):
+        self.analyzer, self.token, self.module, self.path, self.method = analyzer, token, module, path, method
+        self.previous = module.__dict__.get(method, Absent)
+        module.__dict__[method] = self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         analyzer = self.analyzer
@@ -392,24 +420,26 @@ class _AnalysedCall:
             analyzer.analysis.called.add(id(self.module))
             return self._previous(*args, **kwargs)
         analyzer.intercepting = None
-        self.remove()  # the analysis sees the module's own forward
+        self.remove()  # the analysis sees the module's own method
         try:
+            if self.method != "forward":  # hooks run around forward only
+                return analyzer.run(self.module, self.path, args, kwargs, self.method)
             with _own_hooks_set_aside(self.module):  # the real call around this one runs them
                 return analyzer.run(self.module, self.path, args, kwargs)
         finally:
-            self.module.__dict__["forward"] = self
+            self.module.__dict__[self.method] = self
             analyzer.intercepting = self.token
 
     def _previous(self, *args: Any, **kwargs: Any) -> Any:
         if self.previous is Absent:
-            return type(self.module).forward(self.module, *args, **kwargs)
+            return getattr(type(self.module), self.method)(self.module, *args, **kwargs)
         return self.previous(*args, **kwargs)
 
     def remove(self) -> None:
         if self.previous is Absent:
-            self.module.__dict__.pop("forward", None)
+            self.module.__dict__.pop(self.method, None)
         else:
-            self.module.__dict__["forward"] = self.previous
+            self.module.__dict__[self.method] = self.previous
 
 
 def _placeholder_values(record: ModuleRecord, graph: fx.Graph, bound: inspect.BoundArguments) -> list[Any]:
