@@ -149,3 +149,21 @@ def test_units_inside_untraceable_modules_are_found_and_patched():
     inject(model, "eca", after="conv", example_input=EXAMPLE)
     assert keys < set(model.state_dict())  # the original checkpoint still loads
     assert_identity_then_live(model, before)
+
+
+def test_an_add_of_a_resized_map_is_a_merge_of_two_resolutions():
+    from tests.helpers.graph_models import OneGraphFPN
+
+    model = look_trained(OneGraphFPN())
+    report = plan(model, "eca", after="residual", example_input=EXAMPLE)
+    assert [s.path for s in report] == ["layer1", "layer2"]
+    assert [(m.path, m.reason) for m in report.misses] == [
+        (
+            "fpn",
+            "add add merges maps of two resolutions (one side's last conv gives [1, 8, 16, 16], resized to "
+            "[1, 8, 32, 32]): a merge, not a residual",
+        )
+    ]  # MaskFormer's FPN layers were reported as "map [1, 32, 8, 8] is not NCHW: the branch's last conv ..."
+    before = outputs(model, X)
+    inject(model, "eca", after="residual", example_input=EXAMPLE)
+    assert_identity_then_live(model, before)

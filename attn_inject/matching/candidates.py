@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from torch import fx
+from torch.nn.modules.conv import _ConvNd
 
 from ..graph.analyze import Analysis, ModuleRecord
-from ..graph.dataflow import Merge, find_fork
+from ..graph.dataflow import Fork, Merge, find_fork
 from ..graph.nodes import (
     LearnedOp,
     facts,
@@ -62,6 +63,11 @@ class Miss:
 
     path: str
     reason: str
+    map_dims: int | None = None  # a residual on a conv map of this many spatial dims other than 2 (NCL, NCDHW)
+
+
+# The layout of a conv map by its number of spatial dims (residuals on 1-D and 3-D maps are reported).
+MAP_LAYOUTS = {1: "NCL", 2: "NCHW", 3: "NCDHW"}
 
 
 def find_candidates(analysis: Analysis) -> tuple[list[Candidate], list[Miss]]:
@@ -122,6 +128,14 @@ def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
         return None  # broadcasting or non-tensor add: not a residual
     where = record.path or "<model>"
     if len(shape) != 4:
+        dims = len(shape) - 2
+        if dims in MAP_LAYOUTS and _on_conv_map(find_fork(record, a, b), shape):
+            return Miss(
+                where,
+                f"residual {add.name} is on a {dims}-D map {list(shape)} ({MAP_LAYOUTS[dims]}), "
+                "which attn_inject does not patch yet",
+                map_dims=dims,
+            )
         return Miss(where, f"residual {add.name} is on a {len(shape)}-D tensor {list(shape)}, not an NCHW map")
     fork = find_fork(record, a, b)
     if fork is None:
@@ -137,6 +151,9 @@ def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
         convs = sum(o.kind == "conv" for o in ops)
         size = bin(fork.local_bits(i)).count("1")
         sides.append(((convs, sum(o.kind == "norm" for o in ops), size), side, ops))
+    resized = _resized(sides[0][2], shape) or _resized(sides[1][2], shape)
+    if resized:
+        return Miss(where, f"add {add.name} merges maps of two resolutions ({resized}): a merge, not a residual")
     (score_a, _, _), (score_b, _, _) = sides
     if score_a == score_b:
         if score_a[0]:
@@ -162,6 +179,32 @@ def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
         ops=ops,
         shape=shape,
     )
+
+
+def _on_conv_map(fork: Fork | Merge | None, shape: tuple[int, ...]) -> bool:
+    """Whether a residual (an add whose inputs fork) adds a conv's map: a side calls a conv of the
+    map's dims (or a module holding one) whose output channels are the map's dim 1."""
+    if not isinstance(fork, Fork):
+        return False
+    for side in fork.sides:
+        for record, bits in side:
+            for node in record.traced_bits.nodes_in(bits):
+                if node.op == "call_module" and any(
+                    isinstance(m, _ConvNd) and len(m.kernel_size) == len(shape) - 2 and m.out_channels == shape[1]
+                    for m in record.module.get_submodule(target_path(node)).modules()
+                ):
+                    return True
+    return False
+
+
+def _resized(ops: tuple[LearnedOp, ...], shape: tuple[int, ...]) -> str | None:
+    """How a side was resized after its last conv (an FPN's upsampled top-down path), if it was:
+    the conv gives the add's channels at another spatial size."""
+    convs = [o for o in ops if o.kind == "conv"]
+    out = convs[-1].out_shape if convs else None
+    if out is None or len(out) != len(shape) or out[1] != shape[1] or tuple(out[2:]) == tuple(shape[2:]):
+        return None
+    return f"one side's last conv gives {list(out)}, resized to {list(shape)}"
 
 
 def _nchw_problem(learned: list[LearnedOp], shape: tuple[int, ...]) -> str | None:

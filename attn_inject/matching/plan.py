@@ -14,6 +14,7 @@ from functools import cache, lru_cache
 from typing import Any, Literal
 
 import torch
+from torch.nn.modules.conv import _ConvNd
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..blocks import block_spec, get_block
@@ -24,7 +25,7 @@ from ..graph.nodes import join_path
 from ..rules.builtin import list_rules
 from ..rules.model import Rule, conv_index, frozen, glob_selects
 from .block_candidates import find_block_candidates, matched, places, units_by_conv
-from .candidates import Candidate, Miss, find_candidates, rule_matches
+from .candidates import MAP_LAYOUTS, Candidate, Miss, find_candidates, rule_matches
 from .names import Names
 
 
@@ -314,4 +315,24 @@ def _nothing_matched(
     msg = f"rule {names} matched nothing in {plan.model_class}; the model contains: {contains}"
     if include or exclude:
         msg += f" (before include={list(include)} exclude={list(exclude)})"
-    return "; ".join([msg, *plan.notes()])
+    return "; ".join([msg, *_other_dims(plan), *plan.notes()])
+
+
+def _other_dims(plan: Plan) -> list[str]:
+    """What a model of 1-D or 3-D maps (audio, time series, video, volumes) has that is not patched
+    yet: its residuals on such maps, or, where none is seen, its convolutions of those dims."""
+    not_yet = "which attn_inject does not patch yet"
+    residuals = Counter(m.map_dims for m in plan.misses if m.map_dims is not None)
+    if residuals:
+        return [f"{sum(residuals.values())} residual add(s) are on {_dims_words(residuals)}, {not_yet}"]
+    model = plan.analysis.model if plan.analysis is not None else None
+    convs = Counter(len(m.kernel_size) for m in model.modules() if isinstance(m, _ConvNd)) if model else Counter()
+    if convs and 2 not in convs:
+        return [f"its {sum(convs.values())} convolutions are on {_dims_words(convs)}, {not_yet}"]
+    return []
+
+
+def _dims_words(dims: Counter) -> str:
+    """``1-D maps (NCL)``, ``1-D/3-D maps (NCL / NCDHW)``."""
+    known = sorted(d for d in dims if d in MAP_LAYOUTS)
+    return f"{'/'.join(f'{d}-D' for d in known)} maps ({' / '.join(MAP_LAYOUTS[d] for d in known)})"
