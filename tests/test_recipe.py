@@ -115,6 +115,14 @@ def good() -> dict:
             r"'injections\[0\]\.input_shapes' must be a list of shapes",
         ),
         (
+            lambda d: {**d, "injections": [{**d["injections"][0], "input_kwargs": {"pixel_values": [1, 0]}}]},
+            r"'injections\[0\]\.input_kwargs' must map argument names to shapes",
+        ),
+        (
+            lambda d: {**d, "injections": [{**d["injections"][0], "input_kwargs": [[1, 3]]}]},
+            r"'injections\[0\]\.input_kwargs' must be dict",
+        ),
+        (
             lambda d: {**d, "injections": [{**d["injections"][0], "position": "middle"}]},
             r"'injections\[0\]\.position' must be null or a position its rules take, not 'middle'",
         ),

@@ -165,6 +165,7 @@ def replay(model: nn.Module, recipe: Recipe, source: str) -> None:
             exclude=injection.exclude,
             position=injection.position,
             example_input=_example(model, injection.input_shapes),
+            example_kwargs=_example_kwargs(model, injection.input_kwargs),
             verify=False,
             **dict(injection.options),
         )
@@ -180,6 +181,12 @@ def replay(model: nn.Module, recipe: Recipe, source: str) -> None:
 
 def _example(model: nn.Module, shapes: tuple[tuple[int, ...], ...] | None) -> tuple | None:
     return None if shapes is None else seeded_tensors(shapes, *parameter_dtype_device(model))
+
+
+def _example_kwargs(model: nn.Module, shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> dict[str, torch.Tensor]:
+    """The example's keyword tensors, drawn as the positional ones are (seeded, the model's dtype)."""
+    tensors = seeded_tensors([s for _, s in shapes], *parameter_dtype_device(model))
+    return {name: t for (name, _), t in zip(shapes, tensors)}
 
 
 def arch_to_build(recipe: Recipe, arch: str | None, trust_remote_code: bool, source: Path) -> str:

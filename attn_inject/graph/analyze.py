@@ -167,7 +167,7 @@ def analyze(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Analys
         with torch.no_grad():
             _Analyzer(analysis).run_root(model, args, kwargs or {}, root_method(model))
     except Exception as exc:  # the user's model failed on the example input
-        raise example_forward_failed(model, exc) from None
+        raise example_forward_failed(model, exc, args) from None
     return analysis
 
 

@@ -42,12 +42,20 @@ class Injection:
     position: str | None = None
     input_shapes: tuple[tuple[int, ...], ...] | None = None  # the example input (None: the model's default)
     modules: tuple[str, ...] = ()
+    input_kwargs: tuple[tuple[str, tuple[int, ...]], ...] = ()  # the example's keyword tensors: (name, shape)
 
     @classmethod
     def from_plan(
-        cls, plan: Plan, args: tuple, include: tuple[str, ...], exclude: tuple[str, ...], position: str | None
+        cls,
+        plan: Plan,
+        args: tuple,
+        kwargs: dict[str, Any],
+        include: tuple[str, ...],
+        exclude: tuple[str, ...],
+        position: str | None,
     ) -> Injection:
         shapes = tuple(tuple(a.shape) for a in args) if all(isinstance(a, torch.Tensor) for a in args) else None
+        keywords = all(isinstance(v, torch.Tensor) for v in kwargs.values())
         return cls(
             plan.block,
             plan.rules,
@@ -57,10 +65,11 @@ class Injection:
             position,
             shapes,
             tuple(s.module_name for s in plan.sites),
+            tuple((k, tuple(v.shape)) for k, v in kwargs.items()) if keywords else (),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        written = {
             "block": self.block,
             "options": dict(self.options),
             "rules": [rule_to_yaml(r) for r in self.rules],
@@ -70,6 +79,9 @@ class Injection:
             "input_shapes": None if self.input_shapes is None else [list(s) for s in self.input_shapes],
             "modules": list(self.modules),
         }
+        if self.input_kwargs:  # only when given: a file without it reads as before
+            written["input_kwargs"] = {k: list(s) for k, s in self.input_kwargs}
+        return written
 
 
 @dataclass(frozen=True)
@@ -144,7 +156,9 @@ class Recipe:
 
 
 def _injection(fields: RecipeFields) -> Injection:
-    fields.only(["block", "options", "rules", "include", "exclude", "position", "input_shapes", "modules"])
+    fields.only(
+        ["block", "options", "rules", "include", "exclude", "position", "input_shapes", "modules", "input_kwargs"]
+    )
     block = fields.get("block", str)
     options = fields.get("options", dict, default={})
     if not all(_json_option(v) for v in options.values()):
@@ -160,10 +174,11 @@ def _injection(fields: RecipeFields) -> Injection:
         raise fields.fail("rules", "must hold at least one rule")
     rules = [rule_from_yaml(text, f"{fields.where}: {fields.path}.rules[{i}]") for i, text in enumerate(texts)]
     shapes = fields.get("input_shapes", (list, type(None)))
-    if shapes is not None and not all(
-        isinstance(s, list) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in s) for s in shapes
-    ):
+    if shapes is not None and not all(_shape(s) for s in shapes):
         raise fields.fail("input_shapes", "must be a list of shapes (lists of positive ints) or null")
+    keywords = fields.get("input_kwargs", dict, default={})
+    if not all(isinstance(k, str) and _shape(s) for k, s in keywords.items()):
+        raise fields.fail("input_kwargs", "must map argument names to shapes (lists of positive ints)")
     position = fields.get("position", (str, type(None)))
     if position is not None and not all(position_applies(rule.kind, position) for rule in rules):
         raise fields.fail("position", f"must be null or a position its rules take, not {position!r}")
@@ -176,7 +191,13 @@ def _injection(fields: RecipeFields) -> Injection:
         position,
         None if shapes is None else tuple(tuple(s) for s in shapes),
         tuple(fields.strings("modules")),
+        tuple((k, tuple(s)) for k, s in keywords.items()),
     )
+
+
+def _shape(value: Any) -> bool:
+    """A tensor shape as JSON: a list of positive ints."""
+    return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)
 
 
 def _json_option(value: Any) -> bool:
