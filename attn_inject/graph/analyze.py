@@ -15,6 +15,7 @@ mode under no_grad (the caller sets and restores the mode).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import weakref
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from ..patched import Absent, TensorSeq, patched_forward
 from .align import align
 from .bitsets import GraphBits
 from .example import example_forward_failed
+from .folding import Fold, find_fold
 from .nodes import (
     META_KEY,
     LearnedOp,
@@ -67,6 +69,8 @@ class ModuleRecord:
     ops: tuple[LearnedOp, ...] = ()  # learned ops on its main path, gates excluded
     bits: GraphBits | None = None
     unit: tuple[LearnedOp, ...] = ()  # set when the module ends a conv unit of an untraceable parent
+    folds: str | None = None  # the method that folds its branches (folding.py): one unit, never edited
+    folded: Analysis | None = field(default=None, repr=False)  # the analysis of its folded copy
     # tensor placeholder -> (record, node) of the caller's graph that produced that tensor
     sources: dict[fx.Node, tuple[ModuleRecord, fx.Node]] = field(default_factory=dict, repr=False)
 
@@ -104,7 +108,16 @@ class Analysis:
         return [r for r in self.records if r.traced]
 
     def untraced(self) -> list[ModuleRecord]:
-        return [r for r in self.records if not r.traced]
+        """Modules fx could not trace (or whose graph failed): they run as they are."""
+        return [r for r in self.records if not r.traced and r.folds is None]
+
+    def folding(self) -> list[ModuleRecord]:
+        """Modules that fold their branches (folding.py): each is one unit, its forward never edited."""
+        return [r for r in self.records if r.folds is not None]
+
+    def fold_of(self, module: nn.Module) -> ModuleRecord | None:
+        """The record of ``module`` if it folds its branches."""
+        return next((r for r in self.folding() if r.module is module), None)
 
     def unreached(self) -> list[str]:
         """Outermost modules holding convolutions that the analysis never saw called, directly or
@@ -211,14 +224,16 @@ def forward_signature(module: nn.Module, method: str) -> inspect.Signature:
 
 
 class _Analyzer:
-    def __init__(self, analysis: Analysis):
+    def __init__(self, analysis: Analysis, traces: TraceCache | None = None):
         self.analysis = analysis
         self.seen: dict[tuple, ModuleRecord] = {}
+        self.folds: dict[int, str | None] = {}  # module structure -> the method that folds it, or None
+        self.fold_of: dict[int, Fold | None] = {}  # id(module) -> how it folds
         # one scope per module being run: id(tensor) -> (weakref, record, node) of its graph's nodes
         # that produced it; None for a module run eagerly (its data flow is not seen)
         self.scopes: list[dict[int, tuple] | None] = []
         self.intercepting: object | None = None  # the untraceable module whose calls are analysed in place
-        self.traces = TraceCache()  # modules built alike are traced once
+        self.traces = traces or TraceCache()  # modules built alike are traced once
 
     def produced(self, value: Any, record: ModuleRecord, node: fx.Node) -> None:
         """Remember ``node`` as the producer of a tensor, or of the tensors a container holds."""
@@ -256,7 +271,9 @@ class _Analyzer:
         self._forget(start, called_before)
         return self.run(model, "", args, kwargs, method)
 
-    def run_recorded(self, module, path, args, kwargs, method="forward") -> tuple[Any, ModuleRecord | None]:
+    def run_recorded(
+        self, module, path, args, kwargs, method="forward", foldable=True
+    ) -> tuple[Any, ModuleRecord | None]:
         self.analysis.called.add(id(module))
         if is_primitive(module):
             return call_method(module, method, args, kwargs), None
@@ -265,12 +282,15 @@ class _Analyzer:
         except TypeError:
             return call_method(module, method, args, kwargs), None
         bound.apply_defaults()
-        fixed = _structural_arguments(bound)
+        fold = self._fold(module, path, method) if foldable else None
+        fixed = frozenset() if fold is not None else _structural_arguments(bound)
         key = (id(module), method, fixed)
         if key in self.seen:
             return call_method(module, method, args, kwargs), self.seen[key]
         record = self.seen[key] = ModuleRecord(path, module, method, fixed)
         self.analysis.records.append(record)
+        if fold is not None:
+            return self._run_folding(record, fold, args, kwargs), record
         try:
             traced = self._trace(record, bound)
         except TraceFailure as exc:
@@ -295,6 +315,40 @@ class _Analyzer:
         record.bits = GraphBits(graph)
         record.ops = record.bits.main_path_ops()
         return out, record
+
+    def _fold(self, module: nn.Module, path: str, method: str) -> Fold | None:
+        """How the module folds its branches, if it does (never the model itself: its output has no
+        caller's graph to take a block). Told once per module structure."""
+        if not path or method != "forward":
+            return None
+        if id(module) in self.fold_of:
+            return self.fold_of[id(module)]
+        structure = self.traces.structure(module)
+        fold = None
+        if self.folds.get(structure, "") is not None:
+            with _stand_ins_lifted(module):  # a copy must not take the analysis' stand-ins along
+                fold = find_fold(module)
+            self.folds[structure] = None if fold is None else fold.method
+        self.fold_of[id(module)] = fold
+        return fold
+
+    def _run_folding(self, record: ModuleRecord, fold: Fold, args: tuple, kwargs: dict) -> Any:
+        """Run a module that folds its branches as it is; what its caller sees through it are the
+        learned ops of its folded copy (analysed on the same arguments), the last conv named as
+        the module itself: a block after that conv goes after the module."""
+        record.folds = fold.method
+        self.analysis.called.update(id(m) for m in record.module.modules())
+        folded = Analysis(fold.folded)
+        inner = _Analyzer(folded, self.traces)
+        inner.folds = self.folds
+        _, top = inner.run_recorded(fold.folded, record.path, args, kwargs, record.method, foldable=False)
+        record.folded = folded
+        ops = list(top.ops) if top is not None else []
+        last = max((i for i, op in enumerate(ops) if op.kind == "conv"), default=None)
+        if last is not None:
+            ops[last] = dataclasses.replace(ops[last], path=record.path)
+        record.ops = tuple(ops)
+        return call_method(record.module, record.method, args, kwargs)
 
     def _trace(self, record: ModuleRecord, bound: inspect.BoundArguments) -> TraceResult:
         """Trace with the structural arguments fixed; failing that, with the scalar ones fixed too."""
@@ -440,6 +494,24 @@ class _AnalysedCall:
             self.module.__dict__.pop(self.method, None)
         else:
             self.module.__dict__[self.method] = self.previous
+
+
+@contextmanager
+def _stand_ins_lifted(module: nn.Module) -> Iterator[None]:
+    """The analysis' stand-ins taken off ``module`` and its descendants, and put back on exit."""
+    lifted = [
+        (sub, value)
+        for sub in module.modules()
+        for value in list(vars(sub).values())
+        if isinstance(value, _AnalysedCall)
+    ]
+    for _, stand_in in lifted:
+        stand_in.remove()
+    try:
+        yield
+    finally:
+        for sub, stand_in in lifted:
+            sub.__dict__[stand_in.method] = stand_in
 
 
 def _placeholder_values(record: ModuleRecord, graph: fx.Graph, bound: inspect.BoundArguments) -> list[Any]:
