@@ -98,6 +98,7 @@ def patch_checkpoint(
     force: bool = False,
     adapter_only: bool = False,
     verify: str = "fast",
+    stack: bool = False,
 ) -> PatchReport:
     """Patch the plain checkpoint ``source`` (a model of ``arch``) and write ``output`` (.safetensors)."""
     clock = _Clock()
@@ -128,6 +129,7 @@ def patch_checkpoint(
         position=position,
         example_input=args,
         verify=False,
+        stack=stack,
         **(options or {}),
     )
     model.eval()

@@ -167,6 +167,7 @@ def replay(model: nn.Module, recipe: Recipe, source: str) -> None:
             example_input=_example(model, injection.input_shapes),
             example_kwargs=_example_kwargs(model, injection.input_kwargs),
             verify=False,
+            stack=injection.stack,
             **dict(injection.options),
         )
         landed = patched_recipe_of(model).injections[-1].modules

@@ -15,11 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from torch import fx
+from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..graph.analyze import Analysis, ModuleRecord
 from ..graph.dataflow import Fork, Merge, find_fork
+from ..graph.folding import has_fold_method
 from ..graph.nodes import (
     LearnedOp,
     facts,
@@ -47,6 +48,9 @@ class Candidate:
     ops: tuple[LearnedOp, ...]  # residual/block: the branch's (main path's) learned ops; unit: conv (and norm)
     shape: tuple[int, ...]
     has_norm: bool = True
+    # the nodes that make the place, for existing attention: residual: the branch (across graphs);
+    # unit: conv to the unit's end and what takes its output; block: its main path
+    region: tuple[tuple[ModuleRecord, int], ...] = ()
 
     @property
     def convs(self) -> tuple[LearnedOp, ...]:
@@ -64,6 +68,7 @@ class Miss:
     path: str
     reason: str
     map_dims: int | None = None  # a residual on a conv map of this many spatial dims other than 2 (NCL, NCDHW)
+    attention: str | None = None  # the channel attention the place already holds (skipped without stack=True)
 
 
 # The layout of a conv map by its number of spatial dims (residuals on 1-D and 3-D maps are reported).
@@ -73,6 +78,7 @@ MAP_LAYOUTS = {1: "NCL", 2: "NCHW", 3: "NCDHW"}
 def find_candidates(analysis: Analysis) -> tuple[list[Candidate], list[Miss]]:
     candidates: list[Candidate] = []
     misses: list[Miss] = []
+    folding = {id(r.module): r for r in analysis.folding()}
     for record in analysis.records:
         if not record.traced:
             continue
@@ -88,6 +94,10 @@ def find_candidates(analysis: Analysis) -> tuple[list[Candidate], list[Miss]]:
                     misses.append(found)
             elif (conv := _conv_op(record, node)) is not None:
                 unit = _unit(record, node, conv)
+                if unit is not None:
+                    candidates.append(unit)
+            elif node.op == "call_module" and (fold := folding.get(id(_child(record, node)))) is not None:
+                unit = _folded_unit(record, node, fold)
                 if unit is not None:
                     candidates.append(unit)
     return candidates, misses
@@ -160,6 +170,7 @@ def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
             return None  # parallel conv branches summed (RepVGG, Inception): not a residual
         return Miss(where, f"residual {add.name}: both inputs look alike, cannot tell branch from shortcut")
     (_, branch, ops), (shortcut_score, _, _) = sorted(sides, key=lambda s: s[0], reverse=True)
+    region = fork.sides[(a, b).index(branch)]
     if not fork.followed and shortcut_score[0]:
         return None  # two computed inputs from different arguments of an opaque caller's call
     learned = [o for o in ops if o.kind in ("conv", "norm")]
@@ -178,6 +189,7 @@ def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
         branch_arg=add.args.index(branch),
         ops=ops,
         shape=shape,
+        region=region,
     )
 
 
@@ -225,14 +237,28 @@ def _nchw_problem(learned: list[LearnedOp], shape: tuple[int, ...]) -> str | Non
     return None
 
 
-def _chain_end(record: ModuleRecord, node: fx.Node) -> fx.Node:
-    """Follow a node through single-use activations (the block output: after add and act)."""
+def _chain_end(record: ModuleRecord, node: fx.Node, through_identity: bool = False) -> fx.Node:
+    """Follow a node through single-use activations (the block output: after add and act); with
+    ``through_identity``, also through ``nn.Identity`` modules on the way to one (an empty slot:
+    RepVGG's ``attn``, MobileOne's ``se``)."""
+    end = node
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if not is_activation_node(user, record.module.get_submodule) or shape_of(user) != shape_of(node):
+        if shape_of(user) != shape_of(node):
+            break
+        if is_activation_node(user, record.module.get_submodule):
+            end = user
+        elif not (through_identity and user.op == "call_module" and type(_child(record, user)) is nn.Identity):
             break
         node = user
-    return node
+    return end
+
+
+def _has_bias(record: ModuleRecord, conv: fx.Node) -> bool:
+    if conv.op == "call_module":
+        return getattr(_child(record, conv), "bias", None) is not None
+    bias = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+    return bias is not None
 
 
 def _conv_op(record: ModuleRecord, node: fx.Node) -> LearnedOp | None:
@@ -252,9 +278,29 @@ def _unit(record: ModuleRecord, conv: fx.Node, conv_op: LearnedOp) -> Candidate 
     nxt = _single_user(conv)
     if nxt is not None and _is_norm(record, nxt) and shape_of(nxt) == shape:
         end, norm_op = nxt, next(iter(facts(nxt).ops), None)
-    end = _chain_end(record, end)
     ops = (conv_op, norm_op) if norm_op else (conv_op,)
-    return _unit_candidate(record, end.name, ops, shape)
+    if norm_op is None and has_fold_method(record.module) and _has_bias(record, conv):
+        # a reparameterized block's conv: its norms are folded into the bias; the unit ends at the
+        # activation after it, as the block's output did before the fold (folding.py)
+        after = _chain_end(record, end, through_identity=True)
+        if after is not end:
+            return _unit_candidate(record, after.name, ops, shape, has_norm=True, start=conv)
+    return _unit_candidate(record, _chain_end(record, end).name, ops, shape, start=conv)
+
+
+def _child(record: ModuleRecord, node: fx.Node) -> object:
+    return record.module.get_submodule(target_path(node))
+
+
+def _folded_unit(record: ModuleRecord, call: fx.Node, fold: ModuleRecord) -> Candidate | None:
+    """A module that folds its branches into a conv (folding.py), called in ``record``'s graph: one
+    conv unit (its norms fold into the conv) ending at its output, or after the activations that
+    follow it; the block goes there, in the caller's graph."""
+    shape = shape_of(call)
+    convs = [op for op in fold.ops if op.kind == "conv" and op.path == fold.path]
+    if not shape or len(shape) != 4 or not convs or record.traced_bits.gates >> record.traced_bits.index[call] & 1:
+        return None
+    return _unit_candidate(record, _chain_end(record, call).name, (convs[0],), shape, has_norm=True, start=call)
 
 
 def _opaque_unit(record: ModuleRecord) -> Candidate:
@@ -264,8 +310,23 @@ def _opaque_unit(record: ModuleRecord) -> Candidate:
     return _unit_candidate(record, end.name, record.unit, shape_of(end))
 
 
-def _unit_candidate(record: ModuleRecord, end: str, ops: tuple[LearnedOp, ...], shape) -> Candidate:
-    """A unit ending at node ``end``: its conv (and norm), placed after the unit."""
+def _unit_candidate(
+    record: ModuleRecord,
+    end: str,
+    ops: tuple[LearnedOp, ...],
+    shape,
+    has_norm: bool | None = None,
+    start: fx.Node | None = None,
+) -> Candidate:
+    """A unit from node ``start`` to node ``end``: its conv (and norm, or one folded into it), placed
+    after the unit."""
+    bits = record.traced_bits
+    last = record.node(end)
+    region = 0
+    if last is not None:
+        region = bits.upto(last) & ~(bits.anc[start] if start is not None else bits.anc[last])
+        for user in last.users:
+            region |= 1 << bits.index[user]
     return Candidate(
         kind="unit",
         record=record,
@@ -276,7 +337,8 @@ def _unit_candidate(record: ModuleRecord, end: str, ops: tuple[LearnedOp, ...], 
         branch_arg=None,
         ops=ops,
         shape=shape,
-        has_norm=len(ops) > 1,
+        has_norm=len(ops) > 1 if has_norm is None else has_norm,
+        region=((record, region),),
     )
 
 

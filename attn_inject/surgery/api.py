@@ -68,8 +68,11 @@ def plan(
         example_kwargs: keyword arguments for the example forward (a dict, or a processor's output
             such as transformers' ``BatchFeature``: ``example_kwargs=processor(images)``); their
             tensors' shapes are remembered in the recipe, so ``load()`` replays with them.
-        stack: allow a block at a place that already has a block of the same type (from an earlier
-            inject); by default that is refused, as re-running the same inject usually is a mistake.
+        stack: allow a block where there is attention already. By default a place whose branch (or
+            unit, or block) already holds channel attention of the model's own (timm's SEModule,
+            EcaModule, ..., or any pool -> conv/linear -> gate -> multiply) is skipped and listed in
+            ``misses``, and a place that already has a block of the same type (from an earlier
+            inject) is refused, as re-running the same inject usually is a mistake.
         block_options: passed to the block (SE ``reduction``/``rd_ratio``/``rd_of``/``act``/``gate``,
             ECA ``gamma``/``beta``/``kernel_size``, both ``init="identity"|"paper"``); they win over
             the options a rule carries.
@@ -121,7 +124,7 @@ def inject(
         the_plan, reference = _analyse_and_plan(
             model, request, args, kwargs, reference=verify and block_options.get("init", "identity") == "identity"
         )
-    injection = Injection.from_plan(the_plan, args, kwargs, request.include, request.exclude, position)
+    injection = Injection.from_plan(the_plan, args, kwargs, request.include, request.exclude, position, stack)
     recipe = base_recipe(model).then(injection)
     rng = rng_states()
     try:
@@ -183,7 +186,9 @@ def _analyse_and_plan(
         except Exception as exc:
             raise example_forward_failed(model, exc, args) from None
         analysis = analyze(model, args, kwargs)
-    the_plan = build_plan(analysis, request.block, request.options, request.rules, request.include, request.exclude)
+    the_plan = build_plan(
+        analysis, request.block, request.options, request.rules, request.include, request.exclude, request.stack
+    )
     check_block_sizes(the_plan)
     if not request.stack:
         check_not_stacked(the_plan)

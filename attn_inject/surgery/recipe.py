@@ -43,6 +43,9 @@ class Injection:
     input_shapes: tuple[tuple[int, ...], ...] | None = None  # the example input (None: the model's default)
     modules: tuple[str, ...] = ()
     input_kwargs: tuple[tuple[str, tuple[int, ...]], ...] = ()  # the example's keyword tensors: (name, shape)
+    # blocks also where the model holds channel attention; a recipe without the field was written
+    # before such places were skipped, so it reads as True
+    stack: bool = False
 
     @classmethod
     def from_plan(
@@ -53,6 +56,7 @@ class Injection:
         include: tuple[str, ...],
         exclude: tuple[str, ...],
         position: str | None,
+        stack: bool = False,
     ) -> Injection:
         shapes = tuple(tuple(a.shape) for a in args) if all(isinstance(a, torch.Tensor) for a in args) else None
         keywords = all(isinstance(v, torch.Tensor) for v in kwargs.values())
@@ -66,6 +70,7 @@ class Injection:
             shapes,
             tuple(s.module_name for s in plan.sites),
             tuple((k, tuple(v.shape)) for k, v in kwargs.items()) if keywords else (),
+            stack,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,6 +83,7 @@ class Injection:
             "position": self.position,
             "input_shapes": None if self.input_shapes is None else [list(s) for s in self.input_shapes],
             "modules": list(self.modules),
+            "stack": self.stack,
         }
         if self.input_kwargs:  # only when given: a file without it reads as before
             written["input_kwargs"] = {k: list(s) for k, s in self.input_kwargs}
@@ -155,10 +161,22 @@ class Recipe:
         )
 
 
+_INJECTION_FIELDS = [
+    "block",
+    "options",
+    "rules",
+    "include",
+    "exclude",
+    "position",
+    "input_shapes",
+    "modules",
+    "input_kwargs",
+    "stack",
+]
+
+
 def _injection(fields: RecipeFields) -> Injection:
-    fields.only(
-        ["block", "options", "rules", "include", "exclude", "position", "input_shapes", "modules", "input_kwargs"]
-    )
+    fields.only(_INJECTION_FIELDS)
     block = fields.get("block", str)
     options = fields.get("options", dict, default={})
     if not all(_json_option(v) for v in options.values()):
@@ -192,6 +210,7 @@ def _injection(fields: RecipeFields) -> Injection:
         None if shapes is None else tuple(tuple(s) for s in shapes),
         tuple(fields.strings("modules")),
         tuple((k, tuple(s)) for k, s in keywords.items()),
+        fields.get("stack", bool, default=True),
     )
 
 
