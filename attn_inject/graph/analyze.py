@@ -115,10 +115,6 @@ class Analysis:
         """Modules that fold their branches (folding.py): each is one unit, its forward never edited."""
         return [r for r in self.records if r.folds is not None]
 
-    def fold_of(self, module: nn.Module) -> ModuleRecord | None:
-        """The record of ``module`` if it folds its branches."""
-        return next((r for r in self.folding() if r.module is module), None)
-
     def unreached(self) -> list[str]:
         """Outermost modules holding convolutions that the analysis never saw called, directly or
         through a descendant (a ModuleList, or an nn.Sequential its parent iterates, is reached

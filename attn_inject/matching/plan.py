@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch.nn.modules.conv import _ConvNd
@@ -61,6 +61,9 @@ class Site:
         )
 
 
+Note = Literal["misses", "attended", "folded", "unreached", "untraced"]  # what Plan.note tells, in this order
+
+
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     """What ``inject`` would do; iterate it for the sites."""
@@ -103,7 +106,7 @@ class Plan:
     def percent_added(self) -> float:
         return 100.0 * self.params_added / self.params_before if self.params_before else 0.0
 
-    def note(self, about: Literal["misses", "attended", "folded", "unreached", "untraced"]) -> str | None:
+    def note(self, about: Note) -> str | None:
         """What the plan left out or treated specially, in words: unusable adds, places that already
         hold channel attention, modules that fold their branches, unreached modules, untraced ones."""
         misses = [m for m in self.misses if m.attention is None]
@@ -135,8 +138,7 @@ class Plan:
         return None
 
     def notes(self) -> list[str]:
-        abouts = ("misses", "attended", "folded", "unreached", "untraced")
-        return [n for about in abouts if (n := self.note(about)) is not None]  # type: ignore[arg-type]
+        return [n for about in get_args(Note) if (n := self.note(about)) is not None]
 
     def summary(self) -> dict[str, Any]:
         """Totals and sites as plain data (what ``--json`` prints)."""
