@@ -30,8 +30,8 @@ def assert_identity_then_live(model, before, x=X):
 
 
 def test_branch_that_starts_in_the_parent_matches_inverted_residual():
-    model = look_trained(SplitEfficientNet())
-    sites = plan(model, "eca", after="inverted_residual", example_input=EXAMPLE)
+    model = look_trained(SplitEfficientNet())  # every block holds its own SE: stack beside it
+    sites = plan(model, "eca", after="inverted_residual", example_input=EXAMPLE, stack=True)
     # blocks.1 changes width and stride: no add; the others add in their projection layer
     assert [(s.path, s.owner, s.name, s.channels) for s in sites] == [
         ("blocks.0.projection", "blocks.0.projection", "eca", 8),
@@ -39,7 +39,7 @@ def test_branch_that_starts_in_the_parent_matches_inverted_residual():
         ("blocks.3.projection", "blocks.3.projection", "eca", 16),
     ]
     before = outputs(model, X)
-    inject(model, "eca", after="inverted_residual", example_input=EXAMPLE)
+    inject(model, "eca", after="inverted_residual", example_input=EXAMPLE, stack=True)
     assert sorted(attention_blocks(model)) == [
         "blocks.0.projection.eca",
         "blocks.2.projection.eca",
@@ -96,11 +96,11 @@ def test_only_merges_is_an_error_that_says_so():
 
 def test_torchvision_lraspp_classifier_gets_no_block():
     model = look_trained(torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None))
-    report = plan(model, "eca", after="residual", example_input=EXAMPLE)
-    assert len(report) == 10 and all(s.path.startswith("backbone.") for s in report)
+    report = plan(model, "eca", after="residual", example_input=EXAMPLE, stack=True)  # 5 beside the backbone's SE
+    assert len(report) == 10 and all(s.path.startswith("backbone.") for s in report) and len(report.attended) == 5
     assert [m.path for m in report.misses] == ["classifier"]
     before = outputs(model, X)
-    inject(model, "eca", after="residual", example_input=EXAMPLE)
+    inject(model, "eca", after="residual", example_input=EXAMPLE, stack=True)
     assert_identity_then_live(model, before)
 
 

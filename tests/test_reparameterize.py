@@ -10,6 +10,7 @@ from torch import nn
 from attn_inject import inject, plan
 from attn_inject.finetune import attention_blocks
 from attn_inject.testing import blocks_not_run, look_trained, move_off_identity
+from tests.helpers.running import inject_exactly
 from tests.helpers.tiny_models import conv_bn
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
@@ -64,15 +65,7 @@ def test_an_already_reparameterized_model_gets_blocks_after_its_plain_conv_units
     report = plan(model, "eca", after="conv", example_input=X[:1])
     assert report.folded == () and len(report) == 22
     assert [s.module_name for s in report][:2] == ["stem.reparam_conv_eca", "stages.0.0.reparam_conv_eca"]
-    with torch.no_grad():
-        before = model(X)
-    inject(model, "eca", after="conv", example_input=X[:1])
-    with torch.no_grad():
-        assert torch.equal(model(X), before)
-    assert blocks_not_run(model, X) == 0
-    move_off_identity(model)
-    with torch.no_grad():
-        assert not torch.equal(model(X), before)
+    inject_exactly(model, X, "eca", after="conv", example_input=X[:1])
 
 
 class DiverseBranch(nn.Module):

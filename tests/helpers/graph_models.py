@@ -243,16 +243,12 @@ class ResizingFPNLayer(nn.Module):
         return self.block(down)
 
 
-class OneGraphFPN(nn.Module):
+class OneGraphFPN(Stages):
     """A backbone and a MaskFormer-style FPN layer in one graph: the lateral map ``c1`` also feeds
     the next stage, so the top-down and lateral paths fork from one tensor, as a residual's would."""
 
     def __init__(self):
         super().__init__()
-        self.stem = conv_bn_act(3, 8, 3, 2)
-        self.layer1 = ResidualBlock(8)
-        self.down = conv_bn_act(8, 16, 3, 2)
-        self.layer2 = ResidualBlock(16)
         self.top = conv_bn_act(16, 8)
         self.fpn = ResizingFPNLayer(8)
 
