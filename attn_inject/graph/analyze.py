@@ -45,6 +45,7 @@ from .nodes import (
     module_kind,
     module_op,
     shape_of,
+    shape_of_value,
     target_path,
 )
 from .opaque_calls import OpaqueUnit, PrimitiveCalls, conv_units
@@ -337,9 +338,13 @@ class _Analyzer:
         folded = Analysis(fold.folded)
         inner = _Analyzer(folded, self.traces)
         inner.folds = self.folds
-        _, top = inner.run_recorded(fold.folded, record.path, args, kwargs, record.method, foldable=False)
+        out, top = inner.run_recorded(fold.folded, record.path, args, kwargs, record.method, foldable=False)
         record.folded = folded
-        ops = list(top.ops) if top is not None else []
+        if top is not None:
+            ops = list(top.ops)
+        else:  # it folds into a primitive (timm's ConvNorm.fuse() returns a Conv2d)
+            op = module_op(fold.folded, record.path, shape_of_value(out))
+            ops = [op] if op is not None else []
         last = max((i for i, op in enumerate(ops) if op.kind == "conv"), default=None)
         if last is not None:
             ops[last] = dataclasses.replace(ops[last], path=record.path)
@@ -590,8 +595,7 @@ def _arg_shape(interp: fx.Interpreter):
     def shape(arg: Any) -> tuple[int, ...] | None:
         if isinstance(arg, fx.Node):
             if arg.op == "get_attr":
-                value = interp.fetch_attr(target_path(arg))
-                return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+                return shape_of_value(interp.fetch_attr(target_path(arg)))
             return shape_of(arg)
         return None
 

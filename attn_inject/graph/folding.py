@@ -7,11 +7,12 @@ child), and the place for a block is its output, in its caller's graph. What its
 through it is what it folds into: the learned ops of a folded copy.
 
 It is told by behaviour, not by class: a module whose class has one of the fold methods, and for
-which calling that method on a copy replaces its children (deletes, adds or swaps a submodule) or
-returns another module to put in its place (timm's ``fuse()`` convention). A method that changes
-nothing (a module already reparameterized, built with ``inference_mode=True``) is not a fold: such
-a module is analysed as the plain conv net it is. timm's ``reparameterize_model`` calls the same
-methods in the same order.
+which calling that method on a copy changes the module's make-up — a submodule deleted, added or
+swapped anywhere below it, or a plain attribute set (EfficientViM's block flips ``fused`` and its
+forward takes another path) — or returns another module to put in its place (timm's ``fuse()``
+convention). A method that changes nothing (a module already reparameterized, built with
+``inference_mode=True``) is not a fold: such a module is analysed as the plain conv net it is.
+timm's ``reparameterize_model`` calls the same methods in the same order.
 """
 
 from __future__ import annotations
@@ -46,13 +47,24 @@ def find_fold(module: nn.Module) -> Fold | None:
             continue
         try:
             clone = copy.deepcopy(module)
-            children = {key: id(child) for key, child in clone._modules.items()}
+            before = _make_up(clone)
             with torch.no_grad():
                 result = getattr(clone, name)()
         except Exception:  # needs arguments, or fails: not a fold this library can follow
             continue
         if isinstance(result, nn.Module) and result is not clone:
             return Fold(name, result)
-        if {key: id(child) for key, child in clone._modules.items()} != children:
+        if _make_up(clone) != before:
             return Fold(name, clone)
     return None
+
+
+_FLAGS = (bool, int, float, str, type(None))
+
+
+def _make_up(module: nn.Module) -> list[tuple]:
+    """What a fold changes: every submodule (by path and identity) and its plain attributes."""
+    return [
+        (path, id(sub), sorted((k, v) for k, v in vars(sub).items() if type(v) in _FLAGS and k != "training"))
+        for path, sub in module.named_modules()
+    ]
