@@ -134,3 +134,55 @@ def test_a_fold_is_told_by_what_the_method_does_not_by_class():
     with torch.no_grad():
         assert torch.allclose(model(X), patched, rtol=1e-4, atol=1e-5)
     assert blocks_not_run(model, X) == 0
+
+
+class ConvNorm(nn.Sequential):
+    """timm's LeViT / RepViT style: ``fuse()`` returns the Conv2d that replaces it."""
+
+    def __init__(self, c: int):
+        super().__init__(*conv_bn(c, c))
+
+    def fuse(self) -> nn.Module:
+        return nn.utils.fusion.fuse_conv_bn_eval(self[0], self[1])
+
+
+class ConvNormResidual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.branch = ConvNorm(c)
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+class FlagFold(nn.Module):
+    """EfficientViM style: ``fuse()`` folds the identity into the conv and flips a flag that makes
+    the forward skip the add; no child is replaced."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.fused = nn.Conv2d(c, c, 3, padding=1), False
+
+    def forward(self, x):
+        return self.conv(x) if self.fused else x + self.conv(x)
+
+    def fuse(self) -> nn.Module:
+        with torch.no_grad():
+            self.conv.weight[:, :, 1, 1] += torch.eye(self.conv.in_channels)
+        self.fused = True
+        return self
+
+
+def test_a_fold_into_a_conv_or_by_a_flag_keeps_the_function():
+    model = look_trained(nn.Sequential(*conv_bn(3, 8), ConvNormResidual(8), FlagFold(8)), X)
+    report = plan(model, "eca", after="residual", example_input=X[:1])
+    assert report.folded == (("2.branch", "fuse"), ("3", "fuse"))
+    assert [(s.path, s.module_name) for s in report] == [("2", "2.eca")]  # its branch folds into one conv
+    inject(model, "eca", after="residual", example_input=X[:1])
+    move_off_identity(model)
+    with torch.no_grad():
+        patched = model(X)
+    fused = timm.utils.reparameterize_model(model)
+    assert isinstance(fused[2].branch, nn.Conv2d) and fused[3].fused
+    with torch.no_grad():
+        assert torch.allclose(fused(X), patched, rtol=1e-4, atol=1e-5)
