@@ -101,7 +101,8 @@ def time_inject(model: nn.Module, image: torch.Tensor) -> dict:
     try:
         with Steps() as steps:
             t0 = time.perf_counter()
-            inject(model, "eca", after="residual", example_input=([image],))
+            # stack: every residual, as measured before places with the backbone's own SE were skipped
+            inject(model, "eca", after="residual", example_input=([image],), stack=True)
             total = time.perf_counter() - t0
     finally:
         handle.remove()

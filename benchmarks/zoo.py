@@ -3,8 +3,15 @@ torchvision classifier; record sites, bitwise identity, inject time and the reas
 
     python -m benchmarks.zoo                 # the full sweep (about an hour on 2 cores)
     python -m benchmarks.zoo --quick         # three models, for the tests
-    python -m benchmarks.zoo --only convnext resnet torchvision:resnet18
+    python -m benchmarks.zoo --only convnext resnet torchvision:resnet18 timm:repvgg_a0
     python -m benchmarks.zoo --third-party   # transformers models, torchvision detection/segmentation
+
+``timm:NAME`` is a timm family (its smallest model) or a timm model name. Places that already hold
+channel attention are skipped as ``inject`` skips them by default, and counted; where every place
+holds one, the blocks are stacked on them (``stack=True``) to test the surgery there. Where the
+model folds branches (``reparameterize()`` & co.), ``timm.utils.reparameterize_model`` runs on the
+patched model, blocks off identity: every block must be kept and run, and the output must stay
+close to the unfolded one.
 
 Each family runs in its own subprocess (a crash or a hang costs one family). For every model an
 independent oracle counts the residual-looking adds at the dispatcher level (aten.add of two
@@ -97,7 +104,7 @@ def build(spec: str):
     if kind == "timm":
         import timm
 
-        model_name = smallest_timm_model(name)
+        model_name = name if name not in timm.list_modules() and timm.is_model(name) else smallest_timm_model(name)
         return model_name, lambda: timm.create_model(model_name, pretrained=False)
     if kind == "transformers":
         import transformers
@@ -184,7 +191,8 @@ def test_input(model):
 def run_one(spec: str) -> dict:
     import torch
 
-    from attn_inject import AttnInjectError, inject, plan
+    from attn_inject import AttnInjectError, inject
+    from attn_inject.finetune import attention_blocks
     from attn_inject.graph.example import first_difference
     from attn_inject.testing import blocks_not_run, calibrate_batch_norms, look_trained, move_off_identity
 
@@ -217,19 +225,27 @@ def run_one(spec: str) -> dict:
         model = copy.deepcopy(original)
         result: dict = {}
         try:
-            report = plan(model, block, after="residual", example_input=x[:1])
+            rule, report = planned(model, block, x[:1])
+            result["rule"] = rule
             result["untraced"] = [f"{p}: {r}" for p, r in report.untraced]
             result["misses"] = len(report.misses)
+            result["attended"] = len(report.attended)  # skipped: they hold channel attention already
+            result["folded"] = len(report.folded)
+            stack = len(report.attended) == len(report)  # nothing else: stack, to test the surgery there
+            result["stacked"] = stack
             start = time.perf_counter()
-            inject(model, block, after="residual", example_input=x[:1])
+            inject(model, block, after=rule, example_input=x[:1], stack=stack)
             result["seconds"] = round(time.perf_counter() - start, 3)
-            result["sites"] = len(report)
+            result["sites"] = len(attention_blocks(model))
             with torch.no_grad():
                 result["identical"] = first_difference(reference, model(x)) is None
             result["not_run"] = blocks_not_run(model, x)  # blocks the forward never calls
             move_off_identity(model)
             with torch.no_grad():
-                result["moved_changes_output"] = first_difference(reference, model(x)) is not None
+                moved = model(x)
+            result["moved_changes_output"] = first_difference(reference, moved) is not None
+            if report.folded:
+                result["reparameterized"] = reparameterized(model, x, moved)
         except AttnInjectError as exc:
             result["refused"] = str(exc)[:400]
         except Exception as exc:
@@ -237,6 +253,49 @@ def run_one(spec: str) -> dict:
             result["traceback"] = traceback.format_exc()[-1500:]
         row[block] = result
     return row
+
+
+def planned(model, block: str, x):
+    """(rule, plan with stack=True: every place) for "residual"; for a model whose residuals all sit
+    inside modules that fold their branches (RepVGG, MobileOne), for "conv": a block after each."""
+    from attn_inject import AttnInjectError, plan
+
+    try:
+        return "residual", plan(model, block, after="residual", example_input=x, stack=True)
+    except AttnInjectError:
+        try:
+            report = plan(model, block, after="conv", example_input=x, stack=True)
+        except AttnInjectError:
+            report = None
+        if report is None or not report.folded:
+            raise
+        return "conv", report
+
+
+def reparameterized(model, x, moved) -> dict:
+    """``timm.utils.reparameterize_model`` of a patched model (blocks off identity): the blocks it
+    keeps and runs, and how far its output is from the unfolded model's, relative to the largest
+    output value."""
+    import timm
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    from attn_inject.finetune import attention_blocks
+    from attn_inject.testing import blocks_not_run
+
+    try:
+        fused = timm.utils.reparameterize_model(model)
+        with torch.no_grad():
+            out = fused(x)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    diff = max((a - b).abs().max().item() for a, b in zip(tree_leaves(out), tree_leaves(moved)))
+    scale = max(b.abs().max().item() for b in tree_leaves(moved))
+    return {
+        "blocks_kept": sorted(attention_blocks(fused)) == sorted(attention_blocks(model)),
+        "not_run": blocks_not_run(fused, x),
+        "max_rel_diff": float(f"{diff / scale:.3g}") if scale else diff,
+    }
 
 
 def worker(specs: list[str]) -> None:
@@ -304,8 +363,8 @@ def summarize(rows: list[dict]) -> str:
         f"every block runs, and moving the blocks off identity changes the output.)",
         "",
         "| model | input | oracle adds NCHW/NHWC/other | whole-model fx | SE sites | ECA sites | identical "
-        "| inject s (ECA) | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| inject s (ECA) | has attention | reparameterize (ECA) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         o = r.get("oracle") or {}
@@ -316,19 +375,31 @@ def summarize(rows: list[dict]) -> str:
                 note = f"{block}: {result['not_run']} block(s) never run"
             if not note and result.get("moved_changes_output") is False:
                 note = f"{block}: moving the blocks off identity does not change the output"
+        if not note and eca.get("rule", "residual") != "residual":
+            note = f"after {eca['rule']}: its residuals are inside modules that fold their branches"
         if not note and eca.get("untraced"):
             note = f"{len(eca['untraced'])} module(s) not traceable, e.g. {eca['untraced'][0]}"
         identical = {True: "yes", False: "NO"}.get(eca.get("identical") if "identical" in eca else None, "")
         if "identical" in se and se["identical"] is not True:
             identical = "NO (SE)"
         size = "x".join(map(str, (r.get("input") or [])[2:]))
+        attended = f"{eca['attended']}{' (stacked)' if eca.get('stacked') else ''}" if eca.get("attended") else ""
         lines.append(
             f"| {r.get('model', r['spec'])} | {size} | {o.get('nchw', '')}/{o.get('nhwc', '')}/{o.get('other', '')} "
             f"| {'ok' if r.get('whole_model_fx') == 'ok' else 'fails' if r.get('whole_model_fx') else ''} "
             f"| {se.get('sites', 0)} | {eca.get('sites', 0)} | {identical} | {eca.get('seconds', '')} "
-            f"| {note[:160].replace('|', '/')} |"
+            f"| {attended} | {reparam_words(eca.get('reparameterized'))} | {note[:160].replace('|', '/')} |"
         )
     return "\n".join(lines)
+
+
+def reparam_words(result: dict | None) -> str:
+    if not result:
+        return ""
+    if "error" in result:
+        return f"fails: {result['error'][:60]}"
+    kept = "blocks kept" if result["blocks_kept"] and result["not_run"] == 0 else "BLOCKS LOST"
+    return f"{kept}, rel. diff {result['max_rel_diff']:.1e}"
 
 
 def main() -> int:

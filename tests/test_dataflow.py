@@ -30,8 +30,8 @@ def assert_identity_then_live(model, before, x=X):
 
 
 def test_branch_that_starts_in_the_parent_matches_inverted_residual():
-    model = look_trained(SplitEfficientNet())
-    sites = plan(model, "eca", after="inverted_residual", example_input=EXAMPLE)
+    model = look_trained(SplitEfficientNet())  # every block holds its own SE: stack beside it
+    sites = plan(model, "eca", after="inverted_residual", example_input=EXAMPLE, stack=True)
     # blocks.1 changes width and stride: no add; the others add in their projection layer
     assert [(s.path, s.owner, s.name, s.channels) for s in sites] == [
         ("blocks.0.projection", "blocks.0.projection", "eca", 8),
@@ -39,7 +39,7 @@ def test_branch_that_starts_in_the_parent_matches_inverted_residual():
         ("blocks.3.projection", "blocks.3.projection", "eca", 16),
     ]
     before = outputs(model, X)
-    inject(model, "eca", after="inverted_residual", example_input=EXAMPLE)
+    inject(model, "eca", after="inverted_residual", example_input=EXAMPLE, stack=True)
     assert sorted(attention_blocks(model)) == [
         "blocks.0.projection.eca",
         "blocks.2.projection.eca",
@@ -96,11 +96,11 @@ def test_only_merges_is_an_error_that_says_so():
 
 def test_torchvision_lraspp_classifier_gets_no_block():
     model = look_trained(torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None))
-    report = plan(model, "eca", after="residual", example_input=EXAMPLE)
-    assert len(report) == 10 and all(s.path.startswith("backbone.") for s in report)
+    report = plan(model, "eca", after="residual", example_input=EXAMPLE, stack=True)  # 5 beside the backbone's SE
+    assert len(report) == 10 and all(s.path.startswith("backbone.") for s in report) and len(report.attended) == 5
     assert [m.path for m in report.misses] == ["classifier"]
     before = outputs(model, X)
-    inject(model, "eca", after="residual", example_input=EXAMPLE)
+    inject(model, "eca", after="residual", example_input=EXAMPLE, stack=True)
     assert_identity_then_live(model, before)
 
 
@@ -148,4 +148,22 @@ def test_units_inside_untraceable_modules_are_found_and_patched():
     keys = set(model.state_dict())
     inject(model, "eca", after="conv", example_input=EXAMPLE)
     assert keys < set(model.state_dict())  # the original checkpoint still loads
+    assert_identity_then_live(model, before)
+
+
+def test_an_add_of_a_resized_map_is_a_merge_of_two_resolutions():
+    from tests.helpers.graph_models import OneGraphFPN
+
+    model = look_trained(OneGraphFPN())
+    report = plan(model, "eca", after="residual", example_input=EXAMPLE)
+    assert [s.path for s in report] == ["layer1", "layer2"]
+    assert [(m.path, m.reason) for m in report.misses] == [
+        (
+            "fpn",
+            "add add merges maps of two resolutions (one side's last conv gives [1, 8, 16, 16], resized to "
+            "[1, 8, 32, 32]): a merge, not a residual",
+        )
+    ]  # MaskFormer's FPN layers were reported as "map [1, 32, 8, 8] is not NCHW: the branch's last conv ..."
+    before = outputs(model, X)
+    inject(model, "eca", after="residual", example_input=EXAMPLE)
     assert_identity_then_live(model, before)

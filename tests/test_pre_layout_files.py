@@ -4,6 +4,8 @@ torch.save pickle, whose objects name the old flat module paths (attn_inject.spl
 
 from __future__ import annotations
 
+import copy
+from io import BytesIO
 from pathlib import Path
 
 import torch
@@ -43,3 +45,22 @@ def test_a_pickled_patched_model_from_before_the_move_loads_bitwise_and_ejects()
     assert set(model.state_dict()) == {k for k in before if not any(k.startswith(s + ".") for s in SITES)}
     with torch.no_grad():
         assert not torch.equal(model(x), expected)  # the blocks were off identity: taking them out matters
+
+
+def test_copies_of_a_pickle_from_before_the_move_compute_the_same():
+    """deepcopy, pickle and deepcopy again, of the torch.load()ed pre-move pickle (EMA and
+    reparameterize_model copy what users load)."""
+    x, expected = io()
+    model = torch.load(FIXTURES / "pre_layout_model.pt", weights_only=False)  # our own fixture, trusted
+    for step in (copy.deepcopy, pickled, copy.deepcopy):
+        model = step(model)
+        with torch.no_grad():
+            assert torch.equal(model(x), expected)
+    assert list(recipe_of(model).modules) == SITES
+
+
+def pickled(model: torch.nn.Module) -> torch.nn.Module:
+    buffer = BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)  # our own bytes

@@ -10,20 +10,20 @@ from attn_inject import inject, plan
 from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite, eca_kernel_size
 from attn_inject.testing import look_trained
 
-# (name, factory, rule, sites, parameters ECA adds)
+# (name, factory, rule, sites, parameters ECA adds, sites that already hold the model's own SE: stack=True)
 ARCHS = [
-    ("timm:resnet18", lambda: timm.create_model("resnet18"), "basic", 8, 36),
-    ("timm:resnet50", lambda: timm.create_model("resnet50"), "bottleneck", 16, 86),
-    ("timm:resnext50_32x4d", lambda: timm.create_model("resnext50_32x4d"), "bottleneck", 16, 86),
-    ("timm:regnetx_002", lambda: timm.create_model("regnetx_002"), "bottleneck", 13, 61),
-    ("timm:efficientnet_b0", lambda: timm.create_model("efficientnet_b0"), "inverted_residual", 9, 33),
-    ("timm:efficientnet_lite0", lambda: timm.create_model("efficientnet_lite0"), "inverted_residual", 9, 33),
-    ("timm:mobilenetv3_large_100", lambda: timm.create_model("mobilenetv3_large_100"), "inverted_residual", 10, 34),
-    ("timm:convnext_atto", lambda: timm.create_model("convnext_atto"), "residual", 12, 52),
-    ("torchvision:resnet18", lambda: torchvision.models.resnet18(), "basic", 8, 36),
-    ("torchvision:resnet50", lambda: torchvision.models.resnet50(), "bottleneck", 16, 86),
-    ("torchvision:mobilenet_v2", lambda: torchvision.models.mobilenet_v2(), "inverted_residual", 10, 34),
-    ("torchvision:efficientnet_b0", lambda: torchvision.models.efficientnet_b0(), "inverted_residual", 9, 33),
+    ("timm:resnet18", lambda: timm.create_model("resnet18"), "basic", 8, 36, 0),
+    ("timm:resnet50", lambda: timm.create_model("resnet50"), "bottleneck", 16, 86, 0),
+    ("timm:resnext50_32x4d", lambda: timm.create_model("resnext50_32x4d"), "bottleneck", 16, 86, 0),
+    ("timm:regnetx_002", lambda: timm.create_model("regnetx_002"), "bottleneck", 13, 61, 0),
+    ("timm:efficientnet_b0", lambda: timm.create_model("efficientnet_b0"), "inverted_residual", 9, 33, 9),
+    ("timm:efficientnet_lite0", lambda: timm.create_model("efficientnet_lite0"), "inverted_residual", 9, 33, 0),
+    ("timm:mobilenetv3_large_100", lambda: timm.create_model("mobilenetv3_large_100"), "inverted_residual", 10, 34, 5),
+    ("timm:convnext_atto", lambda: timm.create_model("convnext_atto"), "residual", 12, 52, 0),
+    ("torchvision:resnet18", lambda: torchvision.models.resnet18(), "basic", 8, 36, 0),
+    ("torchvision:resnet50", lambda: torchvision.models.resnet50(), "bottleneck", 16, 86, 0),
+    ("torchvision:mobilenet_v2", lambda: torchvision.models.mobilenet_v2(), "inverted_residual", 10, 34, 0),
+    ("torchvision:efficientnet_b0", lambda: torchvision.models.efficientnet_b0(), "inverted_residual", 9, 33, 9),
 ]
 
 
@@ -36,21 +36,22 @@ def se_params(c: int) -> int:  # 2 * C * rd + rd + C with rd = max(8, round(C / 
     return 2 * c * rd + rd + c
 
 
-@pytest.mark.parametrize("name,factory,rule,sites,eca_params", ARCHS, ids=[a[0] for a in ARCHS])
+@pytest.mark.parametrize("name,factory,rule,sites,eca_params,attended", ARCHS, ids=[a[0] for a in ARCHS])
 @pytest.mark.parametrize("block", ["eca", "se"])
-def test_real_architecture(name, factory, rule, sites, eca_params, block):
+def test_real_architecture(name, factory, rule, sites, eca_params, attended, block):
     model = look_trained(factory())  # fresh timm ResNets zero the last norm of each branch
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         before = model(x)
     original_params = n_params(model)
-    report = plan(model, block, after=rule)
-    assert len(report) == sites
+    stack = attended > 0  # a second block next to the model's own SE is asked for
+    report = plan(model, block, after=rule, stack=stack)
+    assert len(report) == sites and len(report.attended) == attended
     expected = eca_params if block == "eca" else sum(se_params(s.channels) for s in report)
     assert sum(eca_kernel_size(s.channels) for s in report) == eca_params
     assert report.params_added == expected
 
-    patched = inject(model, block, after=rule)
+    patched = inject(model, block, after=rule, stack=stack)
     assert patched is model and n_params(model) == original_params + expected
     with torch.no_grad():
         assert torch.equal(model(x), before)

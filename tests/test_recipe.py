@@ -46,6 +46,18 @@ def test_json_round_trip():
     assert dict(again.versions)["torch"] == torch.__version__
 
 
+def test_stack_travels_and_a_recipe_from_before_reads_as_stacked():
+    """Files written before places with the model's own attention were skipped placed blocks there:
+    replayed with stack=True, they land where they did."""
+    data = json.loads(recipe_of(resnet18_patched_twice()).to_json())
+    assert [inj["stack"] for inj in data["injections"]] == [False, False]
+    assert "input_kwargs" not in data["injections"][0]  # written only when the example had keywords
+    assert [inj.stack for inj in Recipe.from_json(json.dumps(data)).injections] == [False, False]
+    for inj in data["injections"]:
+        del inj["stack"]
+    assert [inj.stack for inj in Recipe.from_json(json.dumps(data)).injections] == [True, True]
+
+
 @pytest.mark.parametrize("rule", list_rules(), ids=lambda r: r.name)
 def test_every_builtin_rule_round_trips_through_the_schema(rule):
 
@@ -113,6 +125,14 @@ def good() -> dict:
         (
             lambda d: {**d, "injections": [{**d["injections"][0], "input_shapes": [[1, -3]]}]},
             r"'injections\[0\]\.input_shapes' must be a list of shapes",
+        ),
+        (
+            lambda d: {**d, "injections": [{**d["injections"][0], "input_kwargs": {"pixel_values": [1, 0]}}]},
+            r"'injections\[0\]\.input_kwargs' must map argument names to shapes",
+        ),
+        (
+            lambda d: {**d, "injections": [{**d["injections"][0], "input_kwargs": [[1, 3]]}]},
+            r"'injections\[0\]\.input_kwargs' must be dict",
         ),
         (
             lambda d: {**d, "injections": [{**d["injections"][0], "position": "middle"}]},

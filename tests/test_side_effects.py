@@ -16,17 +16,22 @@ X = torch.randn(1, 3, 16, 16)
 
 
 class CountingBlock(nn.Module):
-    """A residual block with effects fx records: a buffer counter, an unused child call, a draw."""
+    """A residual block with effects fx records: a buffer counter (``add_`` or ``+=``), an unused
+    child call, a draw."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, spelling: str = "add_"):
         super().__init__()
+        self.spelling = spelling
         self.conv1, self.bn1 = conv_bn(c, c)
         self.conv2, self.bn2 = conv_bn(c, c)
         self.probe = nn.Conv2d(c, c, 1)
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
 
     def forward(self, x):
-        self.seen.add_(1)
+        if self.spelling == "add_":
+            self.seen.add_(1)
+        else:
+            self.seen += 1  # fx records seen + 1 and a rebinding: kept as the in-place update it is
         self.probe(x)  # result unused: the call must still happen (hooks, counters)
         y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
         y = y * (1 + torch.rand_like(y) * 0)  # a draw from the global generator, in the graph
@@ -83,8 +88,9 @@ def assert_same_state(before: dict, model: nn.Module) -> None:
     assert torch.equal(before["rng"][0], after["rng"][0]) and before["rng"][1] == after["rng"][1]
 
 
-def test_a_patched_forward_keeps_buffer_updates_unused_calls_and_draws_in_order():
-    original, patched = look_trained(Net(CountingBlock(8))), look_trained(Net(CountingBlock(8)))
+@pytest.mark.parametrize("spelling", ["add_", "+="])
+def test_a_patched_forward_keeps_buffer_updates_unused_calls_and_draws_in_order(spelling):
+    original, patched = look_trained(Net(CountingBlock(8, spelling))), look_trained(Net(CountingBlock(8, spelling)))
     patched.load_state_dict(original.state_dict())
     inject(patched, "eca", after="residual", example_input=X)
     assert next(iter(patched.block.forward.variants.values())).fn is not None
@@ -96,6 +102,7 @@ def test_a_patched_forward_keeps_buffer_updates_unused_calls_and_draws_in_order(
         torch.manual_seed(1)
         assert torch.equal(patched(X), expected)
     assert original.block.seen.item() == patched.block.seen.item() == 3  # inject itself counted nothing
+    assert "seen" in patched.block._buffers and "seen" not in patched.block.__dict__
     assert probed == [1, 1, 1]
     torch.manual_seed(1)
     original(X)

@@ -16,5 +16,6 @@ def test_zoo_quick_mode(tmp_path):
         for block in ("se", "eca"):
             assert row[block]["identical"] is True and row[block]["sites"] > 0 and row[block]["seconds"] > 0
             assert row[block]["not_run"] == 0 and row[block]["moved_changes_output"] is True
+            assert row[block]["attended"] == row[block]["folded"] == 0 and row[block]["stacked"] is False
     assert rows["torchvision:mobilenet_v2"]["eca"]["sites"] == 10
     assert "patched with bitwise identity by both SE and ECA: 3 (100.0 %)" in done.stdout

@@ -60,6 +60,12 @@ def add_surgery_arguments(parser: argparse.ArgumentParser) -> None:
         "(N = 1, 2, ... or -1 for the last conv)",
     )
     parser.add_argument(
+        "--stack",
+        action="store_true",
+        help="also put a block where the model already holds channel attention (an SE, ECA, ... on the branch "
+        "or after the unit; skipped by default) or the same block from an earlier patch",
+    )
+    parser.add_argument(
         "--option",
         action="append",
         default=[],

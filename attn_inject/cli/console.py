@@ -106,6 +106,9 @@ def plan_table(plan: Plan) -> Table:
         f"(+{plan.params_added:,}, +{plan.percent_added:.3f}%) · FLOPs per image +{plan.flops_added:,} "
         f"(torch FlopCounterMode at the example size)"
     )
+    if plan.attended:
+        done = "a block stacked on each (--stack)" if plan.stacked else "skipped (--stack adds another)"
+        table.caption += f" · {len(plan.attended)} places already hold channel attention: {done}"
     table.caption_justify = "left"
     return table
 

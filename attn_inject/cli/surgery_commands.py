@@ -80,6 +80,7 @@ def run_plan(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         position=args.position,
         example_input=example_input(model, args.img_size),
+        stack=args.stack,
         **block_options(args.option),
     )
     if args.json:
@@ -107,6 +108,7 @@ def run_patch(args: argparse.Namespace) -> int:
         force=args.force,
         adapter_only=args.adapter_only,
         verify=args.verify,
+        stack=args.stack,
     )
     if args.json:
         console.emit_json(report.summary())

@@ -37,7 +37,9 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
             "exclude": list(inj.exclude),
             "example_input": None if inj.input_shapes is None else [list(s) for s in inj.input_shapes],
             "sites": list(inj.modules),
+            "stack": inj.stack,
         }
+        | ({"example_kwargs": {k: list(s) for k, s in inj.input_kwargs}} if inj.input_kwargs else {})
         for inj in recipe.injections
     ]
     return {

@@ -105,6 +105,7 @@ def patch_checkpoint(
     force: bool = False,
     adapter_only: bool = False,
     verify: str = "fast",
+    stack: bool = False,
 ) -> PatchReport:
     """Patch the plain checkpoint ``source`` (a model of ``arch``) and write ``output`` (.safetensors)."""
     clock = _Clock()
@@ -142,6 +143,7 @@ def patch_checkpoint(
         position=position,
         example_input=args,
         verify=False,
+        stack=stack,
         **(options or {}),
     )
     model.eval()

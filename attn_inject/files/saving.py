@@ -208,7 +208,9 @@ def replay(model: nn.Module, recipe: Recipe, source: str) -> None:
             exclude=injection.exclude,
             position=injection.position,
             example_input=_example(model, injection.input_shapes),
+            example_kwargs=_example_kwargs(model, injection.input_kwargs),
             verify=False,
+            stack=injection.stack,
             **dict(injection.options),
         )
         landed = patched_recipe_of(model).injections[-1].modules
@@ -225,11 +227,12 @@ def check_replayable(recipe: Recipe, model: nn.Module, source: str) -> None:
     """Refuse example inputs larger than a file may ask of ``model`` (its configured input size)."""
     configured = configured_input_size(model)
     for i, injection in enumerate(recipe.injections):
-        problem = None if injection.input_shapes is None else example_shapes_problem(injection.input_shapes, configured)
+        shapes = [*(injection.input_shapes or ()), *(shape for _, shape in injection.input_kwargs)]
+        problem = example_shapes_problem(shapes, configured) if shapes else None
         if problem:
             raise AttnInjectError(
                 f"injection {i} ({injection.block}) records the example input "
-                f"{[list(s) for s in injection.input_shapes or ()]}: {problem}; a file may ask load() for no more",
+                f"{[list(s) for s in shapes]}: {problem}; a file may ask load() for no more",
                 where=source,
                 hint="inject() with a smaller example_input (e.g. one image of the model's size) to save the model.",
             )
@@ -237,6 +240,12 @@ def check_replayable(recipe: Recipe, model: nn.Module, source: str) -> None:
 
 def _example(model: nn.Module, shapes: tuple[tuple[int, ...], ...] | None) -> tuple | None:
     return None if shapes is None else seeded_tensors(shapes, *parameter_dtype_device(model))
+
+
+def _example_kwargs(model: nn.Module, shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> dict[str, torch.Tensor]:
+    """The example's keyword tensors, drawn as the positional ones are (seeded, the model's dtype)."""
+    tensors = seeded_tensors([s for _, s in shapes], *parameter_dtype_device(model))
+    return {name: t for (name, _), t in zip(shapes, tensors)}
 
 
 def arch_to_build(recipe: Recipe, arch: str | None, trust_remote_code: bool, source: Path) -> str:

@@ -15,6 +15,7 @@ mode under no_grad (the caller sets and restores the mode).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import weakref
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from ..patched import Absent, TensorSeq, patched_forward
 from .align import align
 from .bitsets import GraphBits
 from .example import example_forward_failed
+from .folding import Fold, find_fold
 from .nodes import (
     META_KEY,
     LearnedOp,
@@ -43,6 +45,7 @@ from .nodes import (
     module_kind,
     module_op,
     shape_of,
+    shape_of_value,
     target_path,
 )
 from .opaque_calls import OpaqueUnit, PrimitiveCalls, conv_units
@@ -67,6 +70,8 @@ class ModuleRecord:
     ops: tuple[LearnedOp, ...] = ()  # learned ops on its main path, gates excluded
     bits: GraphBits | None = None
     unit: tuple[LearnedOp, ...] = ()  # set when the module ends a conv unit of an untraceable parent
+    folds: str | None = None  # the method that folds its branches (folding.py): one unit, never edited
+    folded: Analysis | None = field(default=None, repr=False)  # the analysis of its folded copy
     # tensor placeholder -> (record, node) of the caller's graph that produced that tensor
     sources: dict[fx.Node, tuple[ModuleRecord, fx.Node]] = field(default_factory=dict, repr=False)
 
@@ -104,7 +109,12 @@ class Analysis:
         return [r for r in self.records if r.traced]
 
     def untraced(self) -> list[ModuleRecord]:
-        return [r for r in self.records if not r.traced]
+        """Modules fx could not trace (or whose graph failed): they run as they are."""
+        return [r for r in self.records if not r.traced and r.folds is None]
+
+    def folding(self) -> list[ModuleRecord]:
+        """Modules that fold their branches (folding.py): each is one unit, its forward never edited."""
+        return [r for r in self.records if r.folds is not None]
 
     def unreached(self) -> list[str]:
         """Outermost modules holding convolutions that the analysis never saw called, directly or
@@ -165,9 +175,9 @@ def analyze(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Analys
     analysis = Analysis(model)
     try:
         with torch.no_grad():
-            _Analyzer(analysis).run(model, "", args, kwargs or {}, root_method(model))
+            _Analyzer(analysis).run_root(model, args, kwargs or {}, root_method(model))
     except Exception as exc:  # the user's model failed on the example input
-        raise example_forward_failed(model, exc) from None
+        raise example_forward_failed(model, exc, args) from None
     return analysis
 
 
@@ -211,14 +221,16 @@ def forward_signature(module: nn.Module, method: str) -> inspect.Signature:
 
 
 class _Analyzer:
-    def __init__(self, analysis: Analysis):
+    def __init__(self, analysis: Analysis, traces: TraceCache | None = None):
         self.analysis = analysis
         self.seen: dict[tuple, ModuleRecord] = {}
+        self.folds: dict[int, str | None] = {}  # module structure -> the method that folds it, or None
+        self.fold_of: dict[int, Fold | None] = {}  # id(module) -> how it folds
         # one scope per module being run: id(tensor) -> (weakref, record, node) of its graph's nodes
         # that produced it; None for a module run eagerly (its data flow is not seen)
         self.scopes: list[dict[int, tuple] | None] = []
         self.intercepting: object | None = None  # the untraceable module whose calls are analysed in place
-        self.traces = TraceCache()  # modules built alike are traced once
+        self.traces = traces or TraceCache()  # modules built alike are traced once
 
     def produced(self, value: Any, record: ModuleRecord, node: fx.Node) -> None:
         """Remember ``node`` as the producer of a tensor, or of the tensors a container holds."""
@@ -240,7 +252,25 @@ class _Analyzer:
         out, _ = self.run_recorded(module, path, args, kwargs, method)
         return out
 
-    def run_recorded(self, module, path, args, kwargs, method="forward") -> tuple[Any, ModuleRecord | None]:
+    def run_root(self, model: nn.Module, args: tuple, kwargs: dict, method: str) -> Any:
+        """The model's whole forward. Where the patched method is another one (timm's
+        forward_features), the forward runs eagerly with that method traced and recorded where it
+        is called, and the calls the forward makes itself (timm's forward_head: ``head``) analysed
+        as they happen, as for an untraceable module; if the forward never calls that method, or
+        its calls cannot be observed, the method alone is analysed."""
+        if method == "forward":
+            return self.run(model, "", args, kwargs)
+        self.traces.structure(model)  # numbered before the stand-ins are put on the modules
+        start, called_before = len(self.analysis.records), set(self.analysis.called)
+        out, refused = self._observed(model, "", "forward", args, kwargs, also=method)
+        if refused is None and any(r.module is model and r.method == method for r in self.analysis.records[start:]):
+            return out
+        self._forget(start, called_before)
+        return self.run(model, "", args, kwargs, method)
+
+    def run_recorded(
+        self, module, path, args, kwargs, method="forward", foldable=True
+    ) -> tuple[Any, ModuleRecord | None]:
         self.analysis.called.add(id(module))
         if is_primitive(module):
             return call_method(module, method, args, kwargs), None
@@ -249,12 +279,15 @@ class _Analyzer:
         except TypeError:
             return call_method(module, method, args, kwargs), None
         bound.apply_defaults()
-        fixed = _structural_arguments(bound)
+        fold = self._fold(module, path, method) if foldable else None
+        fixed = frozenset() if fold is not None else _structural_arguments(bound)
         key = (id(module), method, fixed)
         if key in self.seen:
             return call_method(module, method, args, kwargs), self.seen[key]
         record = self.seen[key] = ModuleRecord(path, module, method, fixed)
         self.analysis.records.append(record)
+        if fold is not None:
+            return self._run_folding(record, fold, args, kwargs), record
         try:
             traced = self._trace(record, bound)
         except TraceFailure as exc:
@@ -279,6 +312,44 @@ class _Analyzer:
         record.bits = GraphBits(graph)
         record.ops = record.bits.main_path_ops()
         return out, record
+
+    def _fold(self, module: nn.Module, path: str, method: str) -> Fold | None:
+        """How the module folds its branches, if it does (never the model itself: its output has no
+        caller's graph to take a block). Told once per module structure."""
+        if not path or method != "forward":
+            return None
+        if id(module) in self.fold_of:
+            return self.fold_of[id(module)]
+        structure = self.traces.structure(module)
+        fold = None
+        if self.folds.get(structure, "") is not None:
+            with _stand_ins_lifted(module):  # a copy must not take the analysis' stand-ins along
+                fold = find_fold(module)
+            self.folds[structure] = None if fold is None else fold.method
+        self.fold_of[id(module)] = fold
+        return fold
+
+    def _run_folding(self, record: ModuleRecord, fold: Fold, args: tuple, kwargs: dict) -> Any:
+        """Run a module that folds its branches as it is; what its caller sees through it are the
+        learned ops of its folded copy (analysed on the same arguments), the last conv named as
+        the module itself: a block after that conv goes after the module."""
+        record.folds = fold.method
+        self.analysis.called.update(id(m) for m in record.module.modules())
+        folded = Analysis(fold.folded)
+        inner = _Analyzer(folded, self.traces)
+        inner.folds = self.folds
+        out, top = inner.run_recorded(fold.folded, record.path, args, kwargs, record.method, foldable=False)
+        record.folded = folded
+        if top is not None:
+            ops = list(top.ops)
+        else:  # it folds into a primitive (timm's ConvNorm.fuse() returns a Conv2d)
+            op = module_op(fold.folded, record.path, shape_of_value(out))
+            ops = [op] if op is not None else []
+        last = max((i for i, op in enumerate(ops) if op.kind == "conv"), default=None)
+        if last is not None:
+            ops[last] = dataclasses.replace(ops[last], path=record.path)
+        record.ops = tuple(ops)
+        return call_method(record.module, record.method, args, kwargs)
 
     def _trace(self, record: ModuleRecord, bound: inspect.BoundArguments) -> TraceResult:
         """Trace with the structural arguments fixed; failing that, with the scalar ones fixed too."""
@@ -313,45 +384,56 @@ class _Analyzer:
         """Run an untraceable module eagerly; the calls it makes to its descendants are analysed in
         place (one pass: a call's output is the analysis' output). Where that cannot be observed
         (children called inside torch.cond), the module runs unobserved instead."""
-        token, start = object(), len(self.analysis.records)
-        called_before = set(self.analysis.called)
-        stand_ins = [
-            _AnalysedCall(self, token, sub, join_path(record.path, sub_path))
-            for sub_path, sub in record.module.named_modules()
-            if sub is not record.module
-        ]
-        own = PrimitiveCalls(
-            record.module, record.path, lambda: self.intercepting is token and not torch.compiler.is_compiling()
-        )
-        outer, self.intercepting = self.intercepting, token
-        self.scopes.append(None)  # an eager caller: its children's arguments have no known producers
-        refused = None
-        try:
-            out = call_method(record.module, record.method, args, kwargs)
-        except Exception as exc:  # torch.cond & co. refuse the stand-ins
-            refused = exc
-        finally:
-            self.scopes.pop()
-            self.intercepting = outer
-            own.remove()
-            for stand_in in reversed(stand_ins):
-                stand_in.remove()
+        start, called_before = len(self.analysis.records), set(self.analysis.called)
+        out, refused = self._observed(record.module, record.path, record.method, args, kwargs)
         if refused is not None:  # forget what was seen of it, run it unobserved
-            self.analysis.called = called_before
-            dropped = {id(r) for r in self.analysis.records[start:]}
-            self.seen = {k: v for k, v in self.seen.items() if id(v) not in dropped}
-            del self.analysis.records[start:]
+            self._forget(start, called_before)
             out = call_method(record.module, record.method, args, kwargs)
             record.reason = f"{record.reason}; its children's calls cannot be observed ({type(refused).__name__})"
-        else:
-            for unit in conv_units(own.calls):
-                self._unit_record(unit)
         record.ops = tuple(
             op
             for sub_path, sub in record.module.named_modules()
             if (op := module_op(sub, join_path(record.path, sub_path), None)) is not None
         )
         return out
+
+    def _observed(
+        self, module: nn.Module, path: str, method: str, args: tuple, kwargs: dict, also: str | None = None
+    ) -> tuple[Any, Exception | None]:
+        """Call ``module.<method>`` eagerly with its descendants' forwards (and its own method
+        ``also``) standing in for analysed calls, and its own conv units found; returns the output,
+        or the exception that refused the stand-ins (torch.cond & co.)."""
+        token = object()
+        stand_ins = [
+            _AnalysedCall(self, token, sub, join_path(path, sub_path))
+            for sub_path, sub in module.named_modules()
+            if sub is not module
+        ]
+        if also is not None:
+            stand_ins.append(_AnalysedCall(self, token, module, path, also))
+        own = PrimitiveCalls(module, path, lambda: self.intercepting is token and not torch.compiler.is_compiling())
+        outer, self.intercepting = self.intercepting, token
+        self.scopes.append(None)  # an eager caller: its children's arguments have no known producers
+        try:
+            out = call_method(module, method, args, kwargs)
+        except Exception as exc:  # torch.cond & co. refuse the stand-ins
+            return None, exc
+        finally:
+            self.scopes.pop()
+            self.intercepting = outer
+            own.remove()
+            for stand_in in reversed(stand_ins):
+                stand_in.remove()
+        for unit in conv_units(own.calls):
+            self._unit_record(unit)
+        return out, None
+
+    def _forget(self, start: int, called_before: set[int]) -> None:
+        """Drop the records made since ``start`` and the calls seen since ``called_before``."""
+        self.analysis.called = called_before
+        dropped = {id(r) for r in self.analysis.records[start:]}
+        self.seen = {k: v for k, v in self.seen.items() if id(v) not in dropped}
+        del self.analysis.records[start:]
 
     def _unit_record(self, unit: OpaqueUnit) -> None:
         """A record for the last module of a unit inside an untraceable module: its own forward,
@@ -375,14 +457,15 @@ class _Analyzer:
 
 
 class _AnalysedCall:
-    """Stands in for a descendant's ``forward`` while an untraceable module runs: a call the module
-    makes itself is analysed there and then; calls made from inside that analysis, or under
-    torch.compile, go to the forward it replaced."""
+    """Stands in for a descendant's ``forward`` (or the model's own ``forward_features``) while an
+    untraceable module, or the model's forward, runs: a call the module makes itself is analysed
+    there and then; calls made from inside that analysis, or under torch.compile, go to the method
+    it replaced."""
 
-    def __init__(self, analyzer: _Analyzer, token: object, module: nn.Module, path: str):
-        self.analyzer, self.token, self.module, self.path = analyzer, token, module, path
-        self.previous = module.__dict__.get("forward", Absent)
-        module.__dict__["forward"] = self
+    def __init__(self, analyzer: _Analyzer, token: object, module: nn.Module, path: str, method: str = "forward"):
+        self.analyzer, self.token, self.module, self.path, self.method = analyzer, token, module, path, method
+        self.previous = module.__dict__.get(method, Absent)
+        module.__dict__[method] = self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         analyzer = self.analyzer
@@ -392,24 +475,44 @@ class _AnalysedCall:
             analyzer.analysis.called.add(id(self.module))
             return self._previous(*args, **kwargs)
         analyzer.intercepting = None
-        self.remove()  # the analysis sees the module's own forward
+        self.remove()  # the analysis sees the module's own method
         try:
+            if self.method != "forward":  # hooks run around forward only
+                return analyzer.run(self.module, self.path, args, kwargs, self.method)
             with _own_hooks_set_aside(self.module):  # the real call around this one runs them
                 return analyzer.run(self.module, self.path, args, kwargs)
         finally:
-            self.module.__dict__["forward"] = self
+            self.module.__dict__[self.method] = self
             analyzer.intercepting = self.token
 
     def _previous(self, *args: Any, **kwargs: Any) -> Any:
         if self.previous is Absent:
-            return type(self.module).forward(self.module, *args, **kwargs)
+            return getattr(type(self.module), self.method)(self.module, *args, **kwargs)
         return self.previous(*args, **kwargs)
 
     def remove(self) -> None:
         if self.previous is Absent:
-            self.module.__dict__.pop("forward", None)
+            self.module.__dict__.pop(self.method, None)
         else:
-            self.module.__dict__["forward"] = self.previous
+            self.module.__dict__[self.method] = self.previous
+
+
+@contextmanager
+def _stand_ins_lifted(module: nn.Module) -> Iterator[None]:
+    """The analysis' stand-ins taken off ``module`` and its descendants, and put back on exit."""
+    lifted = [
+        (sub, value)
+        for sub in module.modules()
+        for value in list(vars(sub).values())
+        if isinstance(value, _AnalysedCall)
+    ]
+    for _, stand_in in lifted:
+        stand_in.remove()
+    try:
+        yield
+    finally:
+        for sub, stand_in in lifted:
+            sub.__dict__[stand_in.method] = stand_in
 
 
 def _placeholder_values(record: ModuleRecord, graph: fx.Graph, bound: inspect.BoundArguments) -> list[Any]:
@@ -492,8 +595,7 @@ def _arg_shape(interp: fx.Interpreter):
     def shape(arg: Any) -> tuple[int, ...] | None:
         if isinstance(arg, fx.Node):
             if arg.op == "get_attr":
-                value = interp.fetch_attr(target_path(arg))
-                return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+                return shape_of_value(interp.fetch_attr(target_path(arg)))
             return shape_of(arg)
         return None
 

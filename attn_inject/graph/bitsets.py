@@ -88,7 +88,7 @@ class GraphBits(Ancestors):
             a, b = node.args[0], node.args[1]
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
                 continue
-            size_a, size_b = _numel(_unexpanded_shape(a)), _numel(_unexpanded_shape(b))
+            size_a, size_b = _numel(unexpanded_shape(a)), _numel(unexpanded_shape(b))
             if size_a is None or size_b is None or size_a == size_b:
                 continue
             small, big = (a, b) if size_a < size_b else (b, a)
@@ -120,7 +120,7 @@ def _reads_metadata(node: fx.Node, metadata: set[fx.Node]) -> bool:
     return node.op == "call_function" and shape_of(node) is None and bool(inputs) and all(i in metadata for i in inputs)
 
 
-def _unexpanded_shape(node: fx.Node) -> tuple[int, ...] | None:
+def unexpanded_shape(node: fx.Node) -> tuple[int, ...] | None:
     while node.op == "call_method" and node.target in ("expand", "expand_as") and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return shape_of(node)

@@ -4,7 +4,7 @@ bit-for-bit equality."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,16 +40,20 @@ def seeded_tensors(
     return tuple(torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for shape in shapes)
 
 
-def example_args(model: nn.Module, example_input: Any = None, input_size: tuple[int, ...] | None = None) -> tuple:
+def example_args(
+    model: nn.Module, example_input: Any = None, input_size: tuple[int, ...] | None = None, keywords: bool = False
+) -> tuple:
     """Positional arguments for the example forward.
 
     ``example_input`` may be a tensor or a tuple of arguments. By default: one image of
     ``input_size`` (C, H, W), else the model's configured size (timm ``pretrained_cfg["input_size"]``),
     else 3x224x224; random normal from a fixed seed, in the dtype and on the device of the model's
-    parameters.
+    parameters. With ``keywords`` (the example is given as keyword arguments) there is no default.
     """
     if example_input is not None:
         return example_input if isinstance(example_input, tuple) else (example_input,)
+    if keywords:
+        return ()
     size = tuple(input_size or configured_input_size(model) or DEFAULT_INPUT_SIZE)
     if not all(type(s) is int and 0 < s <= MAX_SIDE for s in size):
         raise AttnInjectError(
@@ -90,21 +94,37 @@ def example_shapes_problem(shapes: Sequence[Sequence[int]], configured: tuple | 
     return None
 
 
-def run(model: nn.Module, args: tuple) -> Any:
+def example_kwargs(value: Any) -> dict[str, Any]:
+    """The keyword arguments of the example forward: a mapping with string keys (a dict, or a
+    processor's output such as transformers' ``BatchFeature``), as a plain dict."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return dict(value.items())
+    raise AttnInjectError(
+        f"example_kwargs= must be a mapping of argument names to values, not {type(value).__name__}",
+        hint="For example example_kwargs=dict(pixel_values=x), or a processor's output (a BatchFeature).",
+    )
+
+
+def run(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -> Any:
     """One forward under no_grad, from a fixed random state (so forwards that draw random numbers
     give the same output before and after injection); the caller's random state is kept."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
-        return model(*args)
+        return model(*args, **(kwargs or {}))
 
 
-def example_forward_failed(model: nn.Module, exc: Exception) -> AttnInjectError:
-    """The error for a model that fails on the example input."""
-    return AttnInjectError(
-        f"the example forward of {type(model).__name__} failed: {one_line(exc)}",
-        hint="Pass example_input= (a tensor or tuple of arguments) that the model accepts.",
-    )
+def example_forward_failed(model: nn.Module, exc: Exception, args: tuple = ()) -> AttnInjectError:
+    """The error for a model that fails on the example input (``args``: its positional arguments)."""
+    hint = "Pass example_input= (a tensor or tuple of arguments) that the model accepts."
+    if any(isinstance(a, Mapping) for a in args):
+        hint = (
+            "example_input= is passed as positional arguments, a dict too; pass a dict of keyword arguments "
+            "(a processor's output) as example_kwargs= instead."
+        )
+    return AttnInjectError(f"the example forward of {type(model).__name__} failed: {one_line(exc)}", hint=hint)
 
 
 def first_difference(expected: Any, actual: Any) -> str | None:

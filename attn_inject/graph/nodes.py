@@ -90,6 +90,11 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
     return facts(node).shape
 
 
+def shape_of_value(value: object) -> tuple[int, ...] | None:
+    """The shape of a tensor value; None for anything else."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
 def target_path(node: fx.Node) -> str:
     """The attribute path a call_module or get_attr node names."""
     if not isinstance(node.target, str):

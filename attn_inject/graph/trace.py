@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import operator
 import types
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -112,6 +113,7 @@ def trace_module(module: nn.Module, method: str, fixed: frozenset, training: boo
     finally:
         drew = not same_rng(rng_states(), rng)
         set_rng_states(rng)
+    _buffer_updates_in_place(module, clone, graph)
     if not _output_nodes(graph):
         raise TraceFailure(
             "its result does not depend on its inputs or children "
@@ -128,6 +130,29 @@ def trace_module(module: nn.Module, method: str, fixed: frozenset, training: boo
     explicit_inplace(graph, module)
     constants = {k: v for k, v in clone.__dict__.items() if k not in module.__dict__ and k != "__class__"}
     return TraceResult(graph, constants, reads_training=mode.read)
+
+
+# ``self.steps += 1`` on a buffer: fx records ``steps + 1`` and rebinds the attribute to its Proxy;
+# on a tensor Python's ``+=`` updates it in place, so the graph gets the in-place method instead.
+_IN_PLACE_OF = {operator.add: "add_", operator.sub: "sub_", operator.mul: "mul_", operator.truediv: "div_"}
+
+
+def _buffer_updates_in_place(module: nn.Module, clone: nn.Module, graph: fx.Graph) -> None:
+    """Turn ``buffer += value`` (``-=``, ``*=``, ``/=``) into an in-place update node of the graph, as
+    ``buffer.add_(value)`` traces, and give the traced copy its buffer back (fx rebound it to a Proxy)."""
+    for name, value in list(clone._buffers.items()):
+        if not isinstance(value, fx.Proxy) or not isinstance(module._buffers.get(name), torch.Tensor):
+            continue
+        node = value.node
+        method = _IN_PLACE_OF.get(node.target) if node.op == "call_function" else None
+        read = node.args[0] if node.args else None
+        if method is None or not isinstance(read, fx.Node) or (read.op, read.target) != ("get_attr", name):
+            continue  # another value bound to the buffer: reported as setting it
+        with graph.inserting_after(node):
+            update = graph.call_method(method, node.args, dict(node.kwargs))
+        node.replace_all_uses_with(update)
+        graph.erase_node(node)
+        clone._buffers[name] = module._buffers[name]
 
 
 def _tensor_versions(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:

@@ -39,9 +39,10 @@ def find_block_candidates(analysis: Analysis, candidates: list[Candidate]) -> li
         if not any(op.kind == "conv" for op in ops):
             continue
         if residual is not None:
-            node, branch, branch_arg = residual.node, residual.branch, residual.branch_arg
+            node, branch, branch_arg, region = residual.node, residual.branch, residual.branch_arg, residual.region
         else:
             node, branch, branch_arg = out.name, out.name, None
+            region = ((record, record.traced_bits.upto(out)),)
         blocks.append(
             Candidate(
                 kind="block",
@@ -53,6 +54,7 @@ def find_block_candidates(analysis: Analysis, candidates: list[Candidate]) -> li
                 branch_arg=branch_arg,
                 ops=ops,
                 shape=shape,
+                region=region,
             )
         )
     return blocks

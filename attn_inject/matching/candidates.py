@@ -15,10 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from torch import fx
+from torch import fx, nn
+from torch.nn.modules.conv import _ConvNd
 
 from ..graph.analyze import Analysis, ModuleRecord
-from ..graph.dataflow import Merge, find_fork
+from ..graph.dataflow import Fork, Merge, find_fork
+from ..graph.folding import has_fold_method
 from ..graph.nodes import (
     LearnedOp,
     facts,
@@ -46,6 +48,9 @@ class Candidate:
     ops: tuple[LearnedOp, ...]  # residual/block: the branch's (main path's) learned ops; unit: conv (and norm)
     shape: tuple[int, ...]
     has_norm: bool = True
+    # the nodes that make the place, for existing attention: residual: the branch (across graphs);
+    # unit: conv to the unit's end and what takes its output; block: its main path
+    region: tuple[tuple[ModuleRecord, int], ...] = ()
 
     @property
     def convs(self) -> tuple[LearnedOp, ...]:
@@ -62,11 +67,18 @@ class Miss:
 
     path: str
     reason: str
+    map_dims: int | None = None  # a residual on a conv map of this many spatial dims other than 2 (NCL, NCDHW)
+    attention: str | None = None  # the channel attention the place already holds (skipped without stack=True)
+
+
+# The layout of a conv map by its number of spatial dims (residuals on 1-D and 3-D maps are reported).
+MAP_LAYOUTS = {1: "NCL", 2: "NCHW", 3: "NCDHW"}
 
 
 def find_candidates(analysis: Analysis) -> tuple[list[Candidate], list[Miss]]:
     candidates: list[Candidate] = []
     misses: list[Miss] = []
+    folding = {id(r.module): r for r in analysis.folding()}
     for record in analysis.records:
         if not record.traced:
             continue
@@ -82,6 +94,10 @@ def find_candidates(analysis: Analysis) -> tuple[list[Candidate], list[Miss]]:
                     misses.append(found)
             elif (conv := _conv_op(record, node)) is not None:
                 unit = _unit(record, node, conv)
+                if unit is not None:
+                    candidates.append(unit)
+            elif node.op == "call_module" and (fold := folding.get(id(_child(record, node)))) is not None:
+                unit = _folded_unit(record, node, fold)
                 if unit is not None:
                     candidates.append(unit)
     return candidates, misses
@@ -128,6 +144,14 @@ def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
         return None  # broadcasting or non-tensor add: not a residual
     where = record.path or "<model>"
     if len(shape) != 4:
+        dims = len(shape) - 2
+        if dims in MAP_LAYOUTS and _on_conv_map(find_fork(record, a, b), shape):
+            return Miss(
+                where,
+                f"residual {add.name} is on a {dims}-D map {list(shape)} ({MAP_LAYOUTS[dims]}), "
+                "which attn_inject does not patch yet",
+                map_dims=dims,
+            )
         return Miss(where, f"residual {add.name} is on a {len(shape)}-D tensor {list(shape)}, not an NCHW map")
     fork = find_fork(record, a, b)
     if fork is None:
@@ -143,12 +167,16 @@ def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
         convs = sum(o.kind == "conv" for o in ops)
         size = bin(fork.local_bits(i)).count("1")
         sides.append(((convs, sum(o.kind == "norm" for o in ops), size), side, ops))
+    resized = _resized(sides[0][2], shape) or _resized(sides[1][2], shape)
+    if resized:
+        return Miss(where, f"add {add.name} merges maps of two resolutions ({resized}): a merge, not a residual")
     (score_a, _, _), (score_b, _, _) = sides
     if score_a == score_b:
         if score_a[0]:
             return None  # parallel conv branches summed (RepVGG, Inception): not a residual
         return Miss(where, f"residual {add.name}: both inputs look alike, cannot tell branch from shortcut")
     (_, branch, ops), (shortcut_score, _, _) = sorted(sides, key=lambda s: s[0], reverse=True)
+    region = fork.sides[(a, b).index(branch)]
     if not fork.followed and shortcut_score[0]:
         return None  # two computed inputs from different arguments of an opaque caller's call
     learned = [o for o in ops if o.kind in ("conv", "norm")]
@@ -167,7 +195,34 @@ def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
         branch_arg=add.args.index(branch),
         ops=ops,
         shape=shape,
+        region=region,
     )
+
+
+def _on_conv_map(fork: Fork | Merge | None, shape: tuple[int, ...]) -> bool:
+    """Whether a residual (an add whose inputs fork) adds a conv's map: a side calls a conv of the
+    map's dims (or a module holding one) whose output channels are the map's dim 1."""
+    if not isinstance(fork, Fork):
+        return False
+    for side in fork.sides:
+        for record, bits in side:
+            for node in record.traced_bits.nodes_in(bits):
+                if node.op == "call_module" and any(
+                    isinstance(m, _ConvNd) and len(m.kernel_size) == len(shape) - 2 and m.out_channels == shape[1]
+                    for m in record.module.get_submodule(target_path(node)).modules()
+                ):
+                    return True
+    return False
+
+
+def _resized(ops: tuple[LearnedOp, ...], shape: tuple[int, ...]) -> str | None:
+    """How a side was resized after its last conv (an FPN's upsampled top-down path), if it was:
+    the conv gives the add's channels at another spatial size."""
+    convs = [o for o in ops if o.kind == "conv"]
+    out = convs[-1].out_shape if convs else None
+    if out is None or len(out) != len(shape) or out[1] != shape[1] or tuple(out[2:]) == tuple(shape[2:]):
+        return None
+    return f"one side's last conv gives {list(out)}, resized to {list(shape)}"
 
 
 def _nchw_problem(learned: list[LearnedOp], shape: tuple[int, ...]) -> str | None:
@@ -188,14 +243,28 @@ def _nchw_problem(learned: list[LearnedOp], shape: tuple[int, ...]) -> str | Non
     return None
 
 
-def _chain_end(record: ModuleRecord, node: fx.Node) -> fx.Node:
-    """Follow a node through single-use activations (the block output: after add and act)."""
+def _chain_end(record: ModuleRecord, node: fx.Node, through_identity: bool = False) -> fx.Node:
+    """Follow a node through single-use activations (the block output: after add and act); with
+    ``through_identity``, also through ``nn.Identity`` modules on the way to one (an empty slot:
+    RepVGG's ``attn``, MobileOne's ``se``)."""
+    end = node
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if not is_activation_node(user, record.module.get_submodule) or shape_of(user) != shape_of(node):
+        if shape_of(user) != shape_of(node):
+            break
+        if is_activation_node(user, record.module.get_submodule):
+            end = user
+        elif not (through_identity and user.op == "call_module" and type(_child(record, user)) is nn.Identity):
             break
         node = user
-    return node
+    return end
+
+
+def _has_bias(record: ModuleRecord, conv: fx.Node) -> bool:
+    if conv.op == "call_module":
+        return getattr(_child(record, conv), "bias", None) is not None
+    bias = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+    return bias is not None
 
 
 def _conv_op(record: ModuleRecord, node: fx.Node) -> LearnedOp | None:
@@ -215,9 +284,29 @@ def _unit(record: ModuleRecord, conv: fx.Node, conv_op: LearnedOp) -> Candidate 
     nxt = _single_user(conv)
     if nxt is not None and _is_norm(record, nxt) and shape_of(nxt) == shape:
         end, norm_op = nxt, next(iter(facts(nxt).ops), None)
-    end = _chain_end(record, end)
     ops = (conv_op, norm_op) if norm_op else (conv_op,)
-    return _unit_candidate(record, end.name, ops, shape)
+    if norm_op is None and has_fold_method(record.module) and _has_bias(record, conv):
+        # a reparameterized block's conv: its norms are folded into the bias; the unit ends at the
+        # activation after it, as the block's output did before the fold (folding.py)
+        after = _chain_end(record, end, through_identity=True)
+        if after is not end:
+            return _unit_candidate(record, after.name, ops, shape, has_norm=True, start=conv)
+    return _unit_candidate(record, _chain_end(record, end).name, ops, shape, start=conv)
+
+
+def _child(record: ModuleRecord, node: fx.Node) -> object:
+    return record.module.get_submodule(target_path(node))
+
+
+def _folded_unit(record: ModuleRecord, call: fx.Node, fold: ModuleRecord) -> Candidate | None:
+    """A module that folds its branches into a conv (folding.py), called in ``record``'s graph: one
+    conv unit (its norms fold into the conv) ending at its output, or after the activations that
+    follow it; the block goes there, in the caller's graph."""
+    shape = shape_of(call)
+    convs = [op for op in fold.ops if op.kind == "conv" and op.path == fold.path]
+    if not shape or len(shape) != 4 or not convs or record.traced_bits.gates >> record.traced_bits.index[call] & 1:
+        return None
+    return _unit_candidate(record, _chain_end(record, call).name, (convs[0],), shape, has_norm=True, start=call)
 
 
 def _opaque_unit(record: ModuleRecord) -> Candidate:
@@ -227,8 +316,23 @@ def _opaque_unit(record: ModuleRecord) -> Candidate:
     return _unit_candidate(record, end.name, record.unit, shape_of(end))
 
 
-def _unit_candidate(record: ModuleRecord, end: str, ops: tuple[LearnedOp, ...], shape) -> Candidate:
-    """A unit ending at node ``end``: its conv (and norm), placed after the unit."""
+def _unit_candidate(
+    record: ModuleRecord,
+    end: str,
+    ops: tuple[LearnedOp, ...],
+    shape,
+    has_norm: bool | None = None,
+    start: fx.Node | None = None,
+) -> Candidate:
+    """A unit from node ``start`` to node ``end``: its conv (and norm, or one folded into it), placed
+    after the unit."""
+    bits = record.traced_bits
+    last = record.node(end)
+    region = 0
+    if last is not None:
+        region = bits.upto(last) & ~(bits.anc[start] if start is not None else bits.anc[last])
+        for user in last.users:
+            region |= 1 << bits.index[user]
     return Candidate(
         kind="unit",
         record=record,
@@ -239,7 +343,8 @@ def _unit_candidate(record: ModuleRecord, end: str, ops: tuple[LearnedOp, ...], 
         branch_arg=None,
         ops=ops,
         shape=shape,
-        has_norm=len(ops) > 1,
+        has_norm=len(ops) > 1 if has_norm is None else has_norm,
+        region=((record, region),),
     )
 
 

@@ -11,9 +11,10 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 import torch
+from torch.nn.modules.conv import _ConvNd
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..blocks import block_spec, get_block
@@ -23,8 +24,9 @@ from ..graph.analyze import Analysis, ModuleRecord
 from ..graph.nodes import join_path
 from ..rules.builtin import list_rules
 from ..rules.model import Rule, conv_index, frozen, glob_selects
+from .attended import Attended
 from .block_candidates import find_block_candidates, matched, places, units_by_conv
-from .candidates import Candidate, Miss, find_candidates, rule_matches
+from .candidates import MAP_LAYOUTS, Candidate, Miss, find_candidates, rule_matches
 from .names import Names
 
 
@@ -59,6 +61,9 @@ class Site:
         )
 
 
+Note = Literal["misses", "attended", "folded", "unreached", "untraced"]  # what Plan.note tells, in this order
+
+
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     """What ``inject`` would do; iterate it for the sites."""
@@ -72,6 +77,9 @@ class Plan:
     misses: tuple[Miss, ...] = ()
     untraced: tuple[tuple[str, str], ...] = ()  # (module path, reason) of modules fx could not trace
     unreached: tuple[str, ...] = ()  # modules with convs the example forward did not reach (or could not see)
+    attended: tuple[tuple[str, str], ...] = ()  # (place, its attention) matched places already holding one
+    stacked: bool = False  # the attended places got a block all the same (stack=True)
+    folded: tuple[tuple[str, str], ...] = ()  # (module path, method) of modules that fold their branches
     analysis: Analysis | None = field(default=None, repr=False, compare=False)
     site_records: tuple[tuple[Site, tuple[ModuleRecord, ...]], ...] = field(default=(), repr=False, compare=False)
 
@@ -98,11 +106,26 @@ class Plan:
     def percent_added(self) -> float:
         return 100.0 * self.params_added / self.params_before if self.params_before else 0.0
 
-    def note(self, about: Literal["misses", "unreached", "untraced"]) -> str | None:
-        """What the plan left out, in words: unusable adds, unreached modules or untraced ones."""
-        if about == "misses" and self.misses:
-            first = self.misses[0]
-            return f"{len(self.misses)} residual add(s) were not usable (e.g. {first.path}: {first.reason})"
+    def note(self, about: Note) -> str | None:
+        """What the plan left out or treated specially, in words: unusable adds, places that already
+        hold channel attention, modules that fold their branches, unreached modules, untraced ones."""
+        misses = [m for m in self.misses if m.attention is None]
+        if about == "misses" and misses:
+            first = misses[0]
+            return f"{len(misses)} residual add(s) were not usable (e.g. {first.path}: {first.reason})"
+        if about == "attended" and self.attended:
+            path, found = self.attended[0]
+            done = "a block was stacked on each (stack=True)" if self.stacked else "skipped (stack=True adds another)"
+            return (
+                f"{len(self.attended)} place(s) already hold channel attention (e.g. {path or '<model>'}: {found}): "
+                f"{done}"
+            )
+        if about == "folded" and self.folded:
+            path, method = self.folded[0]
+            return (
+                f"{len(self.folded)} module(s) fold their branches into one conv (e.g. {path}: {method}()): each is "
+                "one unit, a block goes after it, never inside a branch"
+            )
         if about == "unreached" and self.unreached:
             more = ", ..." if len(self.unreached) > 3 else ""
             return (
@@ -115,7 +138,7 @@ class Plan:
         return None
 
     def notes(self) -> list[str]:
-        return [n for about in ("misses", "unreached", "untraced") if (n := self.note(about)) is not None]
+        return [n for about in get_args(Note) if (n := self.note(about)) is not None]
 
     def summary(self) -> dict[str, Any]:
         """Totals and sites as plain data (what ``--json`` prints)."""
@@ -145,6 +168,10 @@ class Plan:
             "flops_added": self.flops_added,
             "untraced": [{"path": p, "reason": r} for p, r in self.untraced],
             "unreached": list(self.unreached),
+            "existing_attention": len(self.attended),
+            "attended": [{"path": p, "attention": a} for p, a in self.attended],
+            "stacked": self.stacked,
+            "folded": [{"path": p, "method": m} for p, m in self.folded],
         }
 
 
@@ -155,18 +182,33 @@ def build_plan(
     rules: list[Rule],
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
+    stack: bool = False,
 ) -> Plan:
-    """Match ``rules`` on an analysed model and lay out the sites; raises if nothing matches."""
+    """Match ``rules`` on an analysed model and lay out the sites; raises if nothing matches.
+    A place that already holds channel attention is skipped (a miss) unless ``stack``."""
     candidates, misses = find_candidates(analysis)
     blocks = find_block_candidates(analysis, candidates)
     units = units_by_conv(candidates)
     claimed: dict[tuple, Site] = {}
     records_of: dict[tuple, list[ModuleRecord]] = {}
     names = Names(block_spec(block))
+    existing, attended = Attended(analysis), dict[str, str]()
     for rule in rules:
         for matched_cand in matched(rule, candidates, blocks):
             if not glob_selects(matched_cand.path, include, exclude):
                 continue
+            found = existing.at(matched_cand)
+            if found is not None:
+                attended.setdefault(matched_cand.path, found)
+                if not stack:
+                    misses.append(
+                        Miss(
+                            matched_cand.path or "<model>",
+                            f"already holds channel attention ({found}); stack=True adds another",
+                            attention=found,
+                        )
+                    )
+                    continue
             placed = places(rule, matched_cand, units)
             if isinstance(placed, Miss):
                 misses.append(placed)
@@ -214,6 +256,9 @@ def build_plan(
         misses=tuple(misses),
         untraced=tuple((r.path or "<model>", r.reason or "") for r in analysis.untraced()),
         unreached=tuple(analysis.unreached()),
+        attended=tuple(attended.items()),
+        stacked=stack,
+        folded=tuple((r.path, r.folds or "") for r in analysis.folding()),
         analysis=analysis,
         site_records=tuple((claimed[k], tuple(records_of[k])) for k in claimed),
     )
@@ -320,4 +365,24 @@ def _nothing_matched(
     msg = f"rule {names} matched nothing in {plan.model_class}; the model contains: {contains}"
     if include or exclude:
         msg += f" (before include={list(include)} exclude={list(exclude)})"
-    return "; ".join([msg, *plan.notes()])
+    return "; ".join([msg, *_other_dims(plan), *plan.notes()])
+
+
+def _other_dims(plan: Plan) -> list[str]:
+    """What a model of 1-D or 3-D maps (audio, time series, video, volumes) has that is not patched
+    yet: its residuals on such maps, or, where none is seen, its convolutions of those dims."""
+    not_yet = "which attn_inject does not patch yet"
+    residuals = Counter(m.map_dims for m in plan.misses if m.map_dims is not None)
+    if residuals:
+        return [f"{sum(residuals.values())} residual add(s) are on {_dims_words(residuals)}, {not_yet}"]
+    model = plan.analysis.model if plan.analysis is not None else None
+    convs = Counter(len(m.kernel_size) for m in model.modules() if isinstance(m, _ConvNd)) if model else Counter()
+    if convs and 2 not in convs:
+        return [f"its {sum(convs.values())} convolutions are on {_dims_words(convs)}, {not_yet}"]
+    return []
+
+
+def _dims_words(dims: Counter) -> str:
+    """``1-D maps (NCL)``, ``1-D/3-D maps (NCL / NCDHW)``."""
+    known = sorted(d for d in dims if d in MAP_LAYOUTS)
+    return f"{'/'.join(f'{d}-D' for d in known)} maps ({' / '.join(MAP_LAYOUTS[d] for d in known)})"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,7 @@ from ..blocks import check_block_options, get_block
 from ..errors import AttnInjectError
 from ..graph.analyze import ModuleRecord, analyze
 from ..graph.example import example_args, example_forward_failed, first_difference, run, seeded_tensors
+from ..graph.example import example_kwargs as example_kwargs_checked
 from ..graph.nodes import NodeFacts, facts
 from ..graph.preserve import preserved, rng_states, set_rng_states
 from ..matching.plan import Plan, Site, build_plan
@@ -48,6 +49,7 @@ def plan(
     exclude: str | Iterable[str] = (),
     position: str | None = None,
     example_input: Any = None,
+    example_kwargs: Mapping[str, Any] | None = None,
     stack: bool = False,
     **block_options: Any,
 ) -> Plan:
@@ -61,9 +63,16 @@ def plan(
         position: override the rules' insert position (branch_end, block_output, unit_output, or
             after_convN: after the N-th conv unit of the branch or block, negative N from the end).
         example_input: a tensor or tuple of arguments for the example forward; by default one image
-            of the model's configured input size (3x224x224 if it has none).
-        stack: allow a block at a place that already has a block of the same type (from an earlier
-            inject); by default that is refused, as re-running the same inject usually is a mistake.
+            of the model's configured input size (3x224x224 if it has none), unless ``example_kwargs``
+            is given.
+        example_kwargs: keyword arguments for the example forward (a dict, or a processor's output
+            such as transformers' ``BatchFeature``: ``example_kwargs=processor(images)``); their
+            tensors' shapes are remembered in the recipe, so ``load()`` replays with them.
+        stack: allow a block where there is attention already. By default a place whose branch (or
+            unit, or block) already holds channel attention of the model's own (timm's SEModule,
+            EcaModule, ..., or any pool -> conv/linear -> gate -> multiply) is skipped and listed in
+            ``misses``, and a place that already has a block of the same type (from an earlier
+            inject) is refused, as re-running the same inject usually is a mistake.
         block_options: passed to the block (SE ``reduction``/``rd_ratio``/``rd_of``/``act``/``gate``,
             ECA ``gamma``/``beta``/``kernel_size``, both ``init="identity"|"paper"``); they win over
             the options a rule carries.
@@ -73,8 +82,9 @@ def plan(
     """
     check_model(model)
     request = _Request.checked(model, block, after, include, exclude, position, stack, block_options)
+    kwargs = example_kwargs_checked(example_kwargs)
     with preserved(model):
-        return _analyse_and_plan(model, request, example_input)[0]
+        return _analyse_and_plan(model, request, example_args(model, example_input, keywords=bool(kwargs)), kwargs)[0]
 
 
 def inject(
@@ -86,6 +96,7 @@ def inject(
     exclude: str | Iterable[str] = (),
     position: str | None = None,
     example_input: Any = None,
+    example_kwargs: Mapping[str, Any] | None = None,
     verify: bool = True,
     stack: bool = False,
     **block_options: Any,
@@ -107,16 +118,18 @@ def inject(
             "(materialise with to_empty() and load weights that include the blocks').",
         )
     request = _Request.checked(model, block, after, include, exclude, position, stack, block_options)
+    kwargs = example_kwargs_checked(example_kwargs)
+    args = example_args(model, example_input, keywords=bool(kwargs))
     with preserved(model):  # the example forwards leave no trace
-        the_plan, args, reference = _analyse_and_plan(
-            model, request, example_input, reference=verify and block_options.get("init", "identity") == "identity"
+        the_plan, reference = _analyse_and_plan(
+            model, request, args, kwargs, reference=verify and block_options.get("init", "identity") == "identity"
         )
-    injection = Injection.from_plan(the_plan, args, request.include, request.exclude, position)
+    injection = Injection.from_plan(the_plan, args, kwargs, request.include, request.exclude, position, stack)
     recipe = base_recipe(model).then(injection)
     rng = rng_states()
     try:
         blocks = _build_blocks(the_plan)
-        undo = _splice_and_verify(model, the_plan, blocks, args, reference)
+        undo = _splice_and_verify(model, the_plan, blocks, args, kwargs, reference)
     except BaseException:
         set_rng_states(rng)  # building the blocks drew their default init
         raise
@@ -164,32 +177,33 @@ class _Request:
 
 
 def _analyse_and_plan(
-    model: nn.Module, request: _Request, example_input: Any, reference: bool = False
-) -> tuple[Plan, tuple, Any]:
+    model: nn.Module, request: _Request, args: tuple, kwargs: dict[str, Any], reference: bool = False
+) -> tuple[Plan, Any]:
     """The example forward(s) and the plan, checked; changes nothing (callers preserve state)."""
-    args = example_args(model, example_input)
     with _eval_mode(model):
         try:
-            expected = run(model, args) if reference else None
+            expected = run(model, args, kwargs) if reference else None
         except Exception as exc:
-            raise example_forward_failed(model, exc) from None
-        analysis = analyze(model, args)
-    the_plan = build_plan(analysis, request.block, request.options, request.rules, request.include, request.exclude)
+            raise example_forward_failed(model, exc, args) from None
+        analysis = analyze(model, args, kwargs)
+    the_plan = build_plan(
+        analysis, request.block, request.options, request.rules, request.include, request.exclude, request.stack
+    )
     check_block_sizes(the_plan)
     if not request.stack:
         check_not_stacked(the_plan)
-    return the_plan, args, expected
+    return the_plan, expected
 
 
 def _splice_and_verify(
-    model: nn.Module, the_plan: Plan, blocks: dict[str, nn.Module], args: tuple, reference: Any
+    model: nn.Module, the_plan: Plan, blocks: dict[str, nn.Module], args: tuple, kwargs: dict[str, Any], reference: Any
 ) -> Undo:
     what = f"after injecting {the_plan.block} into {type(model).__name__}"
     with _eval_mode(model) as modes:
         undo = splice(the_plan, blocks)
         try:
             with preserved(model):
-                problem = None if reference is None else first_difference(reference, run(model, args))
+                problem = None if reference is None else first_difference(reference, run(model, args, kwargs))
         except Exception as exc:  # a block that raises, or returns what the next layer cannot take
             undo()
             with preserved(model):
@@ -200,7 +214,9 @@ def _splice_and_verify(
         if problem:
             undo()
             with preserved(model):  # tell a nondeterministic model and a non-identity block from a bug here
-                raise mismatch_error(what, problem, lambda: run(model, args), reference, blocks, _site_inputs(the_plan))
+                raise mismatch_error(
+                    what, problem, lambda: run(model, args, kwargs), reference, blocks, _site_inputs(the_plan)
+                )
         if the_plan.unreached:
             log.warning("%s; they were left as they are", the_plan.note("unreached"))
         for site in the_plan.sites:  # new blocks follow their owner's mode

@@ -71,12 +71,24 @@ class Injection:
     position: str | None = None
     input_shapes: tuple[tuple[int, ...], ...] | None = None  # the example input (None: the model's default)
     modules: tuple[str, ...] = ()
+    input_kwargs: tuple[tuple[str, tuple[int, ...]], ...] = ()  # the example's keyword tensors: (name, shape)
+    # blocks also where the model holds channel attention; a recipe without the field was written
+    # before such places were skipped, so it reads as True
+    stack: bool = False
 
     @classmethod
     def from_plan(
-        cls, plan: Plan, args: tuple, include: tuple[str, ...], exclude: tuple[str, ...], position: str | None
+        cls,
+        plan: Plan,
+        args: tuple,
+        kwargs: dict[str, Any],
+        include: tuple[str, ...],
+        exclude: tuple[str, ...],
+        position: str | None,
+        stack: bool = False,
     ) -> Injection:
         shapes = tuple(tuple(a.shape) for a in args) if all(isinstance(a, torch.Tensor) for a in args) else None
+        keywords = all(isinstance(v, torch.Tensor) for v in kwargs.values())
         return cls(
             plan.block,
             plan.rules,
@@ -86,10 +98,12 @@ class Injection:
             position,
             shapes,
             tuple(s.module_name for s in plan.sites),
+            tuple((k, tuple(v.shape)) for k, v in kwargs.items()) if keywords else (),
+            stack,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        written = {
             "block": self.block,
             "options": dict(self.options),
             "rules": [rule_to_yaml(r) for r in self.rules],
@@ -98,7 +112,11 @@ class Injection:
             "position": self.position,
             "input_shapes": None if self.input_shapes is None else [list(s) for s in self.input_shapes],
             "modules": list(self.modules),
+            "stack": self.stack,
         }
+        if self.input_kwargs:  # only when given: a file without it reads as before
+            written["input_kwargs"] = {k: list(s) for k, s in self.input_kwargs}
+        return written
 
 
 @dataclass(frozen=True)
@@ -188,8 +206,22 @@ class Recipe:
         )
 
 
+_INJECTION_FIELDS = [
+    "block",
+    "options",
+    "rules",
+    "include",
+    "exclude",
+    "position",
+    "input_shapes",
+    "modules",
+    "input_kwargs",
+    "stack",
+]
+
+
 def _injection(fields: RecipeFields) -> Injection:
-    fields.only(["block", "options", "rules", "include", "exclude", "position", "input_shapes", "modules"])
+    fields.only(_INJECTION_FIELDS)
     block = fields.get("block", str)
     options = fields.get("options", dict, default={})
     if not all(_json_option(v) for v in options.values()):
@@ -207,13 +239,14 @@ def _injection(fields: RecipeFields) -> Injection:
         raise fields.fail("rules", f"holds {len(texts)} rules; an injection takes at most {MAX_RULES}")
     rules = [rule_from_yaml(text, f"{fields.where}: {fields.path}.rules[{i}]") for i, text in enumerate(texts)]
     shapes = fields.get("input_shapes", (list, type(None)))
-    if shapes is not None and not all(
-        isinstance(s, list) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in s) for s in shapes
-    ):
+    if shapes is not None and not all(_shape(s) for s in shapes):
         raise fields.fail("input_shapes", "must be a list of shapes (lists of positive ints) or null")
-    problem = None if shapes is None else example_shapes_problem(shapes)
+    keywords = fields.get("input_kwargs", dict, default={})
+    if not all(isinstance(k, str) and _shape(s) for k, s in keywords.items()):
+        raise fields.fail("input_kwargs", "must map argument names to shapes (lists of positive ints)")
+    problem = example_shapes_problem([*(shapes or ()), *keywords.values()])
     if problem:
-        raise fields.fail("input_shapes", f"asks for more than a file may: {problem}")
+        raise fields.fail("input_kwargs" if keywords else "input_shapes", f"asks for more than a file may: {problem}")
     position = fields.get("position", (str, type(None)))
     if position is not None and not all(position_applies(rule.kind, position) for rule in rules):
         raise fields.fail("position", f"must be null or a position its rules take, not {position!r}")
@@ -226,6 +259,8 @@ def _injection(fields: RecipeFields) -> Injection:
         position,
         None if shapes is None else tuple(tuple(s) for s in shapes),
         tuple(fields.strings("modules")),
+        tuple((k, tuple(s)) for k, s in keywords.items()),
+        fields.get("stack", bool, default=True),
     )
 
 
@@ -239,6 +274,11 @@ def _depth(data: Any) -> int:
             if depth <= MAX_DEPTH:
                 stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
     return deepest
+
+
+def _shape(value: Any) -> bool:
+    """A tensor shape as JSON: a list of positive ints."""
+    return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)
 
 
 def _json_option(value: Any) -> bool:

@@ -226,3 +226,33 @@ class TFPaddedMobileNet(nn.Module):
         for layer in self.layer:
             x = layer(x)
         return x.mean((2, 3))
+
+
+class ResizingFPNLayer(nn.Module):
+    """transformers' MaskFormerFPNLayer: the top-down map is resized to the lateral one and added."""
+
+    def __init__(self, lateral: int, out: int = 8):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(lateral, out, 1, bias=False), nn.BatchNorm2d(out))
+        self.block = conv_bn_act(out, out, 3)
+
+    def forward(self, down, left):
+        left = self.proj(left)
+        down = F.interpolate(down, size=left.shape[-2:], mode="nearest")
+        down += left
+        return self.block(down)
+
+
+class OneGraphFPN(Stages):
+    """A backbone and a MaskFormer-style FPN layer in one graph: the lateral map ``c1`` also feeds
+    the next stage, so the top-down and lateral paths fork from one tensor, as a residual's would."""
+
+    def __init__(self):
+        super().__init__()
+        self.top = conv_bn_act(16, 8)
+        self.fpn = ResizingFPNLayer(8)
+
+    def forward(self, x):
+        c1 = self.layer1(self.stem(x))
+        c2 = self.layer2(self.down(c1))
+        return self.fpn(self.top(c2), c1)

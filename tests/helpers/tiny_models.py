@@ -199,3 +199,20 @@ class StructuredNet(nn.Module):
         tokens = self.pos(a.flatten(2).transpose(1, 2), (h, w))
         a = tokens.transpose(1, 2).reshape(a.shape)
         return self.bound(a + x).mean((2, 3)) + b.mean((2, 3))  # a + b would be a merge, a + x is a residual
+
+
+class KeywordOnlyNet(nn.Module):
+    """A forward whose input is keyword-only (``model(pixel_values=x)``), as processors' outputs are passed."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, 8), nn.ReLU())
+        self.block = InplaceBasic(8)
+
+    def forward(self, *, pixel_values, scale: float = 1.0):
+        return self.block(self.stem(pixel_values)).mean((2, 3)) * scale
+
+
+def keyword_only_net() -> nn.Module:
+    """A factory for ``load(path, arch="tests.helpers.tiny_models:keyword_only_net")``."""
+    return KeywordOnlyNet()
