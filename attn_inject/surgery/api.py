@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from ..graph.analyze import ModuleRecord, analyze
 from ..graph.example import example_args, example_forward_failed, first_difference, run, seeded_tensors
 from ..graph.nodes import NodeFacts, facts
 from ..graph.preserve import preserved, rng_states, set_rng_states
+from ..matching.alternates import Alternate, plan_alternates
 from ..matching.plan import Plan, Site, build_plan
 from ..rules import Rule, resolve_rules
 from .checks import (
@@ -32,7 +33,7 @@ from .checks import (
 from .eject import record_undo
 from .recipe import Injection, base_recipe, set_recipe
 from .splice import Undo, splice
-from .verify import mismatch_error
+from .verify import alternates_differ, mismatch_error
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def plan(
     check_model(model)
     request = _Request.checked(model, block, after, include, exclude, position, stack, block_options)
     with preserved(model):
-        return _analyse_and_plan(model, request, example_input)[0]
+        return _analyse_and_plan(model, request, example_input).plan
 
 
 def inject(
@@ -108,15 +109,16 @@ def inject(
         )
     request = _Request.checked(model, block, after, include, exclude, position, stack, block_options)
     with preserved(model):  # the example forwards leave no trace
-        the_plan, args, reference = _analyse_and_plan(
+        planned = _analyse_and_plan(
             model, request, example_input, reference=verify and block_options.get("init", "identity") == "identity"
         )
+    the_plan, args = planned.plan, planned.args
     injection = Injection.from_plan(the_plan, args, request.include, request.exclude, position)
     recipe = base_recipe(model).then(injection)
     rng = rng_states()
     try:
         blocks = _build_blocks(the_plan)
-        undo = _splice_and_verify(model, the_plan, blocks, args, reference)
+        undo = _splice_and_verify(model, planned, blocks)
     except BaseException:
         set_rng_states(rng)  # building the blocks drew their default init
         raise
@@ -163,9 +165,14 @@ class _Request:
         return cls(block, rules, check_globs("include", include), check_globs("exclude", exclude), stack, options)
 
 
-def _analyse_and_plan(
-    model: nn.Module, request: _Request, example_input: Any, reference: bool = False
-) -> tuple[Plan, tuple, Any]:
+class _Planned(NamedTuple):
+    plan: Plan
+    args: tuple  # the example input
+    reference: Any  # the original model's output on it (None: not verified)
+    alternates: tuple[Alternate, ...]  # the sites in the alternate forwards (forward_fuse...)
+
+
+def _analyse_and_plan(model: nn.Module, request: _Request, example_input: Any, reference: bool = False) -> _Planned:
     """The example forward(s) and the plan, checked; changes nothing (callers preserve state)."""
     args = example_args(model, example_input)
     with _eval_mode(model):
@@ -178,18 +185,19 @@ def _analyse_and_plan(
     check_block_sizes(the_plan)
     if not request.stack:
         check_not_stacked(the_plan)
-    return the_plan, args, expected
+    return _Planned(the_plan, args, expected, plan_alternates(the_plan.site_records, analysis.traces))
 
 
-def _splice_and_verify(
-    model: nn.Module, the_plan: Plan, blocks: dict[str, nn.Module], args: tuple, reference: Any
-) -> Undo:
+def _splice_and_verify(model: nn.Module, planned: _Planned, blocks: dict[str, nn.Module]) -> Undo:
+    the_plan, args, reference = planned.plan, planned.args, planned.reference
     what = f"after injecting {the_plan.block} into {type(model).__name__}"
     with _eval_mode(model) as modes:
-        undo = splice(the_plan, blocks)
+        undo = splice(the_plan, blocks, planned.alternates)
         try:
             with preserved(model):
                 problem = None if reference is None else first_difference(reference, run(model, args))
+                if reference is not None and problem is None:
+                    problem = alternates_differ(planned.alternates)
         except BaseException:
             undo()
             raise
