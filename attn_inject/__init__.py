@@ -20,6 +20,7 @@ from .errors import AttnInjectError
 from .files.adapters import apply_adapter
 from .files.checkpoints import load_pretrained
 from .files.saving import load, save
+from .integrations import keep_blocks
 from .matching.plan import Plan, Site
 from .rules import Rule, list_rules
 from .surgery.api import inject, plan
@@ -36,6 +37,7 @@ __all__ = [
     "apply_adapter",
     "eject",
     "inject",
+    "keep_blocks",
     "list_blocks",
     "list_rules",
     "load",

@@ -10,6 +10,7 @@ caller names that arch (or passes ``trust_remote_code=True``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 from ..errors import AttnInjectError
 from ..graph.example import parameter_dtype_device, seeded_tensors
 from ..surgery.api import inject
+from ..surgery.frameworks import FRAMEWORKS, builder, library_call, owners, unwrapped
 from ..surgery.recipe import Recipe, injected_key, patched_recipe_of
 from .checkpoints import model_holding
 from .format import (
@@ -40,9 +42,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False, adap
     """Write a model that ``inject`` patched as .safetensors with its recipe; returns the path.
 
     Refuses an existing ``path`` unless ``force``; writes atomically. ``adapter_only`` keeps only the
-    injected blocks' tensors and a fingerprint of the base weights (see ``apply_adapter``).
+    injected blocks' tensors and a fingerprint of the base weights (see ``apply_adapter``). A
+    framework's object holding the model (an ultralytics ``YOLO``) saves the model it holds.
     """
-    return write_patched(model, path, force=force, adapter_only=adapter_only)
+    return write_patched(unwrapped(model), path, force=force, adapter_only=adapter_only)
 
 
 def write_patched(
@@ -72,8 +75,14 @@ def write_patched(
 
 
 def saved_recipe(model: nn.Module) -> Recipe:
-    """The recipe ``save`` writes for ``model``; refuses a model ``inject`` did not patch."""
-    return patched_recipe_of(model)
+    """The recipe ``save`` writes for ``model``; refuses a model ``inject`` did not patch. A model a
+    framework names (ultralytics) is named as it is now: training may have changed its classes."""
+    recipe = patched_recipe_of(model)
+    for framework in owners(model):
+        named = framework.arch(model)
+        if named is not None:
+            return dataclasses.replace(recipe, arch=named[0], num_classes=named[1])
+    return recipe
 
 
 def load(
@@ -91,7 +100,15 @@ def load(
     recipe's injections and loads every tensor strictly; ``map_location`` is the device the tensors
     and model go to, ``dtype`` casts floating-point parameters afterwards. The recipe is
     remembered on the model, so ``save`` and ``eject`` work on the result.
+
+    ``path`` may also be what a framework saved a patched model as: a Hugging Face ``save_pretrained``
+    folder (the recipe is in its config.json), an ultralytics .pt (read as data, never unpickled: see
+    ``attn_inject.integrations``); ``arch`` and ``num_classes`` then do not apply.
     """
+    if Path(path).is_dir() or Path(path).suffix != ".safetensors":
+        model = _load_framework_file(Path(path), torch.device(map_location), dtype)
+        if model is not None:
+            return model
     header = file_header(path)
     recipe = patched_recipe(header)
     if header.content == "adapter":
@@ -154,8 +171,28 @@ def _base_weights(model: nn.Module, base: dict[str, torch.Tensor], source: Path)
     return base
 
 
+def _load_framework_file(path: Path, device: torch.device, dtype: torch.dtype | None) -> nn.Module | None:
+    for framework in FRAMEWORKS.values():
+        model = framework.load_path(path, device, dtype)
+        if model is not None:
+            return model.eval()
+    if path.is_dir():
+        raise AttnInjectError(
+            "a folder that holds no patched model attn_inject can read",
+            where=str(path),
+            hint="Give a .safetensors file written by save(), or a folder written by a patched Hugging Face "
+            "model's save_pretrained().",
+        )
+    return None
+
+
 def replay(model: nn.Module, recipe: Recipe, source: str) -> None:
     """Inject each of the recipe's injections into ``model``, checking each lands where it did."""
+    with library_call():
+        _replay(model, recipe, source)
+
+
+def _replay(model: nn.Module, recipe: Recipe, source: str) -> None:
     for i, injection in enumerate(recipe.injections):
         inject(
             model,
@@ -192,7 +229,8 @@ def arch_to_build(recipe: Recipe, arch: str | None, trust_remote_code: bool, sou
             where=str(source),
             hint="Pass arch=... (--arch) naming the model it was written for.",
         )
-    if ":" in recipe.arch and not recipe.arch.startswith("torchvision:") and not trust_remote_code:
+    named = recipe.arch.startswith("torchvision:") or builder(recipe.arch) is not None  # names, not code
+    if ":" in recipe.arch and not named and not trust_remote_code:
         raise AttnInjectError(
             f"the recipe names the factory {recipe.arch!r}, and a file is never allowed to import code",
             where=str(source),

@@ -31,6 +31,7 @@ from .checks import (
     on_meta_device,
 )
 from .eject import record_undo
+from .frameworks import held_model, is_library_call, owners
 from .recipe import Injection, base_recipe, set_recipe
 from .splice import Undo, splice
 from .verify import alternates_differ, mismatch_error
@@ -55,7 +56,8 @@ def plan(
     """Where ``inject`` would put ``block`` blocks, without changing the model.
 
     Args:
-        model: any nn.Module (timm, torchvision, your own).
+        model: any nn.Module (timm, torchvision, your own), or a framework's object holding one
+            (an ultralytics ``YOLO``).
         block: a registered block name (``list_blocks()``: "se", "eca").
         after: a built-in rule name (``list_rules()``), a path to a YAML rule file, or a list.
         include / exclude: globs on module paths (e.g. ``"layer4.*"``).
@@ -72,8 +74,25 @@ def plan(
     The model is run on the example input but left exactly as it was: parameters, buffers, every
     module's attributes and the random states (see :mod:`attn_inject.preserve`).
     """
+    held = held_model(model)
+    if held is not None:
+        framework, inner = held
+        example = framework.example_input(model) if example_input is None else example_input
+        return plan(
+            inner,
+            block,
+            after,
+            include=include,
+            exclude=exclude,
+            position=position,
+            example_input=example,
+            stack=stack,
+            **block_options,
+        )
     check_model(model)
     request = _Request.checked(model, block, after, include, exclude, position, stack, block_options)
+    if example_input is None:
+        example_input = next((f.example_input(model) for f in owners(model)), None)
     with preserved(model):
         return _analyse_and_plan(model, request, example_input).plan
 
@@ -98,7 +117,39 @@ def inject(
     runs both on the example input and raises (leaving the model unchanged) if they differ. All
     checks run before the first change: on any error the model is untouched. Arguments are those
     of :func:`plan`.
+
+    Given a framework's object holding a model (an ultralytics ``YOLO``), the model it holds is
+    patched, the object is returned, and its workflow is made to keep the blocks (ultralytics: its
+    trainer replays the recipe on the model it builds, see ``attn_inject.integrations``).
     """
+    held = held_model(model)
+    if held is not None:
+        framework, inner = held
+        example = framework.example_input(model) if example_input is None else example_input
+        _inject(inner, block, after, include, exclude, position, example, verify, stack, block_options)
+        framework.keep(model)
+        return model
+    if example_input is None:  # a framework's model: its own default (ultralytics: a small image)
+        example_input = next((f.example_input(model) for f in owners(model)), None)
+    _inject(model, block, after, include, exclude, position, example_input, verify, stack, block_options)
+    if not is_library_call():
+        for framework in owners(model):
+            framework.injected(model)
+    return model
+
+
+def _inject(
+    model: nn.Module,
+    block: str,
+    after: RuleSpec,
+    include: str | Iterable[str],
+    exclude: str | Iterable[str],
+    position: str | None,
+    example_input: Any,
+    verify: bool,
+    stack: bool,
+    block_options: dict[str, Any],
+) -> None:
     check_model(model)
     check_flags(verify=verify)
     if verify and on_meta_device(model):
@@ -124,7 +175,8 @@ def inject(
         raise
     record_undo(model, undo)  # for eject(); and the recipe, for save() / load()
     set_recipe(model, recipe)
-    return model
+    for framework in owners(model):
+        framework.recipe_changed(model, recipe)
 
 
 @dataclass(frozen=True)

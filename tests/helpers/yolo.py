@@ -19,9 +19,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 OFFLINE = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0"}
 
@@ -93,3 +96,29 @@ def detect_dataset(root: Path, size: int = 64) -> Path:
     data = root / "data.yaml"
     data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: thing\n  1: face\n")
     return data
+
+
+@contextmanager
+def block_calls(model) -> Iterator[dict[str, int]]:
+    """Calls of every injected block by name while the context is open, counted in copies of the model
+    too: ultralytics deep-copies the model before val, predict and export, and forward hooks go with it."""
+    from attn_inject.finetune.params import attention_blocks
+
+    calls = dict.fromkeys(attention_blocks(model), 0)
+    handles = [
+        block.register_forward_hook(lambda module, args, out, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, block in attention_blocks(model).items()
+    ]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def block_tensors(model) -> dict[str, torch.Tensor]:
+    """The injected blocks' tensors, as fp32 copies (ultralytics checkpoints hold fp16)."""
+    from attn_inject.surgery.recipe import injected_key, recipe_of
+
+    modules = set(recipe_of(model).modules)
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items() if injected_key(k, modules)}
