@@ -6,7 +6,8 @@ its objects is handled."""
 from __future__ import annotations
 
 from ..surgery.frameworks import Framework, register_framework
-from . import yolo, yolo_checkpoints
+from . import hugging_face, yolo, yolo_checkpoints
+from .timm_models import register_timm_model, unregister_timm_model
 from .yolo import keep_blocks
 
 register_framework(
@@ -23,4 +24,13 @@ register_framework(
     )
 )
 
-__all__ = ["keep_blocks"]
+register_framework(
+    Framework(
+        "transformers",
+        owns=hugging_face.is_transformers_model,
+        recipe_changed=hugging_face.recipe_changed,
+        load_path=hugging_face.load_folder,
+    )
+)
+
+__all__ = ["keep_blocks", "register_timm_model", "unregister_timm_model"]
