@@ -4,6 +4,8 @@ the machine cannot make OpenMP thrash)."""
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.running import run_python
 
 
@@ -92,3 +94,15 @@ def test_whole_model_time_quick(tmp_path):
     assert row["model"] == "fasterrcnn_mobilenet_v3_large_320_fpn" and row["image"] == 320 and row["sites"] == 10
     assert row["stem_passes"] == 3  # the reference forward, the analysis, the verification: no re-runs
     assert row["inject_s"] >= sum(row["steps_s"].values()) > 0 and row["forward_s"] > 0
+
+
+def test_yolo_quick(tmp_path):
+    pytest.importorskip("ultralytics")
+    result = run_script("yolo", tmp_path, timeout=300)
+    assert list(result["models"]) == ["yolov8n", "+eca residual"] and result["config"]["epochs"] == 1
+    plain, patched = result["models"]["yolov8n"], result["models"]["+eca residual"]
+    assert (plain["blocks"], patched["blocks"]) == (0, 6)
+    assert patched["params"] - plain["params"] == 20  # six ECA convs of k = 3 or 5: the head is the same
+    for row in (plain, patched):
+        assert len(row["epoch_train_s"]) == len(row["epoch_val_s"]) == 1 and len(row["get_model_s"]) == 1
+        assert 0 <= row["map50_95"] <= row["map50"] <= 1 and row["last_train_loss"] > 0

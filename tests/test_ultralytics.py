@@ -259,3 +259,31 @@ def test_plan_and_eject_take_the_yolo_object_and_a_bare_model_gets_a_warning(yol
     assert len(kept) == 1
     with pytest.raises(AttnInjectError, match=r"keep_blocks\(\) takes an ultralytics YOLO object, not DetectionModel"):
         keep_blocks(yolo.model)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_with_its_blocks(yolo_sandbox, tmp_path):
+    from ultralytics import YOLO
+
+    data = detect_dataset(tmp_path / "data")
+    yolo = inject(YOLO("yolov8n.yaml"), "eca", after="residual")
+    names = sorted(recipe_of(yolo.model).modules)
+
+    def crash(trainer):  # after the first epoch's checkpoint: last.pt keeps its optimizer, as after a kill
+        raise _Interrupted
+
+    yolo.add_callback("on_fit_epoch_end", crash)
+    with pytest.raises(_Interrupted):
+        yolo.train(name="run", **{**train_args(tmp_path / "runs", data), "epochs": 2})
+    last = Path(yolo.trainer.last)
+    resumed = keep_blocks(YOLO(str(last)))
+    saved = block_tensors(resumed.model)
+    resumed.train(resume=True)
+    assert resumed.trainer.start_epoch == 1
+    for model in (resumed.trainer.model, resumed.trainer.ema.ema, resumed.model):
+        assert sorted(recipe_of(model).modules) == names
+    assert _changed(saved, block_tensors(resumed.model))

@@ -114,20 +114,7 @@ def _patch_yolo(args: argparse.Namespace) -> PatchReport:
             where=args.checkpoint,
             hint="Drop --arch and --num-classes.",
         )
-    return patch_yolo_checkpoint(
-        args.checkpoint,
-        args.block,
-        rule_names(args.after),
-        args.output,
-        include=args.include,
-        exclude=args.exclude,
-        position=args.position,
-        img_size=args.img_size,
-        options=block_options(args.option),
-        force=args.force,
-        adapter_only=args.adapter_only,
-        verify=args.verify,
-    )
+    return patch_yolo_checkpoint(args.checkpoint, args.block, rule_names(args.after), args.output, **_settings(args))
 
 
 def _patch(args: argparse.Namespace) -> PatchReport:
@@ -137,13 +124,13 @@ def _patch(args: argparse.Namespace) -> PatchReport:
             hint="Name the checkpoint's architecture (a timm model name, torchvision:NAME, ...); only an "
             "ultralytics .pt names its own. See 'attn-inject patch --help'.",
         )
-    return patch_checkpoint(
-        args.checkpoint,
-        args.arch,
-        args.block,
-        rule_names(args.after),
-        args.output,
-        num_classes=args.num_classes,
+    chosen = {**_settings(args), "num_classes": args.num_classes}
+    return patch_checkpoint(args.checkpoint, args.arch, args.block, rule_names(args.after), args.output, **chosen)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The patch settings the command line gives, as ``patch_checkpoint`` keywords."""
+    return dict(
         include=args.include,
         exclude=args.exclude,
         position=args.position,

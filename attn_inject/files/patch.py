@@ -83,6 +83,27 @@ class PatchReport:
         }
 
 
+@dataclass(frozen=True)
+class PatchSettings:
+    """What ``patch`` does besides the block and rules: the ``inject`` arguments and how to write."""
+
+    num_classes: int | None = None
+    include: str | Iterable[str] = ()
+    exclude: str | Iterable[str] = ()
+    position: str | None = None
+    img_size: int | None = None
+    options: dict[str, Any] | None = None
+    force: bool = False
+    adapter_only: bool = False
+    verify: str = "fast"
+
+    def __post_init__(self) -> None:
+        if self.verify not in VERIFY_MODES:
+            raise AttnInjectError(
+                f"unknown verify mode {self.verify!r}", hint=f"Use one of: {', '.join(VERIFY_MODES)}."
+            )
+
+
 def patch_checkpoint(
     source: str | os.PathLike,
     arch: str,
@@ -101,30 +122,12 @@ def patch_checkpoint(
     verify: str = "fast",
 ) -> PatchReport:
     """Patch the plain checkpoint ``source`` (a model of ``arch``) and write ``output`` (.safetensors)."""
+    settings = PatchSettings(num_classes, include, exclude, position, img_size, options, force, adapter_only, verify)
     clock = PhaseClock()
-    check_verify_mode(verify)
     out = check_safetensors_output(output, inputs=[source], force=force)
     state = read_state_dict(source)
     clock.lap("read")
-    return patch_state(
-        state,
-        source,
-        arch,
-        block,
-        after,
-        out,
-        SAFETENSORS,
-        clock=clock,
-        num_classes=num_classes,
-        include=include,
-        exclude=exclude,
-        position=position,
-        img_size=img_size,
-        options=options,
-        force=force,
-        adapter_only=adapter_only,
-        verify=verify,
-    )
+    return patch_state(state, source, arch, block, after, out, SAFETENSORS, settings, clock)
 
 
 class PatchWriter(Protocol):
@@ -161,11 +164,6 @@ class _Safetensors:
 SAFETENSORS: PatchWriter = _Safetensors()
 
 
-def check_verify_mode(verify: str) -> None:
-    if verify not in VERIFY_MODES:
-        raise AttnInjectError(f"unknown verify mode {verify!r}", hint=f"Use one of: {', '.join(VERIFY_MODES)}.")
-
-
 def patch_state(
     state: dict[str, torch.Tensor],
     source: str | os.PathLike,
@@ -174,22 +172,19 @@ def patch_state(
     after: Any,
     out: Path,
     writer: PatchWriter,
-    *,
+    settings: PatchSettings,
     clock: PhaseClock | None = None,
-    num_classes: int | None = None,
-    include: str | Iterable[str] = (),
-    exclude: str | Iterable[str] = (),
-    position: str | None = None,
-    img_size: int | None = None,
-    options: dict[str, Any] | None = None,
-    force: bool = False,
-    adapter_only: bool = False,
-    verify: str = "fast",
     prepare: Callable[[nn.Module], None] | None = None,
 ) -> PatchReport:
     """``patch_checkpoint`` from the tensors ``state`` read from ``source``, written by ``writer`` to
     ``out`` (checked already); ``prepare(model)`` runs on the built model before the injection."""
     clock = clock or PhaseClock()
+    num_classes, img_size, adapter_only, verify = (
+        settings.num_classes,
+        settings.img_size,
+        settings.adapter_only,
+        settings.verify,
+    )
     mapped = []
 
     def weights_for(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -210,12 +205,12 @@ def patch_state(
             model,
             block,
             after,
-            include=include,
-            exclude=exclude,
-            position=position,
+            include=settings.include,
+            exclude=settings.exclude,
+            position=settings.position,
             example_input=args,
             verify=False,
-            **(options or {}),
+            **(settings.options or {}),
         )
     model.eval()
     clock.lap("inject")
@@ -228,7 +223,7 @@ def patch_state(
             _check_rebuilt(tmp, writer, source, arch, num_classes, adapter_only, reference, args)
             clock.lap("verify_full")
 
-    writer.write(model, out, force, adapter_only, check)
+    writer.write(model, out, settings.force, adapter_only, check)
     recipe = patched_recipe_of(model)
     return PatchReport(
         Path(source),

@@ -16,6 +16,7 @@ makes it train with them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from torch import nn
 from ..errors import AttnInjectError
 from ..files.inert_pickle import Inert, globals_named, module_state, read_inert
 from ..files.output import atomic_write, check_output
-from ..files.patch import SAFETENSORS, PatchReport, PatchWriter, PhaseClock, check_verify_mode, patch_state
+from ..files.patch import SAFETENSORS, PatchReport, PatchSettings, PatchWriter, PhaseClock, patch_state
 from ..files.saving import rebuild
 from ..surgery.recipe import Recipe
 from .yolo import EXAMPLE_SIDE, yaml_difference
@@ -144,31 +145,21 @@ def _dress(model: nn.Module, found: YoloCheckpoint) -> None:
 
 
 def patch_yolo_checkpoint(
-    source: str | os.PathLike,
-    block: str,
-    after: Any,
-    output: str | os.PathLike,
-    *,
-    include: Any = (),
-    exclude: Any = (),
-    position: str | None = None,
-    img_size: int | None = None,
-    options: dict[str, Any] | None = None,
-    force: bool = False,
-    adapter_only: bool = False,
-    verify: str = "fast",
+    source: str | os.PathLike, block: str, after: Any, output: str | os.PathLike, **settings: Any
 ) -> PatchReport:
-    """``attn-inject patch`` of an ultralytics .pt: ``output`` is a .pt for ultralytics or a .safetensors."""
+    """``attn-inject patch`` of an ultralytics .pt: ``output`` is a .pt for ultralytics or a .safetensors.
+    ``settings``: those of ``patch_checkpoint`` (include, exclude, position, img_size, options, force,
+    adapter_only, verify) but ``num_classes``, which the checkpoint gives."""
+    chosen = PatchSettings(**settings)
     clock = PhaseClock()
-    check_verify_mode(verify)
-    out = check_output(output, inputs=[source], force=force)
+    out = check_output(output, inputs=[source], force=chosen.force)
     if out.suffix not in (".pt", ".safetensors"):
         raise AttnInjectError(
             "the output of an ultralytics checkpoint must be a .pt (for ultralytics) or a .safetensors file",
             where=str(out),
             hint="Name it NAME.pt or NAME.safetensors.",
         )
-    if adapter_only and out.suffix == ".pt":
+    if chosen.adapter_only and out.suffix == ".pt":
         raise AttnInjectError("an adapter is a .safetensors file", where=str(out), hint="Name it NAME.safetensors.")
     found = read_yolo_checkpoint(source)
     if found.recipe is not None and found.recipe.injections:
@@ -181,26 +172,9 @@ def patch_yolo_checkpoint(
     arch, nc = found.arch
     clock.lap("read")
     writer = SAFETENSORS if out.suffix == ".safetensors" else UltralyticsPt(found)
-    return patch_state(
-        found.state,
-        source,
-        arch,
-        block,
-        after,
-        out,
-        writer,
-        clock=clock,
-        num_classes=nc,
-        include=include,
-        exclude=exclude,
-        position=position,
-        img_size=EXAMPLE_SIDE if img_size is None else img_size,
-        options=options,
-        force=force,
-        adapter_only=adapter_only,
-        verify=verify,
-        prepare=lambda model: _dress(model, found),
-    )
+    side = EXAMPLE_SIDE if chosen.img_size is None else chosen.img_size
+    chosen = dataclasses.replace(chosen, num_classes=nc, img_size=side)
+    return patch_state(found.state, source, arch, block, after, out, writer, chosen, clock, lambda m: _dress(m, found))
 
 
 class UltralyticsPt(PatchWriter):

@@ -76,8 +76,7 @@ def plan(
     """
     held = held_model(model)
     if held is not None:
-        framework, inner = held
-        example = framework.example_input(model) if example_input is None else example_input
+        inner, example = held[1], _default_example(model, example_input)
         return plan(
             inner,
             block,
@@ -91,10 +90,8 @@ def plan(
         )
     check_model(model)
     request = _Request.checked(model, block, after, include, exclude, position, stack, block_options)
-    if example_input is None:
-        example_input = next((f.example_input(model) for f in owners(model)), None)
     with preserved(model):
-        return _analyse_and_plan(model, request, example_input).plan
+        return _analyse_and_plan(model, request, _default_example(model, example_input)).plan
 
 
 def inject(
@@ -122,20 +119,28 @@ def inject(
     patched, the object is returned, and its workflow is made to keep the blocks (ultralytics: its
     trainer replays the recipe on the model it builds, see ``attn_inject.integrations``).
     """
+    example = _default_example(model, example_input)
     held = held_model(model)
     if held is not None:
         framework, inner = held
-        example = framework.example_input(model) if example_input is None else example_input
         _inject(inner, block, after, include, exclude, position, example, verify, stack, block_options)
         framework.keep(model)
         return model
-    if example_input is None:  # a framework's model: its own default (ultralytics: a small image)
-        example_input = next((f.example_input(model) for f in owners(model)), None)
-    _inject(model, block, after, include, exclude, position, example_input, verify, stack, block_options)
+    _inject(model, block, after, include, exclude, position, example, verify, stack, block_options)
     if not is_library_call():
         for framework in owners(model):
             framework.injected(model)
     return model
+
+
+def _default_example(model: Any, example_input: Any) -> Any:
+    """The caller's example input, else a framework's default for its object or model (ultralytics:
+    one small image), else None (the model's configured size)."""
+    if example_input is not None:
+        return example_input
+    held = held_model(model)
+    frameworks = [held[0]] if held is not None else owners(model)
+    return next((f.example_input(model) for f in frameworks), None)
 
 
 def _inject(

@@ -80,19 +80,22 @@ _BOXES = {
 }
 
 
-def detect_dataset(root: Path, size: int = 64) -> Path:
-    """Four photos at ``size`` px with one or two boxes each, train == val; returns data.yaml."""
+def detect_dataset(root: Path, size: int = 64, mirrored: bool = False) -> Path:
+    """Four photos at ``size`` px with one or two boxes each, val the same four; returns data.yaml.
+    ``mirrored``: the training split also holds each photo mirrored left to right (eight images)."""
     from PIL import Image
 
     for split in ("train", "val"):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         for name, photo in _photos().items():
-            Image.fromarray(np.ascontiguousarray(photo)).convert("RGB").resize((size, size)).save(
-                root / "images" / split / f"{name}.jpg"
-            )
-            rows = "".join(f"{c} {x} {y} {w} {h}\n" for c, x, y, w, h in _BOXES[name])
-            (root / "labels" / split / f"{name}.txt").write_text(rows)
+            for flip in (False, True) if mirrored and split == "train" else (False,):
+                image = np.ascontiguousarray(photo[:, ::-1] if flip else photo)
+                stem = f"{name}_mirrored" if flip else name
+                Image.fromarray(image).convert("RGB").resize((size, size)).save(root / "images" / split / f"{stem}.jpg")
+                boxes = [(c, 1 - x if flip else x, y, w, h) for c, x, y, w, h in _BOXES[name]]
+                rows = "".join(f"{c} {x} {y} {w} {h}\n" for c, x, y, w, h in boxes)
+                (root / "labels" / split / f"{stem}.txt").write_text(rows)
     data = root / "data.yaml"
     data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: thing\n  1: face\n")
     return data
