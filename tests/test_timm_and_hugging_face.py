@@ -84,7 +84,7 @@ def test_save_pretrained_of_a_patched_transformers_model_round_trips_bitwise(tmp
     eject(model)  # a plain model again: its config no longer claims blocks
     model.save_pretrained(tmp_path / "plain")
     assert "attn_inject" not in (tmp_path / "plain" / "config.json").read_text()
-    with pytest.raises(AttnInjectError, match=r"a folder that holds no patched model attn_inject can read"):
+    with pytest.raises(AttnInjectError, match=r"config.json holds no attn_inject recipe: not a patched model"):
         load(tmp_path / "plain")
 
 

@@ -172,17 +172,11 @@ def _base_weights(model: nn.Module, base: dict[str, torch.Tensor], source: Path)
 
 
 def _load_framework_file(path: Path, device: torch.device, dtype: torch.dtype | None) -> nn.Module | None:
+    """What a framework saved (None: no framework claims the path)."""
     for framework in FRAMEWORKS.values():
         model = framework.load_path(path, device, dtype)
         if model is not None:
             return model.eval()
-    if path.is_dir():
-        raise AttnInjectError(
-            "a folder that holds no patched model attn_inject can read",
-            where=str(path),
-            hint="Give a .safetensors file written by save(), or a folder written by a patched Hugging Face "
-            "model's save_pretrained().",
-        )
     return None
 
 

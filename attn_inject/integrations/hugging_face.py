@@ -47,9 +47,17 @@ def recipe_changed(model: nn.Module, recipe: Recipe | None) -> None:
 
 
 def load_folder(path: Path, device: torch.device, dtype: torch.dtype | None) -> nn.Module | None:
-    """A patched model's ``save_pretrained`` folder as the model (``load``); None for other paths."""
+    """A patched model's ``save_pretrained`` folder as the model (``load``); None for paths that are no
+    such folder (a folder with a config.json that holds no recipe is refused)."""
     settings = _patched_config(path)
     if settings is None:
+        if path.is_dir() and (path / "config.json").is_file():
+            raise AttnInjectError(
+                "the folder's config.json holds no attn_inject recipe: not a patched model",
+                where=str(path),
+                hint="Load a plain model with transformers' from_pretrained; a patched one saves its recipe with "
+                "save_pretrained().",
+            )
         return None
     cls = _model_class(settings, path)
     model = cls(cls.config_class.from_dict(settings))
