@@ -15,7 +15,9 @@ Variants: plain YOLOv8n, and ``inject(yolo, block, after=rule)`` for ECA and SE 
   after the last epoch also the validation, on a fused copy of the EMA model: ``val_s``);
 - once per ``train()``: the seconds the trainer's ``get_model`` took (for a patched YOLO: the stock
   model and the recipe replayed on it; for plain YOLOv8n: the stock model), and the seconds
-  ``inject`` took before.
+  ``inject`` took before;
+- separately, ``inject(yolo, "eca", after=rule)`` with and without patching the alternate forwards
+  (``forward_fuse``: what keeps the blocks through ``fuse()``), ``--inject-reps`` times each.
 
     .venv/bin/python -m benchmarks.yolo                 # 4 variants, 100 epochs at 64 px
     .venv/bin/python -m benchmarks.yolo --quick         # plain + ECA residual, 1 epoch at 64 px
@@ -147,6 +149,39 @@ def run_variant(name: str, data: Path, project: Path, epochs: int, imgsz: int) -
     }
 
 
+def inject_cost(reps: int) -> dict:
+    """CPU seconds of ``inject(yolo, "eca", after=rule)`` on a fresh YOLOv8n, with and without patching
+    the alternate forwards (the registry emptied for the second): what keeping the blocks through
+    ``fuse()`` costs at inject time."""
+    from ultralytics import YOLO
+
+    from attn_inject import inject
+    from attn_inject.graph import alternates
+
+    result = {}
+    for rule in ("residual", "conv"):
+        row: dict[str, Any] = {}
+        for label, registry in (("with_alternates", dict(alternates.ALTERNATE_FORWARDS)), ("without", {})):
+            saved = dict(alternates.ALTERNATE_FORWARDS)
+            alternates.ALTERNATE_FORWARDS.clear()
+            alternates.ALTERNATE_FORWARDS.update(registry)
+            try:
+                times = []
+                for _ in range(reps):
+                    yolo = YOLO("yolov8n.yaml")
+                    start = _now()
+                    inject(yolo, "eca", after=rule)
+                    times.append(_since(start)[1])
+                    fused = sum(1 for m in yolo.model.modules() if "forward_fuse" in m.__dict__)
+            finally:
+                alternates.ALTERNATE_FORWARDS.clear()
+                alternates.ALTERNATE_FORWARDS.update(saved)
+            row[label] = statistics.median(times)
+            row[f"{label}_patched_forward_fuse"] = fused
+        result[rule] = row
+    return result
+
+
 _VAL_ARGS = ("project", "imgsz", "device", "workers", "plots", "verbose", "exist_ok")
 
 
@@ -169,6 +204,14 @@ def print_report(result: dict) -> None:
             f"{row['last_train_loss']:.3f} | {row['median_epoch_train_s'][1]:.2f} | {row['val_s'][1]:.2f} | "
             f"{row['get_model_s'][0][1]:.2f} | {inject} |"
         )
+    print("\ninject(yolo, 'eca', after=RULE), CPU seconds, median: with the alternate forwards patched / without\n")
+    print("| rule | with forward_fuse | without | forward_fuse patched |")
+    print("|---|---|---|---|")
+    for rule, row in result["inject_cost"].items():
+        print(
+            f"| {rule} | {row['with_alternates']:.3f} | {row['without']:.3f} | "
+            f"{row['with_alternates_patched_forward_fuse']} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads outside training (inject, val)"
     )
+    parser.add_argument("--inject-reps", type=int, default=5, help="injects timed per rule and registry")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     home = offline_environment()
@@ -193,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in variants:
             torch.set_num_threads(args.threads)  # ultralytics sets its own for CPU training
             models[name] = run_variant(name, data, Path(folder) / "runs", epochs, imgsz)
+        torch.set_num_threads(args.threads)
+        cost = inject_cost(1 if args.quick else args.inject_reps)
     shutil.rmtree(home, ignore_errors=True)
     result = {
         "config": {
@@ -204,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             "loadavg": [before, loadavg()],
         },
         "models": models,
+        "inject_cost": cost,
     }
     write_results(args.json, result, print_report)
 

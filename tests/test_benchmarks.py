@@ -107,3 +107,6 @@ def test_yolo_quick(tmp_path):
         assert len(row["epoch_train_s"]) == len(row["epoch_val_s"]) == 1 and len(row["get_model_s"]) == 1
         assert min(row["val_s"]) > 0 and min(row["median_epoch_train_s"]) > 0
         assert 0 <= row["map50_95"] <= row["map50"] <= 1 and row["last_train_loss"] > 0
+    conv, residual = result["inject_cost"]["conv"], result["inject_cost"]["residual"]
+    assert conv["with_alternates_patched_forward_fuse"] == 57  # every Conv whose forward got a block
+    assert conv["without_patched_forward_fuse"] == residual["with_alternates_patched_forward_fuse"] == 0

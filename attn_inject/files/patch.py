@@ -2,7 +2,9 @@
 
 This is what ``attn-inject patch`` and the demo run. Every check on the arguments and the output
 path runs before any work; the output is written to a temporary file next to it and only renamed
-into place once verification passed, so a failed run leaves nothing behind.
+into place once verification passed, so a failed run leaves nothing behind. The output format is a
+``PatchWriter``: .safetensors here (``SAFETENSORS``); the ultralytics integration adds its .pt, and
+reads its input itself (``patch_state`` takes the tensors).
 
 Verification (``verify=``):
 
