@@ -20,6 +20,7 @@ from .errors import AttnInjectError
 from .files.adapters import apply_adapter
 from .files.checkpoints import load_pretrained
 from .files.saving import load, save
+from .integrations import keep_blocks, register_timm_model, unregister_timm_model
 from .matching.plan import Plan, Site
 from .rules import Rule, list_rules
 from .surgery.api import inject, plan
@@ -36,13 +37,16 @@ __all__ = [
     "apply_adapter",
     "eject",
     "inject",
+    "keep_blocks",
     "list_blocks",
     "list_rules",
     "load",
     "load_pretrained",
     "plan",
     "register_block",
+    "register_timm_model",
     "save",
+    "unregister_timm_model",
 ]
 
 # Modules of the flat layout before the re-layout that stay importable under their old names:

@@ -4,6 +4,8 @@ the machine cannot make OpenMP thrash)."""
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.running import run_python
 
 
@@ -112,3 +114,19 @@ def test_hostile_load_quick(tmp_path):
     for op in ("inspect", "load"):
         assert rows[rules][op]["outcome"].startswith("refused: not a valid .safetensors file (a header of 28,")
     assert all(row[op]["peak_rss"] >= row[op]["rss_before"] > 0 for row in rows.values() for op in ("inspect", "load"))
+
+
+def test_yolo_quick(tmp_path):
+    pytest.importorskip("ultralytics")
+    result = run_script("yolo", tmp_path, timeout=300)
+    assert list(result["models"]) == ["yolov8n", "+eca residual"] and result["config"]["epochs"] == 1
+    plain, patched = result["models"]["yolov8n"], result["models"]["+eca residual"]
+    assert (plain["blocks"], patched["blocks"]) == (0, 6)
+    assert patched["params"] - plain["params"] == 20  # six ECA convs of k = 3 or 5: the head is the same
+    for row in (plain, patched):
+        assert len(row["epoch_train_s"]) == len(row["epoch_val_s"]) == 1 and len(row["get_model_s"]) == 1
+        assert min(row["val_s"]) > 0 and min(row["median_epoch_train_s"]) > 0
+        assert 0 <= row["map50_95"] <= row["map50"] <= 1 and row["last_train_loss"] > 0
+    conv, residual = result["inject_cost"]["conv"], result["inject_cost"]["residual"]
+    assert conv["with_alternates_patched_forward_fuse"] == 57  # every Conv whose forward got a block
+    assert conv["without_patched_forward_fuse"] == residual["with_alternates_patched_forward_fuse"] == 0

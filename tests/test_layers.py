@@ -25,6 +25,7 @@ LAYERS = [
     {"surgery"},
     {"files"},
     {"finetune"},
+    {"integrations"},  # training frameworks (ultralytics, transformers, timm): they use save/load/replay
     {"cli", "testing", "__init__", "__main__"},
 ]
 # Third-party packages a function may import: optional extras, imported only where they are used.

@@ -27,12 +27,13 @@ class Parser(argparse.ArgumentParser):
         raise AttnInjectError(f"{self.prog}: {message}", hint=f"See '{self.prog} --help'.")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, arch_required: bool = True) -> None:
     parser.add_argument(
         "--arch",
-        required=True,
-        help="a timm model name, torchvision:NAME, or package.module:factory (this imports that module "
-        "and calls the factory: it runs that code, so name only code you trust)",
+        required=arch_required,
+        help="a timm model name, torchvision:NAME, ultralytics:NAME.yaml (a YAML bundled with ultralytics), or "
+        "package.module:factory (this imports that module and calls the factory: it runs that code, so name "
+        "only code you trust)" + ("" if arch_required else "; not needed for an ultralytics .pt, which names it"),
     )
     parser.add_argument("--num-classes", type=int, help="classifier size, where it differs from the default")
     parser.add_argument(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import AttnInjectError
 from ..files.arch import create_model
-from ..files.patch import VERIFY_MODES, patch_checkpoint
+from ..files.patch import VERIFY_MODES, PatchReport, patch_checkpoint
+from ..integrations.yolo_checkpoints import is_yolo_checkpoint, patch_yolo_checkpoint
 from ..rules import list_rules
 from ..surgery.api import plan
 from . import console
@@ -32,16 +34,21 @@ def add_parsers(commands: Any) -> None:
 
     patch = commands.add_parser(
         "patch",
-        help="patch a checkpoint file and write .safetensors with the recipe",
+        help="patch a checkpoint file and write .safetensors with the recipe (or an ultralytics .pt)",
         epilog=EPILOG,
         description="Read a plain checkpoint (.pth/.pt/.bin read with torch.load(weights_only=True), or "
         ".safetensors; state_dict/model/state_dict_ema wrappers, module./_orig_mod. prefixes), inject, write "
-        "OUTPUT atomically with the recipe in its metadata, and verify the written file before reporting success.",
+        "OUTPUT atomically with the recipe in its metadata, and verify the written file before reporting success. "
+        "An ultralytics .pt (a pickled YOLO model) is read as data, never unpickled: its architecture comes from "
+        "the bundled YAML it names, and OUTPUT may be a .pt that ultralytics opens (YOLO(OUT)) and, with "
+        "attn_inject.keep_blocks, trains with the blocks.",
     )
     patch.add_argument("checkpoint", metavar="IN", help="the checkpoint to patch (never changed)")
-    add_model_arguments(patch)
+    add_model_arguments(patch, arch_required=False)
     add_surgery_arguments(patch)
-    patch.add_argument("--output", "-o", required=True, metavar="OUT", help="the .safetensors file to write")
+    patch.add_argument(
+        "--output", "-o", required=True, metavar="OUT", help="the .safetensors file to write (.pt: ultralytics input)"
+    )
     patch.add_argument("--force", action="store_true", help="replace OUT if it exists")
     patch.add_argument(
         "--adapter-only",
@@ -93,13 +100,38 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_patch(args: argparse.Namespace) -> int:
-    report = patch_checkpoint(
-        args.checkpoint,
-        args.arch,
-        args.block,
-        rule_names(args.after),
-        args.output,
-        num_classes=args.num_classes,
+    report = _patch_yolo(args) if is_yolo_checkpoint(args.checkpoint) else _patch(args)
+    if args.json:
+        console.emit_json(report.summary())
+    else:
+        console.out.print(console.patch_summary(report.summary()))
+    return 0
+
+
+def _patch_yolo(args: argparse.Namespace) -> PatchReport:
+    if args.arch is not None or args.num_classes is not None:
+        raise AttnInjectError(
+            "an ultralytics checkpoint names its own architecture and classes",
+            where=args.checkpoint,
+            hint="Drop --arch and --num-classes.",
+        )
+    return patch_yolo_checkpoint(args.checkpoint, args.block, rule_names(args.after), args.output, **_settings(args))
+
+
+def _patch(args: argparse.Namespace) -> PatchReport:
+    if args.arch is None:
+        raise AttnInjectError(
+            "attn-inject patch: the following arguments are required: --arch",
+            hint="Name the checkpoint's architecture (a timm model name, torchvision:NAME, ...); only an "
+            "ultralytics .pt names its own. See 'attn-inject patch --help'.",
+        )
+    chosen = {**_settings(args), "num_classes": args.num_classes}
+    return patch_checkpoint(args.checkpoint, args.arch, args.block, rule_names(args.after), args.output, **chosen)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The patch settings the command line gives, as ``patch_checkpoint`` keywords."""
+    return dict(
         include=args.include,
         exclude=args.exclude,
         position=args.position,
@@ -110,8 +142,3 @@ def run_patch(args: argparse.Namespace) -> int:
         verify=args.verify,
         stack=args.stack,
     )
-    if args.json:
-        console.emit_json(report.summary())
-    else:
-        console.out.print(console.patch_summary(report.summary()))
-    return 0

@@ -1,4 +1,5 @@
-"""Architecture strings: building a model from a timm name, torchvision:NAME, or package.module:factory."""
+"""Architecture strings: building a model from a timm name, torchvision:NAME, a registered framework's
+name (``ultralytics:yolov8n.yaml``, surgery/frameworks.py), or package.module:factory."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torchvision
 from torch import nn
 
 from ..errors import AttnInjectError, one_line
+from ..surgery.frameworks import builder
 from ..surgery.recipe import Recipe, check_num_classes, set_recipe
 
 
@@ -44,6 +46,9 @@ def _create(arch: str, num_classes: int | None) -> nn.Module:
     extra: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if arch.startswith("torchvision:"):
         return _torchvision(arch.split(":", 1)[1], extra)
+    build = builder(arch)
+    if build is not None:  # a framework's model by name (ultralytics:yolov8n.yaml): a name, not code
+        return build(arch.partition(":")[2], num_classes)
     if ":" in arch:
         return _factory(arch, extra)
     if not timm.is_model(arch):

@@ -38,6 +38,18 @@ class Header:
     dtypes: dict[str, torch.dtype]
 
 
+def header_of(path: Path, recipe: Recipe | None, tensors: Mapping[str, torch.Tensor]) -> Header:
+    """The Header of tensors already in memory (what a framework's file held), for ``rebuild``."""
+    return Header(
+        path,
+        recipe,
+        "model",
+        None,
+        {k: tuple(v.shape) for k, v in tensors.items()},
+        {k: v.dtype for k, v in tensors.items()},
+    )
+
+
 def file_header(path: str | os.PathLike) -> Header:
     """The recipe, content kind and tensor shapes of a .safetensors file (no tensor is read).
 

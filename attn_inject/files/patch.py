@@ -2,7 +2,9 @@
 
 This is what ``attn-inject patch`` and the demo run. Every check on the arguments and the output
 path runs before any work; the output is written to a temporary file next to it and only renamed
-into place once verification passed, so a failed run leaves nothing behind.
+into place once verification passed, so a failed run leaves nothing behind. The output format is a
+``PatchWriter``: .safetensors here (``SAFETENSORS``); the ultralytics integration adds its .pt, and
+reads its input itself (``patch_state`` takes the tensors).
 
 Verification (``verify=``):
 
@@ -20,10 +22,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file
@@ -39,6 +41,7 @@ from ..graph.example import (
     run,
 )
 from ..surgery.api import inject
+from ..surgery.frameworks import library_call
 from ..surgery.recipe import injected_key, patched_recipe_of
 from .adapters import apply_adapter
 from .checkpoints import fit_state_dict, load_pretrained, model_holding, read_state_dict, refuse_patched_file
@@ -89,6 +92,28 @@ class PatchReport:
         }
 
 
+@dataclass(frozen=True)
+class PatchSettings:
+    """What ``patch`` does besides the block and rules: the ``inject`` arguments and how to write."""
+
+    num_classes: int | None = None
+    include: str | Iterable[str] = ()
+    exclude: str | Iterable[str] = ()
+    position: str | None = None
+    img_size: int | None = None
+    options: dict[str, Any] | None = None
+    force: bool = False
+    adapter_only: bool = False
+    verify: str = "fast"
+    stack: bool = False
+
+    def __post_init__(self) -> None:
+        if self.verify not in VERIFY_MODES:
+            raise AttnInjectError(
+                f"unknown verify mode {self.verify!r}", hint=f"Use one of: {', '.join(VERIFY_MODES)}."
+            )
+
+
 def patch_checkpoint(
     source: str | os.PathLike,
     arch: str,
@@ -108,13 +133,72 @@ def patch_checkpoint(
     stack: bool = False,
 ) -> PatchReport:
     """Patch the plain checkpoint ``source`` (a model of ``arch``) and write ``output`` (.safetensors)."""
-    clock = _Clock()
-    if verify not in VERIFY_MODES:
-        raise AttnInjectError(f"unknown verify mode {verify!r}", hint=f"Use one of: {', '.join(VERIFY_MODES)}.")
+    settings = PatchSettings(
+        num_classes, include, exclude, position, img_size, options, force, adapter_only, verify, stack
+    )
+    clock = PhaseClock()
     out = check_safetensors_output(output, inputs=[source], force=force)
     refuse_patched_file(source)
     state = read_state_dict(source)
     clock.lap("read")
+    return patch_state(state, source, arch, block, after, out, SAFETENSORS, settings, clock)
+
+
+class PatchWriter(Protocol):
+    """An output format of ``patch``: how the patched model is written and read back for the check."""
+
+    def write(
+        self, model: nn.Module, out: Path, force: bool, adapter_only: bool, check: Callable[[Path], None]
+    ) -> None: ...  # writes atomically; check(tmp) runs on the written temporary file
+
+    def read_back(self, path: Path) -> tuple[str | None, dict[str, torch.Tensor]]: ...  # recipe JSON, tensors
+
+    def expected(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...  # what it writes of these
+
+    def rebuild(self, path: Path, arch: str, num_classes: int | None) -> nn.Module: ...  # what a user gets back
+
+
+class _Safetensors:
+    def write(
+        self, model: nn.Module, out: Path, force: bool, adapter_only: bool, check: Callable[[Path], None]
+    ) -> None:
+        write_patched(model, out, force=force, adapter_only=adapter_only, check=check)
+
+    def read_back(self, path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
+        header = file_header(path)
+        return None if header.recipe is None else header.recipe.to_json(), load_file(str(path))
+
+    def expected(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
+
+    def rebuild(self, path: Path, arch: str, num_classes: int | None) -> nn.Module:
+        return load(path, arch, num_classes=num_classes)
+
+
+SAFETENSORS: PatchWriter = _Safetensors()
+
+
+def patch_state(
+    state: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    arch: str,
+    block: str,
+    after: Any,
+    out: Path,
+    writer: PatchWriter,
+    settings: PatchSettings,
+    clock: PhaseClock | None = None,
+    prepare: Callable[[nn.Module], None] | None = None,
+) -> PatchReport:
+    """``patch_checkpoint`` from the tensors ``state`` read from ``source``, written by ``writer`` to
+    ``out`` (checked already); ``prepare(model)`` runs on the built model before the injection."""
+    clock = clock or PhaseClock()
+    num_classes, img_size, adapter_only, verify = (
+        settings.num_classes,
+        settings.img_size,
+        settings.adapter_only,
+        settings.verify,
+    )
     mapped = []
 
     def weights_for(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -123,6 +207,8 @@ def patch_checkpoint(
         return fitted
 
     model = model_holding(arch, num_classes, weights_for)
+    if prepare is not None:
+        prepare(model)
     clock.lap("build")
     args = example_args(model, input_size=None if img_size is None else (3, img_size, img_size))
     problem = example_shapes_problem([tuple(a.shape) for a in args], configured_input_size(model))
@@ -134,30 +220,31 @@ def patch_checkpoint(
     params_before = sum(p.numel() for p in model.parameters())
     reference = run(model, args)
     clock.lap("reference_forward")
-    inject(
-        model,
-        block,
-        after,
-        include=include,
-        exclude=exclude,
-        position=position,
-        example_input=args,
-        verify=False,
-        stack=stack,
-        **(options or {}),
-    )
+    with library_call():
+        inject(
+            model,
+            block,
+            after,
+            include=settings.include,
+            exclude=settings.exclude,
+            position=settings.position,
+            example_input=args,
+            verify=False,
+            stack=settings.stack,
+            **(settings.options or {}),
+        )
     model.eval()
     clock.lap("inject")
 
     def check(tmp: Path) -> None:
         clock.lap("write")
-        _check_written(tmp, model, adapter_only, reference, args)
+        _check_written(tmp, writer, model, adapter_only, reference, args)
         clock.lap("verify")
         if verify == "full":
-            _check_rebuilt(tmp, source, arch, num_classes, adapter_only, reference, args)
+            _check_rebuilt(tmp, writer, source, arch, num_classes, adapter_only, reference, args)
             clock.lap("verify_full")
 
-    write_patched(model, out, force=force, adapter_only=adapter_only, check=check)
+    writer.write(model, out, settings.force, adapter_only, check)
     recipe = patched_recipe_of(model)
     return PatchReport(
         Path(source),
@@ -178,13 +265,14 @@ def patch_checkpoint(
     )
 
 
-def _check_written(path: Path, model: nn.Module, adapter_only: bool, reference: Any, args: tuple) -> None:
+def _check_written(
+    path: Path, writer: PatchWriter, model: nn.Module, adapter_only: bool, reference: Any, args: tuple
+) -> None:
     """The file holds the patched model's recipe and tensors bit for bit; the model's output is the original's."""
-    header = file_header(path)
-    if header.recipe is None or header.recipe.to_json() != patched_recipe_of(model).to_json():
+    recipe, written = writer.read_back(path)
+    if recipe is None or recipe != patched_recipe_of(model).to_json():
         raise AttnInjectError("the written recipe does not read back as the model's", where=str(path))
-    written = load_file(str(path))
-    expected = model.state_dict()
+    expected = writer.expected(model.state_dict())
     if adapter_only:
         modules = set(patched_recipe_of(model).modules)
         expected = {k: v for k, v in expected.items() if injected_key(k, modules)}
@@ -198,6 +286,7 @@ def _check_written(path: Path, model: nn.Module, adapter_only: bool, reference: 
 
 def _check_rebuilt(
     path: Path,
+    writer: PatchWriter,
     source: str | os.PathLike,
     arch: str,
     num_classes: int | None,
@@ -208,7 +297,7 @@ def _check_rebuilt(
     if adapter_only:
         rebuilt = apply_adapter(load_pretrained(source, arch, num_classes=num_classes), path)
     else:
-        rebuilt = load(path, arch, num_classes=num_classes)
+        rebuilt = writer.rebuild(path, arch, num_classes)
     _same_output(reference, run(rebuilt.eval(), args), "the model rebuilt from the written file")
 
 
@@ -225,7 +314,7 @@ def _bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and bitwise_equal(a, b.detach().cpu())
 
 
-class _Clock:
+class PhaseClock:
     """Seconds spent in each phase (the benchmark reports them)."""
 
     def __init__(self) -> None:

@@ -10,6 +10,7 @@ caller names that arch (or passes ``trust_remote_code=True``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 from ..errors import AttnInjectError, one_line
 from ..graph.example import configured_input_size, example_shapes_problem, parameter_dtype_device, seeded_tensors
 from ..surgery.api import inject
+from ..surgery.frameworks import FRAMEWORKS, builder, library_call, owners, unwrapped
 from ..surgery.recipe import Recipe, check_num_classes, injected_key, patched_recipe_of
 from .checkpoints import model_holding
 from .container import write_safetensors
@@ -45,9 +47,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False, adap
     """Write a model that ``inject`` patched as .safetensors with its recipe; returns the path.
 
     Refuses an existing ``path`` unless ``force``; writes atomically. ``adapter_only`` keeps only the
-    injected blocks' tensors and a fingerprint of the base weights (see ``apply_adapter``).
+    injected blocks' tensors and a fingerprint of the base weights (see ``apply_adapter``). A
+    framework's object holding the model (an ultralytics ``YOLO``) saves the model it holds.
     """
-    return write_patched(model, path, force=force, adapter_only=adapter_only)
+    return write_patched(unwrapped(model), path, force=force, adapter_only=adapter_only)
 
 
 def write_patched(
@@ -83,8 +86,14 @@ def write_patched(
 
 
 def saved_recipe(model: nn.Module) -> Recipe:
-    """The recipe ``save`` writes for ``model``; refuses a model ``inject`` did not patch."""
-    return patched_recipe_of(model)
+    """The recipe ``save`` writes for ``model``; refuses a model ``inject`` did not patch. A model a
+    framework names (ultralytics) is named as it is now: training may have changed its classes."""
+    recipe = patched_recipe_of(model)
+    for framework in owners(model):
+        named = framework.arch(model)
+        if named is not None:
+            return dataclasses.replace(recipe, arch=named[0], num_classes=named[1])
+    return recipe
 
 
 def load(
@@ -104,11 +113,19 @@ def load(
     the tensors and model go to; ``dtype`` casts floating-point parameters afterwards (and only then
     may the file's floating-point tensors have another dtype: they are converted). The recipe is
     remembered on the model, so ``save`` and ``eject`` work on the result.
+
+    ``path`` may also be what a framework saved a patched model as: a Hugging Face ``save_pretrained``
+    folder (the recipe is in its config.json), an ultralytics .pt (read as data, never unpickled: see
+    ``attn_inject.integrations``); ``arch`` and ``num_classes`` then do not apply.
     """
     check_num_classes(num_classes)
     device = _device(map_location)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise AttnInjectError(f"dtype must be a floating-point torch.dtype, not {dtype!r}", hint="E.g. torch.float16.")
+    if Path(path).is_dir() or Path(path).suffix != ".safetensors":
+        model = _load_framework_file(Path(path), device, dtype)
+        if model is not None:
+            return model
     header = file_header(path)
     recipe = patched_recipe(header)
     if header.content == "adapter":
@@ -142,12 +159,20 @@ def _device(map_location: str | torch.device) -> torch.device:
 
 
 def rebuild(
-    recipe: Recipe, arch: str, num_classes: int | None, header: Header, device: torch.device, convert: bool = False
+    recipe: Recipe,
+    arch: str,
+    num_classes: int | None,
+    header: Header,
+    device: torch.device,
+    convert: bool = False,
+    tensors: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> nn.Module:
     """``arch`` with the recipe replayed, holding the file's tensors (every key, strictly).
 
     The base weights' names, shapes and dtypes are compared with the model built on the meta device
     before any tensor is read; the injected blocks' after the replay, before they are loaded.
+    ``tensors`` reads them (default: from ``header.path`` to ``device``; a framework's file read
+    already gives them, with ``header_of`` them).
     """
     injected = set(recipe.modules)
     source = header.path
@@ -171,7 +196,7 @@ def rebuild(
                 hint=problem[1],
             )
         check_replayable(recipe, model, str(source))
-        read.update(read_tensors(source, device))
+        read.update(read_tensors(source, device) if tensors is None else tensors())
         check_finite(read, source)
         return {k: read[k] for k in base}
 
@@ -196,8 +221,22 @@ def rebuild(
     return model
 
 
+def _load_framework_file(path: Path, device: torch.device, dtype: torch.dtype | None) -> nn.Module | None:
+    """What a framework saved (None: no framework claims the path)."""
+    for framework in FRAMEWORKS.values():
+        model = framework.load_path(path, device, dtype)
+        if model is not None:
+            return model.eval()
+    return None
+
+
 def replay(model: nn.Module, recipe: Recipe, source: str) -> None:
     """Inject each of the recipe's injections into ``model``, checking each lands where it did."""
+    with library_call():
+        _replay(model, recipe, source)
+
+
+def _replay(model: nn.Module, recipe: Recipe, source: str) -> None:
     check_replayable(recipe, model, source)
     for i, injection in enumerate(recipe.injections):
         inject(
@@ -258,7 +297,8 @@ def arch_to_build(recipe: Recipe, arch: str | None, trust_remote_code: bool, sou
             where=str(source),
             hint="Pass arch=... (--arch) naming the model it was written for.",
         )
-    if ":" in recipe.arch and not recipe.arch.startswith("torchvision:") and not trust_remote_code:
+    named = recipe.arch.startswith("torchvision:") or builder(recipe.arch) is not None  # names, not code
+    if ":" in recipe.arch and not named and not trust_remote_code:
         raise AttnInjectError(
             f"the recipe names the factory {recipe.arch!r}, and a file is never allowed to import code",
             where=str(source),

@@ -104,6 +104,7 @@ class Analysis:
     model: nn.Module
     records: list[ModuleRecord] = field(default_factory=list)
     called: set[int] = field(default_factory=set)  # id() of every module a traced graph called, leaves too
+    traces: TraceCache = field(default_factory=TraceCache, repr=False)  # shared by every trace of this analysis
 
     def traced(self) -> list[ModuleRecord]:
         return [r for r in self.records if r.traced]
@@ -230,7 +231,7 @@ class _Analyzer:
         # that produced it; None for a module run eagerly (its data flow is not seen)
         self.scopes: list[dict[int, tuple] | None] = []
         self.intercepting: object | None = None  # the untraceable module whose calls are analysed in place
-        self.traces = traces or TraceCache()  # modules built alike are traced once
+        self.traces = traces or analysis.traces  # modules built alike are traced once
 
     def produced(self, value: Any, record: ModuleRecord, node: fx.Node) -> None:
         """Remember ``node`` as the producer of a tensor, or of the tensors a container holds."""

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from ..graph.example import example_args, example_forward_failed, first_differen
 from ..graph.example import example_kwargs as example_kwargs_checked
 from ..graph.nodes import NodeFacts, facts
 from ..graph.preserve import preserved, rng_states, set_rng_states
+from ..matching.alternates import Alternate, plan_alternates
 from ..matching.plan import Plan, Site, build_plan
 from ..rules import Rule, resolve_rules
 from .checks import (
@@ -31,9 +32,10 @@ from .checks import (
     on_meta_device,
 )
 from .eject import record_undo
+from .frameworks import held_model, is_library_call, owners
 from .recipe import Injection, base_recipe, set_recipe
 from .splice import Undo, splice
-from .verify import forward_failed_error, mismatch_error
+from .verify import alternates_differ, forward_failed_error, mismatch_error
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ def plan(
     """Where ``inject`` would put ``block`` blocks, without changing the model.
 
     Args:
-        model: any nn.Module (timm, torchvision, your own).
+        model: any nn.Module (timm, torchvision, your own), or a framework's object holding one
+            (an ultralytics ``YOLO``).
         block: a registered block name (``list_blocks()``: "se", "eca").
         after: a built-in rule name (``list_rules()``), a path to a YAML rule file, or a list.
         include / exclude: globs on module paths (e.g. ``"layer4.*"``).
@@ -80,11 +83,27 @@ def plan(
     The model is run on the example input but left exactly as it was: parameters, buffers, every
     module's attributes and the random states (see :mod:`attn_inject.preserve`).
     """
+    held = held_model(model)
+    if held is not None:
+        inner, example = held[1], _default_example(model, example_input)
+        return plan(
+            inner,
+            block,
+            after,
+            include=include,
+            exclude=exclude,
+            position=position,
+            example_input=example,
+            example_kwargs=example_kwargs,
+            stack=stack,
+            **block_options,
+        )
     check_model(model)
     request = _Request.checked(model, block, after, include, exclude, position, stack, block_options)
     kwargs = example_kwargs_checked(example_kwargs)
     with preserved(model):
-        return _analyse_and_plan(model, request, example_args(model, example_input, keywords=bool(kwargs)), kwargs)[0]
+        args = example_args(model, _default_example(model, example_input), keywords=bool(kwargs))
+        return _analyse_and_plan(model, request, args, kwargs).plan
 
 
 def inject(
@@ -108,7 +127,48 @@ def inject(
     runs both on the example input and raises (leaving the model unchanged) if they differ. All
     checks run before the first change: on any error the model is untouched. Arguments are those
     of :func:`plan`.
+
+    Given a framework's object holding a model (an ultralytics ``YOLO``), the model it holds is
+    patched, the object is returned, and its workflow is made to keep the blocks (ultralytics: its
+    trainer replays the recipe on the model it builds, see ``attn_inject.integrations``).
     """
+    example = _default_example(model, example_input)
+    held = held_model(model)
+    if held is not None:
+        framework, inner = held
+        _inject(inner, block, after, include, exclude, position, example, example_kwargs, verify, stack, block_options)
+        framework.keep(model)
+        return model
+    _inject(model, block, after, include, exclude, position, example, example_kwargs, verify, stack, block_options)
+    if not is_library_call():
+        for framework in owners(model):
+            framework.injected(model)
+    return model
+
+
+def _default_example(model: Any, example_input: Any) -> Any:
+    """The caller's example input, else a framework's default for its object or model (ultralytics:
+    one small image), else None (the model's configured size)."""
+    if example_input is not None:
+        return example_input
+    held = held_model(model)
+    frameworks = [held[0]] if held is not None else owners(model)
+    return next((f.example_input(model) for f in frameworks), None)
+
+
+def _inject(
+    model: nn.Module,
+    block: str,
+    after: RuleSpec,
+    include: str | Iterable[str],
+    exclude: str | Iterable[str],
+    position: str | None,
+    example_input: Any,
+    example_kwargs: Mapping[str, Any] | None,
+    verify: bool,
+    stack: bool,
+    block_options: dict[str, Any],
+) -> None:
     check_model(model)
     check_flags(verify=verify)
     if verify and on_meta_device(model):
@@ -121,21 +181,23 @@ def inject(
     kwargs = example_kwargs_checked(example_kwargs)
     args = example_args(model, example_input, keywords=bool(kwargs))
     with preserved(model):  # the example forwards leave no trace
-        the_plan, reference = _analyse_and_plan(
+        planned = _analyse_and_plan(
             model, request, args, kwargs, reference=verify and block_options.get("init", "identity") == "identity"
         )
+    the_plan = planned.plan
     injection = Injection.from_plan(the_plan, args, kwargs, request.include, request.exclude, position, stack)
     recipe = base_recipe(model).then(injection)
     rng = rng_states()
     try:
         blocks = _build_blocks(the_plan)
-        undo = _splice_and_verify(model, the_plan, blocks, args, kwargs, reference)
+        undo = _splice_and_verify(model, planned, blocks)
     except BaseException:
         set_rng_states(rng)  # building the blocks drew their default init
         raise
     record_undo(model, undo)  # for eject(); and the recipe, for save() / load()
     set_recipe(model, recipe)
-    return model
+    for framework in owners(model):
+        framework.recipe_changed(model, recipe)
 
 
 @dataclass(frozen=True)
@@ -176,9 +238,17 @@ class _Request:
         return cls(block, rules, check_globs("include", include), check_globs("exclude", exclude), stack, options)
 
 
+class _Planned(NamedTuple):
+    plan: Plan
+    args: tuple  # the example input
+    kwargs: dict[str, Any]  # the example's keyword arguments
+    reference: Any  # the original model's output on it (None: not verified)
+    alternates: tuple[Alternate, ...]  # the sites in the alternate forwards (forward_fuse...)
+
+
 def _analyse_and_plan(
     model: nn.Module, request: _Request, args: tuple, kwargs: dict[str, Any], reference: bool = False
-) -> tuple[Plan, Any]:
+) -> _Planned:
     """The example forward(s) and the plan, checked; changes nothing (callers preserve state)."""
     with _eval_mode(model):
         try:
@@ -192,18 +262,19 @@ def _analyse_and_plan(
     check_block_sizes(the_plan)
     if not request.stack:
         check_not_stacked(the_plan)
-    return the_plan, expected
+    return _Planned(the_plan, args, kwargs, expected, plan_alternates(the_plan.site_records, analysis.traces))
 
 
-def _splice_and_verify(
-    model: nn.Module, the_plan: Plan, blocks: dict[str, nn.Module], args: tuple, kwargs: dict[str, Any], reference: Any
-) -> Undo:
+def _splice_and_verify(model: nn.Module, planned: _Planned, blocks: dict[str, nn.Module]) -> Undo:
+    the_plan, args, kwargs, reference = planned.plan, planned.args, planned.kwargs, planned.reference
     what = f"after injecting {the_plan.block} into {type(model).__name__}"
     with _eval_mode(model) as modes:
-        undo = splice(the_plan, blocks)
+        undo = splice(the_plan, blocks, planned.alternates)
         try:
             with preserved(model):
                 problem = None if reference is None else first_difference(reference, run(model, args, kwargs))
+                if reference is not None and problem is None:
+                    problem = alternates_differ(planned.alternates)
         except Exception as exc:  # a block that raises, or returns what the next layer cannot take
             undo()
             with preserved(model):

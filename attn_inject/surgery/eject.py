@@ -13,6 +13,7 @@ import dataclasses
 from torch import nn
 
 from ..errors import AttnInjectError
+from .frameworks import held_model, owners
 from .recipe import recipe_of, set_recipe
 from .splice import Undo
 
@@ -25,7 +26,12 @@ def record_undo(model: nn.Module, undo: Undo) -> None:
 
 
 def eject(model: nn.Module) -> nn.Module:
-    """Remove every block ``inject`` added to ``model`` (in place); returns the model."""
+    """Remove every block ``inject`` added to ``model`` (in place); returns the model (or the framework
+    object, an ultralytics ``YOLO``, whose model it is)."""
+    held = held_model(model)
+    if held is not None:
+        eject(held[1])
+        return model
     undos = model.__dict__.get(_ATTRIBUTE)
     if not undos:
         raise AttnInjectError(
@@ -37,5 +43,8 @@ def eject(model: nn.Module) -> nn.Module:
     del model.__dict__[_ATTRIBUTE]
     recipe = recipe_of(model)
     if recipe is not None:
-        set_recipe(model, dataclasses.replace(recipe, injections=()))
+        recipe = dataclasses.replace(recipe, injections=())
+        set_recipe(model, recipe)
+    for framework in owners(model):
+        framework.recipe_changed(model, recipe)
     return model

@@ -25,6 +25,7 @@ from ..matching.plan import Plan
 from ..rules.documents import rule_from_yaml, rule_to_yaml
 from ..rules.model import Rule, frozen, position_applies
 from ..rules.schema import RecipeFields
+from .frameworks import owners
 
 FORMAT_VERSION = 1
 _ATTRIBUTE = "_attn_inject_recipe"
@@ -134,6 +135,15 @@ class Recipe:
         """Qualified names of every injected block."""
         return tuple(m for inj in self.injections for m in inj.modules)
 
+    def __reduce__(self) -> tuple:
+        """Pickled as its JSON text (a pickled model holds its recipe as data): it reads back checked,
+        whatever becomes of the classes behind it, and a pickle can be read inertly for it
+        (files/inert_pickle.py) without running anything."""
+        return (recipe_from_json, (self.to_json(),))
+
+    def __deepcopy__(self, memo: dict) -> Recipe:
+        return self  # immutable
+
     def then(self, injection: Injection) -> Recipe:
         return dataclasses.replace(self, injections=(*self.injections, injection))
 
@@ -218,6 +228,11 @@ _INJECTION_FIELDS = [
     "input_kwargs",
     "stack",
 ]
+
+
+def recipe_from_json(text: str) -> Recipe:
+    """A pickled recipe read back (what ``Recipe.__reduce__`` names)."""
+    return Recipe.from_json(text, "pickled recipe")
 
 
 def _injection(fields: RecipeFields) -> Injection:
@@ -317,10 +332,15 @@ def set_recipe(model: nn.Module, recipe: Recipe | None) -> None:
 
 
 def base_recipe(model: nn.Module) -> Recipe:
-    """The model's recipe, or one naming its timm architecture (if it is a timm model) and nothing else."""
+    """The model's recipe, or one naming its architecture (a timm model, or one a registered framework
+    built and names: ultralytics ``ultralytics:yolov8n.yaml``) and nothing else."""
     known = recipe_of(model)
     if known is not None:
         return known
+    for framework in owners(model):
+        named = framework.arch(model)
+        if named is not None:
+            return Recipe(*named)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture") if isinstance(cfg, dict) else None
     num_classes = getattr(model, "num_classes", None)

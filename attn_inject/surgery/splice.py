@@ -1,8 +1,9 @@
 """The only code that changes the user's model: register the blocks and install edited forwards.
 
 Every module that gets a block keeps its identity: the block is registered on it under the
-site's name and its forward becomes a PatchedForward running the edited graph. ``splice`` returns
-an Undo that restores the model exactly (used when verification fails).
+site's name and its forward becomes a PatchedForward running the edited graph; so do the
+alternate forwards other code swaps in later (``forward_fuse``: matching/alternates.py). ``splice``
+returns an Undo that restores the model exactly (used when verification fails).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import fx, nn
 from ..blocks import spec_of
 from ..graph.analyze import ModuleRecord
 from ..graph.nodes import is_add
+from ..matching.alternates import Alternate
 from ..matching.plan import Plan, Site
 from ..patched import Absent, GraphCode, PatchedForward, Variant, add_shortcut
 
@@ -47,8 +49,9 @@ class Undo:
             module.__dict__[name] = value
 
 
-def splice(plan: Plan, blocks: dict[str, nn.Module]) -> Undo:
-    """Apply ``plan``; ``blocks`` maps each site's module_name to its (ready) block."""
+def splice(plan: Plan, blocks: dict[str, nn.Module], alternates: tuple[Alternate, ...] = ()) -> Undo:
+    """Apply ``plan``; ``blocks`` maps each site's module_name to its (ready) block. ``alternates``:
+    the same sites in the alternate forwards (``forward_fuse``...) of the modules that get blocks."""
     by_record: dict[ModuleRecord, list[Site]] = defaultdict(list)
     for site, records in plan.site_records:
         for record in records:
@@ -66,28 +69,45 @@ def splice(plan: Plan, blocks: dict[str, nn.Module]) -> Undo:
             for record in owner_records:
                 sites = by_record[record]
                 if record.train_graph is None:
-                    variants[(record.fixed, None)] = GraphCode.from_graph(_edited(record.traced_graph, sites, fresh))
+                    variants[(record.fixed, None)] = _compiled(record.traced_graph, sites, fresh)
                 else:
-                    variants[(record.fixed, False)] = GraphCode.from_graph(_edited(record.traced_graph, sites, fresh))
+                    variants[(record.fixed, False)] = _compiled(record.traced_graph, sites, fresh)
                     train_sites = [_in_train_graph(s, record.train_names) for s in sites]
-                    variants[(record.fixed, True)] = GraphCode.from_graph(
-                        _edited(record.train_graph, train_sites, fresh)
-                    )
+                    variants[(record.fixed, True)] = _compiled(record.train_graph, train_sites, fresh)
             for site in {s.name: s for r in owner_records for s in by_record[r]}.values():
                 if site.name in module.__dict__:  # an empty attention slot (timm's ``self.se = None``)
                     undo.slots.append((module, site.name, module.__dict__.pop(site.name)))
                 module.add_module(site.name, blocks[site.module_name])
                 undo.added.append((module, site.name))
-            for name, value in {k: v for r in owner_records for k, v in r.constants.items()}.items():
-                module.__dict__[name] = value  # tensors fx stowed away while tracing
-                undo.constants.append((module, name))
-            previous = module.__dict__.get(method, Absent)
-            undo.forwards.append((module, method, previous))
-            module.__dict__[method] = PatchedForward(module, method, variants, None if previous is Absent else previous)
+            constants = {k: v for r in owner_records for k, v in r.constants.items()}
+            _install(module, method, variants, constants, undo)
+        by_method: dict[tuple[int, str], list[Alternate]] = defaultdict(list)
+        for alternate in alternates:
+            by_method[(id(alternate.record.module), alternate.method)].append(alternate)
+        for same in by_method.values():  # fused forwards serve inference: one graph for both modes
+            variants = {(a.record.fixed, None): _compiled(a.graph, list(a.sites), fresh) for a in same}
+            constants = {k: v for a in same for k, v in a.constants.items()}
+            _install(same[0].record.module, same[0].method, variants, constants, undo)
     except BaseException:
         undo()
         raise
     return undo
+
+
+def _compiled(graph: fx.Graph, sites: list[Site], fresh: set[str]) -> GraphCode:
+    return GraphCode.from_graph(_edited(graph, sites, fresh))
+
+
+def _install(
+    module: nn.Module, method: str, variants: dict[Variant, GraphCode], constants: dict[str, object], undo: Undo
+) -> None:
+    """Store the edited graphs as ``module.<method>`` (and the constants they read), recorded in ``undo``."""
+    for name, value in constants.items():
+        module.__dict__[name] = value  # tensors fx stowed away while tracing
+        undo.constants.append((module, name))
+    previous = module.__dict__.get(method, Absent)
+    undo.forwards.append((module, method, previous))
+    module.__dict__[method] = PatchedForward(module, method, variants, None if previous is Absent else previous)
 
 
 def _edited(graph: fx.Graph, sites: list[Site], fresh: set[str]) -> fx.Graph:

@@ -1,4 +1,5 @@
-"""Verification after a splice: when the patched model's output differs, or its forward fails, tell why."""
+"""Verification after a splice: the alternate forwards (``forward_fuse``...) patched alike, and when
+the patched model's output differs, or its forward fails, why."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import torch
 from torch import nn
 
 from ..errors import AttnInjectError, one_line
-from ..graph.example import bitwise_equal, first_difference
+from ..graph.example import bitwise_equal, first_difference, seeded_tensors
+from ..graph.nodes import NodeFacts, facts
+from ..matching.alternates import Alternate
+from ..patched import patched_forward
 
 BLOCK_HINT = (
     "A block built with init='identity' must be the identity (see attn_inject.blocks.registry); "
@@ -71,3 +75,30 @@ def block_problem(blocks: dict[str, nn.Module], example: dict[str, torch.Tensor]
 
 def _describe(x: torch.Tensor) -> str:
     return f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
+
+
+def alternates_differ(alternates: tuple[Alternate, ...]) -> str | None:
+    """Whether a patched alternate forward (blocks at their identity init) computes anything but
+    the method it replaced, on a random input of the shapes its forward was called with."""
+    for alternate in alternates:
+        module, method = alternate.record.module, alternate.method
+        args = _random_inputs([facts(n) for n in alternate.record.traced_graph.find_nodes(op="placeholder")])
+        if args is None:
+            continue  # not only tensors: the model-level check covers what it can
+        patched = patched_forward(module, method)
+        if patched is None:
+            raise AssertionError(f"{method} of {alternate.record.path} was not patched")
+        with torch.no_grad():
+            problem = first_difference(patched.call_previous(*args), patched(*args))
+        if problem:
+            return f"{alternate.record.path or '<model>'}.{method} differs from the original: {problem}"
+    return None
+
+
+def _random_inputs(placeholders: list[NodeFacts]) -> tuple[torch.Tensor, ...] | None:
+    """Seeded random tensors like those the example forward passed, or None if not all were tensors."""
+    specs = [(f.shape, f.dtype, f.device) for f in placeholders]
+    if not specs or any(shape is None or dtype is None or device is None for shape, dtype, device in specs):
+        return None
+    drawn = seeded_tensors([shape for shape, _, _ in specs if shape is not None], torch.float32, torch.device("cpu"))
+    return tuple(x.to(device, dtype) for x, (_, dtype, device) in zip(drawn, specs))
