@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from ..errors import AttnInjectError, first_line
 from ..surgery.recipe import Recipe, injected_key
+from .data_config import DataInfo, read_data_info
 
 RECIPE_KEY = "attn_inject.recipe"
 CONTENT_KEY = "attn_inject.content"  # "model" | "adapter"
@@ -33,6 +34,12 @@ class Header:
     fingerprint: str | None
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
+    data: DataInfo = field(default_factory=DataInfo)  # the data config and class names it carries, if any
+
+    @property
+    def plain(self) -> bool:
+        """No injected blocks: a plain checkpoint, or a plain model saved with its arch."""
+        return self.recipe is None or not self.recipe.injections
 
 
 def file_header(path: str | os.PathLike) -> Header:
@@ -66,7 +73,8 @@ def file_header(path: str | os.PathLike) -> Header:
             where=str(path),
             hint="The file was written by a newer attn_inject or edited; upgrade attn_inject.",
         )
-    return Header(path, recipe, content, metadata.get(FINGERPRINT_KEY), shapes, dtypes)
+    data = read_data_info(metadata, str(path))
+    return Header(path, recipe, content, metadata.get(FINGERPRINT_KEY), shapes, dtypes, data)
 
 
 def patched_recipe(header: Header) -> Recipe:

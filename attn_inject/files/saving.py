@@ -10,9 +10,11 @@ caller names that arch (or passes ``trust_remote_code=True``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -21,8 +23,10 @@ from torch import nn
 from ..errors import AttnInjectError
 from ..graph.example import parameter_dtype_device, seeded_tensors
 from ..surgery.api import inject
-from ..surgery.recipe import Recipe, injected_key, patched_recipe_of
+from ..surgery.recipe import Recipe, base_recipe, injected_key, patched_recipe_of
+from .arch import head_outputs
 from .checkpoints import model_holding
+from .data_config import data_info_of, remember_data
 from .format import (
     CONTENT_KEY,
     FINGERPRINT_KEY,
@@ -37,10 +41,15 @@ from .output import atomic_write, check_safetensors_output
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False, adapter_only: bool = False) -> Path:
-    """Write a model that ``inject`` patched as .safetensors with its recipe; returns the path.
+    """Write a model as .safetensors with its recipe; returns the path.
 
-    Refuses an existing ``path`` unless ``force``; writes atomically. ``adapter_only`` keeps only the
-    injected blocks' tensors and a fingerprint of the base weights (see ``apply_adapter``).
+    A model ``inject`` patched (or ``load`` read) is written with every injection; any other model
+    as a plain model with its arch (when known: a timm model, or one built from an arch string),
+    which ``load`` reads back too. The recipe records the head the model has now (its
+    ``num_classes``), and the file carries the model's data config and class names (timm's
+    ``pretrained_cfg``) when it has them. Refuses an existing ``path`` unless ``force``; writes
+    atomically. ``adapter_only`` keeps only the injected blocks' tensors and a fingerprint of the
+    base weights (see ``apply_adapter``).
     """
     return write_patched(model, path, force=force, adapter_only=adapter_only)
 
@@ -55,11 +64,15 @@ def write_patched(
 ) -> Path:
     """``save``; ``check(tmp)`` runs on the written temporary file before it is renamed into place."""
     recipe = saved_recipe(model)
+    if adapter_only:
+        patched_recipe_of(model)  # an adapter of a model without blocks would be empty
     out = check_safetensors_output(path, force=force)
     metadata = {"format": "pt", RECIPE_KEY: recipe.to_json(), CONTENT_KEY: "adapter" if adapter_only else "model"}
     state = model.state_dict()
     if adapter_only:
         state, metadata[FINGERPRINT_KEY] = adapter_tensors(state, recipe)
+    else:
+        metadata.update(data_info_of(model).metadata())
     tensors = storable(state)
 
     def write(tmp: Path) -> None:
@@ -72,8 +85,12 @@ def write_patched(
 
 
 def saved_recipe(model: nn.Module) -> Recipe:
-    """The recipe ``save`` writes for ``model``; refuses a model ``inject`` did not patch."""
-    return patched_recipe_of(model)
+    """The recipe ``save`` writes for ``model``: what it remembers (or its timm arch), with the head it has now."""
+    recipe = base_recipe(model)
+    head = head_outputs(model, recipe.arch)
+    if head is not None and head != recipe.num_classes:
+        recipe = dataclasses.replace(recipe, num_classes=head)
+    return recipe
 
 
 def load(
@@ -84,13 +101,18 @@ def load(
     map_location: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    model_options: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """The patched model in a file written by ``save`` or ``attn-inject patch``, in eval mode.
+    """The model in a file written by ``save``, ``attn-inject patch`` or ``finetune``, in eval mode.
 
     Rebuilds the architecture (``arch`` overrides the recipe's; ``num_classes`` too), replays the
-    recipe's injections and loads every tensor strictly; ``map_location`` is the device the tensors
-    and model go to, ``dtype`` casts floating-point parameters afterwards. The recipe is
-    remembered on the model, so ``save`` and ``eject`` work on the result.
+    recipe's injections (none for a plain model saved with its arch) and loads every tensor
+    strictly; ``map_location`` is the device the tensors and model go to, ``dtype`` casts
+    floating-point parameters afterwards. The recipe is remembered on the model, so ``save`` and
+    ``eject`` work on the result; the data config and class names the file carries go to the
+    model's ``pretrained_cfg``, where timm's ``resolve_data_config(model=model)`` finds them.
+    ``model_options``: further arguments of the model's factory that change training only (timm's
+    ``drop_path_rate``).
     """
     header = file_header(path)
     recipe = patched_recipe(header)
@@ -103,9 +125,9 @@ def load(
     build_arch = arch_to_build(recipe, arch, trust_remote_code, header.path)
     device = torch.device(map_location)
     tensors = read_tensors(header.path, device)
-    model = rebuild(
-        recipe, build_arch, num_classes if num_classes is not None else recipe.num_classes, tensors, header.path
-    )
+    classes = num_classes if num_classes is not None else recipe.num_classes
+    model = rebuild(recipe, build_arch, classes, tensors, header.path, model_options)
+    remember_data(model, header.data)
     model.to(device)
     if dtype is not None:
         model.to(dtype)
@@ -113,12 +135,17 @@ def load(
 
 
 def rebuild(
-    recipe: Recipe, arch: str, num_classes: int | None, tensors: dict[str, torch.Tensor], source: Path
+    recipe: Recipe,
+    arch: str,
+    num_classes: int | None,
+    tensors: dict[str, torch.Tensor],
+    source: Path,
+    model_options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """``arch`` with the recipe replayed, holding ``tensors`` (every key, strictly)."""
     injected = set(recipe.modules)
     base = {k: v for k, v in tensors.items() if not injected_key(k, injected)}
-    model = model_holding(arch, num_classes, lambda m: _base_weights(m, base, source))
+    model = model_holding(arch, num_classes, lambda m: _base_weights(m, base, source), model_options)
     replay(model, recipe, str(source))
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
