@@ -92,3 +92,16 @@ def test_whole_model_time_quick(tmp_path):
     assert row["model"] == "fasterrcnn_mobilenet_v3_large_320_fpn" and row["image"] == 320 and row["sites"] == 10
     assert row["stem_passes"] == 3  # the reference forward, the analysis, the verification: no re-runs
     assert row["inject_s"] >= sum(row["steps_s"].values()) > 0 and row["forward_s"] > 0
+
+
+def test_image_check_quick(tmp_path):
+    out = tmp_path / "image_check.json"
+    proc = run_python("-m", "benchmarks.image_check", "--quick", "--threads", "1", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| format | side |" in proc.stdout
+    rows = {r["format"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"jpg", "png"}
+    for row in rows.values():
+        assert row["images"] == 40 and row["side"] == 64
+        assert 0 < row["cache_second_run_ms_per_1000"] < row["cache_first_run_ms_per_1000"]
+        assert row["decode_1_thread_ms_per_1000"] > 0 and row["decode_2_threads_ms_per_1000"] > 0

@@ -21,8 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args) or 0
-    except KeyboardInterrupt:
-        return _fail("interrupted", as_json, code=130)
+    except KeyboardInterrupt as exc:  # finetune's says which epoch is kept and how to continue
+        message = getattr(exc, "message", None) or "interrupted"
+        return _fail(console.flag_words(message, getattr(exc, "field", None)), as_json, code=130)
     except Exception as exc:
         if os.environ.get("ATTN_INJECT_DEBUG") == "1":
             raise
