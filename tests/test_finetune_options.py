@@ -212,3 +212,26 @@ def test_synced_batchnorm_computes_batchnorm_over_all_processes(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_fp16_steps_go_through_a_grad_scaler():
+    """The loop takes fp16 on GPUs only; the step itself is device-agnostic, so its scaler path runs here on
+    the CPU: a step with finite scaled gradients updates, one whose scaled gradients overflow is skipped."""
+    from attn_inject.finetune.step import Stepper
+
+    model = TinyNet(kind="gn")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stepper = Stepper(
+        model, optimizer, TrainConfig(epochs=1, precision="fp16", clip_grad=1.0), distributed.Context(), 3
+    )
+    stepper.rewrap()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_sum, images = stepper.step([(x, y)], 0)
+    assert images == 4 and loss_sum > 0 and stepper.scaler.get_scale() == 65536.0
+    assert not torch.equal(model.head.weight, before["head.weight"])
+    stepper.scaler = torch.amp.GradScaler("cpu", init_scale=1e38)  # the scaled gradients overflow
+    updated = {k: v.clone() for k, v in model.state_dict().items()}
+    stepper.step([(x, y)], 1)
+    assert all(torch.equal(v, updated[k]) for k, v in model.state_dict().items())  # the step was skipped
+    assert stepper.scaler.get_scale() < 1e38
