@@ -67,6 +67,14 @@ def test_the_plain_baseline_round_trip(capsys, files, tmp_path):
     code, out, _ = run_cli(capsys, "eval", base, "--data", files["data"], "--img-size", "48", "--json")
     assert code == 0 and last_json(out)["input_size"] == [3, 48, 48]  # --img-size still overrides
 
+    dogs = write_image_folder(tmp_path / "dogs", classes=("ant", "bee", "dog"), train=1, val=1, size=32)
+    code, _, err = run_cli(capsys, "eval", base, "--data", dogs)
+    assert (
+        code == 1
+        and "the model was trained on other classes: its output 2 is 'cat', the data's class 2 is 'dog'"
+        in (one_line(err))
+    )
+
     plot = tmp_path / "confusion.png"
     code, out, err = run_cli(capsys, "eval", base, "--data", files["data"], "--plot", plot)
     assert code == 0, err

@@ -18,7 +18,6 @@ from torch import nn
 
 from ..errors import AttnInjectError
 from ..files.checkpoints import load_pretrained
-from ..files.data_config import data_info_of
 from ..files.format import file_header
 from ..files.output import check_output, check_safetensors_output
 from ..files.saving import load, save
@@ -95,7 +94,7 @@ def run_eval(
     try:
         info = check_image_folder(data, ("val",), workers=workers, context=context, progress=progress)
         model = open_model(checkpoint, arch, num_classes)
-        _check_classes(model, info.classes, data)
+        _check_classes(model, _file_classes(checkpoint), info.classes, data)
         model.to(context.device)
         cfg = data_config(model, img_size)
         val = SeededSamples(image_folder(data, "val"), transforms(cfg)[1])
@@ -119,8 +118,16 @@ def run_eval(
     }
 
 
-def _check_classes(model: nn.Module, classes: tuple[str, ...], data: str | Path) -> None:
-    """The model's head fits the data: as many outputs as classes, and the same names where it knows them."""
+def _file_classes(path: str | Path) -> tuple[str, ...] | None:
+    """The class names a .safetensors file records (written by ``finetune`` or ``save``), if any."""
+    path = Path(path)
+    return file_header(path).data.classes if path.suffix == ".safetensors" and path.is_file() else None
+
+
+def _check_classes(
+    model: nn.Module, recorded: tuple[str, ...] | None, classes: tuple[str, ...], data: str | Path
+) -> None:
+    """The model's head fits the data: as many outputs as classes, and the names its file records."""
     current = head_size(model)
     if current is not None and current != len(classes):
         raise AttnInjectError(
@@ -128,11 +135,10 @@ def _check_classes(model: nn.Module, classes: tuple[str, ...], data: str | Path)
             where=str(data),
             hint=f"Evaluate a model trained for these classes (attn-inject finetune ... --num-classes {len(classes)}).",
         )
-    known = data_info_of(model).classes
-    if known is not None and len(known) == len(classes) and tuple(known) != tuple(classes):
-        i = next(i for i, (a, b) in enumerate(zip(known, classes)) if a != b)
+    if recorded is not None and len(recorded) == len(classes) and tuple(recorded) != tuple(classes):
+        i = next(i for i, (a, b) in enumerate(zip(recorded, classes)) if a != b)
         raise AttnInjectError(
-            f"the model was trained on other classes: its output {i} is {known[i]!r}, the data's class {i} is "
+            f"the model was trained on other classes: its output {i} is {recorded[i]!r}, the data's class {i} is "
             f"{classes[i]!r}",
             where=str(data),
             hint="Evaluate on data with the class folders the model was trained on.",
