@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+_END = (".", "!", "?", ":", ";")
+
 
 class AttnInjectError(ValueError):
     """A problem with the input to attn_inject, described for the user.
@@ -16,10 +18,10 @@ class AttnInjectError(ValueError):
         self.where = where
         self.hint = hint
         self.field = field
-        parts = [f"{where}: {what}" if where else what]
-        if hint:
-            parts.append(hint)
-        super().__init__(" ".join(parts))
+        message = f"{where}: {what}" if where else what
+        if hint:  # a sentence of its own: "...has 1000 outputs. Pass --num-classes 10 ..."
+            message = f"{message}{'' if message.endswith(_END) else '.'} {hint}"
+        super().__init__(message)
 
 
 def first_line(exc: BaseException) -> str:

@@ -11,11 +11,18 @@
 (c) training cost: one step (forward + backward + AdamW) of ResNet-50 + injected SE vs timm's
     hand-written ``seresnet50`` and vs plain ResNet-50, interleaved (``overhead.time_calls``), and
     the peak tensor memory of one step (``overhead.PeakTensorMemory``).
+(d) processes: ``attn-inject finetune`` of the transfer setting (EfficientNet-Lite0, BatchNorm) in
+    1 process and under ``torchrun --nproc-per-node 2`` (gloo), with and without ``--sync-bn``,
+    same global batch: val accuracy and loss after each epoch, largest weight difference to 1 process.
 
-Every fine-tuning run goes through ``attn_inject.finetune.loop.finetune`` (the CLI's loop).
+``--ema-decay D`` repeats (a) and (b) with timm's ModelEmaV3 on (decay D) and reports the EMA's
+accuracy beside the model's. Every fine-tuning run goes through ``attn_inject.finetune.loop.finetune``
+(the CLI's loop), (d) through the command line itself.
 
-    python -m benchmarks.finetune                     # everything (~15 min of one core)
+    python -m benchmarks.finetune                     # (a)-(c) (~15 min of one core)
     python -m benchmarks.finetune --parts digits --seeds 0 1 2 --jobs 4
+    python -m benchmarks.finetune --parts digits --ema-decay 0.9 --json benchmarks/results/finetune-ema.json
+    python -m benchmarks.finetune --parts processes --json benchmarks/results/finetune-processes.json
     python -m benchmarks.finetune --quick             # small subset, 1 seed, tiny sizes (~1 min)
 
 Results: ``benchmarks/results/finetune.json`` (every run's curve) and ``finetune_digits.png``.
@@ -26,7 +33,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,8 +45,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
-from attn_inject import inject
+from attn_inject import inject, save
 from attn_inject.finetune.loop import TrainConfig, finetune
 from benchmarks.overhead import PeakTensorMemory, build_models, latency_rows, time_calls
 from benchmarks.results_file import loadavg
@@ -86,9 +97,11 @@ def run_finetune(
 ) -> dict:
     """One run of the library's loop (its training state goes to ``out``); the weights stay in ``model``."""
     summary = finetune(model, data, config, output=out, save_model=lambda m, p: None, num_classes=num_classes)
-    curve = [{"step": 0, **summary["before"]}] + [
-        {k: e[k] for k in ("step", "top1", "top5", "loss", "images_per_s")} for e in summary["epochs"]
-    ]
+    keys = ("step", "top1", "top5", "loss", "images_per_s", "ema_top1", "ema_loss")
+    start = {"step": 0, **summary["before"]}
+    if config.ema:  # the EMA starts as the model
+        start.update(ema_top1=start["top1"], ema_loss=start["loss"])
+    curve = [start] + [{k: e[k] for k in keys if k in e} for e in summary["epochs"]]
     return {"curve": curve, "steps_per_epoch": summary["steps_per_epoch"]}
 
 
@@ -156,7 +169,7 @@ def digits_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str, A
     base_config = TrainConfig(epochs=args.epochs, lr=2e-3, warmup_steps=10, seed=0, **common)
     base_run = run_finetune(base, data, base_config, work / "base.safetensors")
     print(f"digits base: {curve_text(base_run['curve'])}", flush=True)
-    config = dict(epochs=args.epochs, lr=5e-4, attention_lr=5e-3, **common)
+    config = dict(epochs=args.epochs, lr=5e-4, attention_lr=5e-3, **common, **ema_settings(args))
     runs = run_variants("digits", base, DIGIT_VARIANTS, "basic", config, data, work, args)
     return {"arch": args.digits_arch, "base": base_run, "runs": runs, "table": table(runs, base_run["curve"][-1])}
 
@@ -174,6 +187,7 @@ def transfer_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str,
         train_transform=DIGIT_AUGMENT,
         weight_decay=0.05,
         label_smoothing=0.1,
+        **ema_settings(args),
     )
     runs = run_variants(
         "transfer", pretrained_lite0(), TRANSFER_VARIANTS, "inverted_residual", config, data, work, args, num_classes=10
@@ -184,6 +198,83 @@ def transfer_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str,
         "runs": runs,
         "table": table(runs),
     }
+
+
+def ema_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {} if args.ema_decay is None else {"ema": True, "ema_decay": args.ema_decay}
+
+
+# run -> (processes, extra flags); "--channels-last" computes the same with other kernels: the float32 noise floor
+PROCESS_RUNS = {
+    "1 process": (1, []),
+    "1 process --channels-last": (1, ["--channels-last"]),
+    "2 processes": (2, []),
+    "2 processes --sync-bn": (2, ["--sync-bn"]),
+}
+
+
+def processes_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """(d): the transfer setting through `attn-inject finetune` in 1 and 2 processes, with and without --sync-bn:
+    one optimizer step on 64 images (how far each run is from 1 process after it), then the whole run."""
+    from attn_inject.cli.demo import pretrained_lite0
+
+    start = save(pretrained_lite0(), work / "lite0.safetensors")  # a plain model saved with its arch
+    one_step = write_digits(work / "one-step", per_class=(7, 2))  # 70 train images: one batch of 64
+    result: dict[str, Any] = {"arch": "efficientnet_lite0 (ImageNet weights, new 10-class head)"}
+    result["size"] = args.transfer_size
+    for part, folder, epochs in (("one_step", one_step, 1), ("run", data, args.epochs)):
+        rows, weights = [], {}
+        for name, (processes, extra) in PROCESS_RUNS.items():
+            out = work / f"{part}-{name.replace(' ', '_')}.safetensors"
+            summary = _finetune_command(start, folder, out, processes, epochs, extra, args)
+            weights[name] = load_file(out)
+            rows.append(
+                {
+                    "run": name,
+                    "world_size": summary["world_size"],
+                    "curve": [{"epoch": 0, **summary["before"]}]
+                    + [{k: e[k] for k in ("epoch", "train_loss", "top1", "loss")} for e in summary["epochs"]],
+                    **_weight_differences(weights["1 process"], weights[name]),
+                }
+            )
+            curve = [round(c["top1"], 4) for c in rows[-1]["curve"]]
+            print(f"processes {part} {name}: {curve}, weights ±{rows[-1]['max_rel_weight_diff']:.3g}", flush=True)
+        result[part] = rows
+    return result
+
+
+def _finetune_command(
+    start: Path, data: Path, out: Path, processes: int, epochs: int, extra: list[str], args: argparse.Namespace
+) -> dict:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    command = [sys.executable, *(launcher if processes > 1 else []), "-m", "attn_inject", "finetune", str(start)]
+    command += ["--data", str(data), "--output", str(out), "--num-classes", "10", "--epochs", str(epochs)]
+    command += ["--batch-size", "64", "--lr", "1e-3", "--warmup-steps", "10", "--img-size", str(args.transfer_size)]
+    command += ["--seed", "0", "--log-interval", "0", *DIGIT_FLAGS, *extra, "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1), "GLOO_SOCKET_IFNAME": "lo"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(command)}: {proc.stderr[-2000:]}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def _weight_differences(reference: dict, weights: dict) -> dict[str, float]:
+    """Largest difference to 1 process relative to the tensor's own scale: over the weights, and over the
+    BatchNorm running statistics alone."""
+
+    def rel(key: str) -> float:
+        a, b = reference[key].double(), weights[key].double()
+        return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+
+    floats = [k for k in reference if reference[k].is_floating_point()]
+    stats = [k for k in floats if k.endswith(("running_mean", "running_var"))]
+    return {
+        "max_rel_weight_diff": max(rel(k) for k in floats if k not in stats),
+        "max_rel_running_stat_diff": max((rel(k) for k in stats), default=0.0),
+    }
+
+
+DIGIT_FLAGS = ["--hflip", "0", "--scale", "0.6", "1.0", "--ratio", "0.85", "1.15"]  # DIGIT_AUGMENT as flags
 
 
 def cost_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -237,6 +328,10 @@ def table(runs: dict[str, list[dict]], base_end: dict | None = None) -> list[dic
             "final_loss": mean_std([c["loss"] for c in last]),
             "best_top1": mean_std([max(c["top1"] for c in r["curve"]) for r in seeds]),
         }
+        if "ema_top1" in last[0]:
+            row["ema_final_top1"] = mean_std([c["ema_top1"] for c in last])
+            row["ema_final_loss"] = mean_std([c["ema_loss"] for c in last])
+            row["ema_best_top1"] = mean_std([max(c["ema_top1"] for c in r["curve"]) for r in seeds])
         if base_end is not None:
             row["step0_equals_base"] = all(
                 c["top1"] == base_end["top1"] and c["loss"] == base_end["loss"] for c in first
@@ -274,6 +369,9 @@ def plot(result: dict, path: Path) -> None:
             mean = [statistics.fmean(v) for v in values]
             std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
             line = ax.plot(steps, mean, marker=".", label=f"{name} (n={len(seeds)})")[0]
+            if "ema_top1" in seeds[0]["curve"][-1]:  # the EMA's accuracy, dashed, in the same colour
+                ema = [statistics.fmean(v) for v in zip(*[[c["ema_top1"] for c in r["curve"]] for r in seeds])]
+                ax.plot(steps, ema, linestyle="--", color=line.get_color(), label=f"{name} EMA")
             ax.fill_between(
                 steps,
                 [m - s for m, s in zip(mean, std)],
@@ -311,9 +409,31 @@ def print_report(result: dict) -> None:
                 f"| {r['model']} | {r['seeds']} | {r['steps']} | {pm(r['step0_top1'])} | {pm(r['final_top1'])} | "
                 f"{pm(r['best_top1'])} | {pm(r['final_loss'], 4)} | {same} |"
             )
+        if "ema_final_top1" in result[part]["table"][0]:
+            print(f"\nwith EMA (decay {cfg['ema_decay']}), the EMA's accuracy:\n")
+            print("| model | seeds | steps | final top1 | EMA final top1 | EMA best top1 | EMA final loss |")
+            print("|---|---:|---:|---:|---:|---:|---:|")
+            for r in result[part]["table"]:
+                print(
+                    f"| {r['model']} | {r['seeds']} | {r['steps']} | {pm(r['final_top1'])} | "
+                    f"{pm(r['ema_final_top1'])} | {pm(r['ema_best_top1'])} | {pm(r['ema_final_loss'], 4)} |"
+                )
         if part == "digits":
             base = result[part]["base"]["curve"][-1]
             print(f"\nbase after {base['step']} steps: top1 {base['top1']:.4f}, loss {base['loss']:.4f}")
+    if "processes" in result:
+        r = result["processes"]
+        print(f"\nprocesses: {r['arch']} at {r['size']} px, global batch 64 in every run\n")
+        print("| run | after | train loss | val top1 | val loss | max rel. weight diff | max rel. BN stat diff |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for part, label in (("one_step", "1 step"), ("run", "epoch")):
+            for row in r[part]:
+                for c in row["curve"][1:]:
+                    when = label if part == "one_step" else f"epoch {c['epoch']}"
+                    print(
+                        f"| {row['run']} | {when} | {c['train_loss']:.4f} | {c['top1']:.4f} | {c['loss']:.4f} | "
+                        f"{row['max_rel_weight_diff']:.2g} | {row['max_rel_running_stat_diff']:.2g} |"
+                    )
     if "cost" in result:
         c = result["cost"]
         print(f"\ntraining step (forward + backward + AdamW), batch {c['batch']} at {c['size']}x{c['size']}:\n")
@@ -338,8 +458,12 @@ def main() -> None:
         "--quick", action="store_true", help="10 train and 5 val images per class, 1 seed, 1 epoch, tiny sizes"
     )
     parser.add_argument(
-        "--parts", nargs="+", choices=("digits", "transfer", "cost"), default=["digits", "transfer", "cost"]
+        "--parts",
+        nargs="+",
+        choices=("digits", "transfer", "cost", "processes"),
+        default=["digits", "transfer", "cost"],
     )
+    parser.add_argument("--ema-decay", type=float, help="fine-tune with timm's ModelEmaV3 at this decay (default: off)")
     parser.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default 0 1 2; --quick: 0)")
     parser.add_argument(
         "--epochs", type=int, help="epochs of the base and of each fine-tuning run (default 2; --quick: 1)"
@@ -380,6 +504,8 @@ def main() -> None:
             result["digits"] = digits_part(data, work, args)
         if "transfer" in args.parts:
             result["transfer"] = transfer_part(data, work, args)
+        if "processes" in args.parts:
+            result["processes"] = processes_part(data, work, args)
     if "cost" in args.parts:
         result["cost"] = cost_part(args)
     result["config"] = {
@@ -388,6 +514,7 @@ def main() -> None:
         "seeds": args.seeds,
         "epochs": args.epochs,
         "size": args.size,
+        "ema_decay": args.ema_decay,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "timm": timm.__version__,

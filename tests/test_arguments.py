@@ -23,14 +23,14 @@ OPTIONS = (
     [
         (
             dict(block="eca", after=None),
-            r"^after= must be a rule name, a YAML rule file, a Rule or a list of these, not None Valid built-in"
+            r"^after= must be a rule name, a YAML rule file, a Rule or a list of these, not None\. Valid built-in"
             r" rules: basic, bottleneck, conv, inception, inverted_residual, inverted_residual_all, mbconv_se,"
             r" mmcv_after_conv2, mobilenetv3_se, regnet_se, residual\.$",
         ),
-        (dict(block="eca", after=42), r"^after= must be .*, not 42 "),
+        (dict(block="eca", after=42), r"^after= must be .*, not 42\. "),
         (
             dict(block="eca", after="residual", include=None),
-            r"^include= must be a glob on module paths or a list of globs, not None For example",
+            r"^include= must be a glob on module paths or a list of globs, not None\. For example",
         ),
         (
             dict(block="eca", after="residual", exclude=[1]),
@@ -38,7 +38,7 @@ OPTIONS = (
         ),
         (
             dict(block="se", after="residual", reduction="abc"),
-            rf"^block 'se': option reduction='abc' must be float, not str {OPTIONS}",
+            rf"^block 'se': option reduction='abc' must be float, not str\. {OPTIONS}\.$",
         ),
         (
             dict(block="se", after="residual", reduction=True),
@@ -70,14 +70,14 @@ OPTIONS = (
             dict(block="se", after="residual", reduction=1e-9),
             r"^block 'se' with reduction=1e-09 would add 528,000,000,016 parameters at block1",
         ),
-        (dict(block="eca", after="residual", init="zeros"), r"^unknown init 'zeros' Valid inits: identity, paper\."),
+        (dict(block="eca", after="residual", init="zeros"), r"^unknown init 'zeros'\. Valid inits: identity, paper\."),
         (dict(block="eca", after="residual", init=3), r"^block 'eca': option init=3 must be str, not int"),
         (
             dict(block="eca", after="residual", position=3),
-            r"^position must be a string, not 3 Valid: branch_end, block_output, unit_output, or after_convN \(N a"
+            r"^position must be a string, not 3\. Valid: branch_end, block_output, unit_output, or after_convN \(N a"
             r" conv index",
         ),
-        (dict(block=None, after="residual"), r"^unknown block None Valid blocks: eca, se\."),
+        (dict(block=None, after="residual"), r"^unknown block None\. Valid blocks: eca, se\."),
         (dict(block="eca", after="residual", verify="yes"), r"^verify= must be True or False, not 'yes'"),
         (dict(block="eca", after="residual", stack=1), r"^stack= must be True or False, not 1"),
     ],
@@ -214,7 +214,7 @@ def test_quantized_models_are_told_they_are_unsupported():
     model = torch.ao.quantization.quantize_dynamic(sequential_resnet().eval(), {nn.Linear}, dtype=torch.qint8)
     with pytest.raises(
         AttnInjectError,
-        match=r"^quantized models are not supported \(7 is Linear\) Inject into the float model, then quantize it",
+        match=r"^quantized models are not supported \(7 is Linear\)\. Inject into the float model, then quantize it",
     ):
         plan(model, "eca", after="basic", example_input=EXAMPLE)
 
@@ -226,7 +226,7 @@ def test_meta_device_models_plan_and_inject_without_verify():
     with pytest.raises(
         AttnInjectError,
         match=(
-            r"^Sequential is on the meta device: it has no values to verify the patched outputs against plan\(\)"
+            r"^Sequential is on the meta device: it has no values to verify the patched outputs against\. plan\(\)"
             r" works on it; inject\(\.\.\., verify=False\)"
         ),
     ):

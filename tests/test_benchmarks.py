@@ -130,3 +130,16 @@ def test_yolo_quick(tmp_path):
     conv, residual = result["inject_cost"]["conv"], result["inject_cost"]["residual"]
     assert conv["with_alternates_patched_forward_fuse"] == 57  # every Conv whose forward got a block
     assert conv["without_patched_forward_fuse"] == residual["with_alternates_patched_forward_fuse"] == 0
+
+
+def test_image_check_quick(tmp_path):
+    out = tmp_path / "image_check.json"
+    proc = run_python("-m", "benchmarks.image_check", "--quick", "--threads", "1", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| format | side |" in proc.stdout
+    rows = {r["format"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"jpg", "png"}
+    for row in rows.values():
+        assert row["images"] == 40 and row["side"] == 64
+        assert 0 < row["cache_second_run_ms_per_1000"] < row["cache_first_run_ms_per_1000"]
+        assert row["decode_1_thread_ms_per_1000"] > 0 and row["decode_2_threads_ms_per_1000"] > 0

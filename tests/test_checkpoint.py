@@ -94,7 +94,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused():
         AttnInjectError,
         match=(
             r"other\.pth: the checkpoint does not fit Sequential: 0\.weight has shape \[5, 3, 3, 3\] where"
-            r" 0\.weight needs \[4, 3, 3, 3\] Check --arch"
+            r" 0\.weight needs \[4, 3, 3, 3\]\. Check --arch"
         ),
     ):
         fit_state_dict(model, other, "other.pth")

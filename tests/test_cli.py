@@ -71,7 +71,7 @@ def test_plan_with_rule_file_include_and_position(capsys, tmp_path):
     [
         (
             ["plan", "--arch", "resnet5", "--block", "eca", "--after", "bottleneck"],
-            "error: unknown timm model 'resnet5' Did you mean",
+            "error: unknown timm model 'resnet5'. Did you mean",
         ),
         (
             ["plan", "--arch", "torchvision:resnet", "--block", "eca", "--after", "bottleneck"],
@@ -83,7 +83,7 @@ def test_plan_with_rule_file_include_and_position(capsys, tmp_path):
         ),
         (
             ["plan", "--arch", "resnet18", "--block", "cbam", "--after", "basic"],
-            "error: unknown block 'cbam' Valid blocks: eca, se.",
+            "error: unknown block 'cbam'. Valid blocks: eca, se.",
         ),
         (
             ["plan", "--arch", "resnet18", "--block", "eca", "--after", "bottleneck", "--img-size", "64"],

@@ -17,7 +17,8 @@ PLAN = ["plan", "--arch", "torchvision:resnet18", "--block", "se", "--after", "b
         (["bogus"], r"attn-inject: argument COMMAND: invalid choice: 'bogus'"),
         (
             ["plan", "--arch", "resnet18"],
-            r"attn-inject plan: the following arguments are required: --block, --after See 'attn-inject plan --help'\.",
+            r"attn-inject plan: the following arguments are required: --block, --after\. "
+            r"See 'attn-inject plan --help'\.",
         ),
         ([*PLAN, "--img-size", "abc"], r"attn-inject plan: argument --img-size: invalid int value: 'abc'"),
         (

@@ -94,10 +94,10 @@ def test_finetune_refuses_bad_input_in_one_line(capsys, files, tmp_path):
     existing = tmp_path / "exists.safetensors"
     existing.write_bytes(b"keep me")
     cases = {
-        "the output file exists Pass --force": (eca, "--data", data, "--output", existing, *TRAIN),
+        "the output file exists\\. Pass --force": (eca, "--data", data, "--output", existing, *TRAIN),
         "the output is the input file": (eca, "--data", data, "--output", eca, *TRAIN),
         "no such data folder": (eca, "--data", tmp_path / "none", "--output", tmp_path / "o.safetensors", *TRAIN),
-        "a plain checkpoint \\(no attn_inject recipe inside\\) Name its architecture with --arch": (
+        "a plain checkpoint \\(no attn_inject recipe inside\\)\\. Name its architecture with --arch": (
             files["plain"],
             "--data",
             data,
@@ -121,7 +121,10 @@ def test_a_head_of_another_size_is_replaced_only_when_asked(capsys, files, tmp_p
     out_file = tmp_path / "five.safetensors"
     argv = ("finetune", files["eca"], "--data", five, "--output", out_file, *TRAIN, "--json")
     code, _, err = run_cli(capsys, *argv)
-    assert code == 1 and "the data has 5 classes but the model's head has 3 outputs Pass --num-classes 5" in err
+    assert (
+        code == 1
+        and "the data has 5 classes but the model's head has 3 outputs. Pass --num-classes 5 to replace" in err
+    )
     code, out, err = run_cli(capsys, *argv, "--num-classes", "5", "--attention-only-steps", "1")
     assert code == 0, err
     assert last_json(out)["head_replaced"] is True
@@ -145,8 +148,9 @@ def test_ctrl_c_then_resume(capsys, files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(TrainingProgress, "update", interrupt_in_epoch_2)
     code, out, err = run_cli(capsys, *argv)
-    assert code == 130 and out == ""
-    assert err.strip().endswith(f"interrupted during epoch 2; {out_file} holds epoch 1; continue with --resume")
+    message = f"interrupted during epoch 2; {out_file} holds epoch 1; continue with --resume"
+    assert code == 130 and last_json(out) == {"error": message} and len(out.splitlines()) == 1  # --json: JSON too
+    assert err.strip().endswith(message)
     first = out_file.read_bytes()
     monkeypatch.setattr(TrainingProgress, "update", original)
     code, _, err = run_cli(capsys, *argv)
@@ -156,6 +160,7 @@ def test_ctrl_c_then_resume(capsys, files, tmp_path, monkeypatch):
     assert [e["epoch"] for e in last_json(out)["epochs"]] == [1, 2] and "resuming after epoch 1 of 2" in err
 
 
+@pytest.mark.slow  # the default run has the torchrun test of test_finetune_cli_files (BatchNorm, --sync-bn)
 def test_torchrun_runs_the_same_command_and_matches_one_process(files, tmp_path):
     """`torchrun --nproc-per-node 2 -m attn_inject finetune ...` (DDP over gloo, batch 4 per rank) against the
     same command in one process (batch 8): the same samples per step, the same augmentation per sample

@@ -13,10 +13,12 @@ def test_a_good_folder(tmp_path):
 
 
 def test_missing_and_empty_folders(tmp_path):
-    with pytest.raises(AttnInjectError, match=r"nope: no such data folder Pass the folder that holds train/ and val/"):
+    with pytest.raises(
+        AttnInjectError, match=r"nope: no such data folder\. Pass the folder that holds train/ and val/"
+    ):
         check_image_folder(tmp_path / "nope")
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(AttnInjectError, match=r"train: no images found Put the images in one folder per class"):
+    with pytest.raises(AttnInjectError, match=r"train: no images found\. Put the images in one folder per class"):
         check_image_folder(tmp_path)
     write_image_folder(tmp_path / "d", train=1, val=1)
     for f in (tmp_path / "d" / "val").rglob("*.png"):
@@ -24,7 +26,7 @@ def test_missing_and_empty_folders(tmp_path):
     for d in (tmp_path / "d" / "val").iterdir():
         d.rmdir()
     (tmp_path / "d" / "val").rmdir()
-    with pytest.raises(AttnInjectError, match=r"d: no val/ folder Use the ImageFolder layout: .*val/<class>/<image>"):
+    with pytest.raises(AttnInjectError, match=r"d: no val/ folder\. Use the ImageFolder layout: .*val/<class>/<image>"):
         check_image_folder(tmp_path / "d")
 
 
@@ -46,7 +48,7 @@ def test_unreadable_image_is_named(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(
         AttnInjectError,
-        match=r"broken.png: not a readable image \(UnidentifiedImageError\) Remove or replace the file.",
+        match=r"broken.png: not a readable image \(UnidentifiedImageError\)\. Remove or replace the file\.",
     ):
         check_image_folder(tmp_path)
 
@@ -55,7 +57,7 @@ def test_head_is_replaced_only_when_asked():
     model = TinyNet(num_classes=5)
     with pytest.raises(
         AttnInjectError,
-        match=r"the data has 3 classes but the model's head has 5 outputs Pass num_classes=3 to replace",
+        match=r"the data has 3 classes but the model's head has 5 outputs\. Pass num_classes=3 to replace",
     ):
         fit_head(model, 3, None)
     assert model.head.out_features == 5

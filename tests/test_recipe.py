@@ -97,7 +97,7 @@ def good() -> dict:
         (lambda d: [], r"recipe must be a JSON object, not list"),
         (
             lambda d: {**d, "format_version": FORMAT_VERSION + 1},
-            r"the recipe has format version 2, newer than this attn_inject reads \(1\) Upgrade attn_inject",
+            r"the recipe has format version 2, newer than this attn_inject reads \(1\)\. Upgrade attn_inject",
         ),
         (lambda d: {**d, "extra": 1}, r"recipe field 'recipe\.extra' is not a known field"),
         (
@@ -107,7 +107,7 @@ def good() -> dict:
         (lambda d: {**d, "arch": 5}, r"recipe field 'recipe\.arch' must be str or null, not 5"),
         (
             lambda d: {**d, "injections": [{**d["injections"][0], "block": "cbam"}]},
-            r"unknown block 'cbam' Valid blocks: eca, se",
+            r"unknown block 'cbam'\. Valid blocks: eca, se",
         ),
         (
             lambda d: {**d, "injections": [{**d["injections"][0], "options": {"ratio": 2}}]},

@@ -75,11 +75,11 @@ def test_load_with_arch_and_num_classes(tmp_path):
 def test_save_refuses_an_existing_file_and_an_unpatched_model(tmp_path):
     model, _ = patched_resnet18()
     path = save(model, tmp_path / "m.safetensors")
-    with pytest.raises(AttnInjectError, match=r"m\.safetensors: the output file exists Pass --force"):
+    with pytest.raises(AttnInjectError, match=r"m\.safetensors: the output file exists\. Pass --force"):
         save(model, path)
     assert save(model, path, force=True) == path
     with pytest.raises(AttnInjectError, match=r"ResNet was not patched by inject\(\), so there is no recipe to save"):
-        save(timm.create_model("resnet18"), tmp_path / "plain.safetensors")
+        save(timm.create_model("resnet18"), tmp_path / "plain.safetensors", adapter_only=True)  # an empty adapter
     with pytest.raises(AttnInjectError, match=r"m\.pth: the output must be a \.safetensors file"):
         save(model, tmp_path / "m.pth")
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no temporary files left
@@ -181,7 +181,7 @@ def test_load_refusals(tmp_path):
         (
             newer,
             r"newer\.safetensors: recipe: the recipe has format version 99, newer than this attn_inject reads \(1\)"
-            r" Upgrade attn_inject",
+            r"\. Upgrade attn_inject",
         ),
         (
             rewrite(good, tmp_path / "short.safetensors", drop="layer1.0.se.conv.weight"),
@@ -206,7 +206,7 @@ def test_load_refusals(tmp_path):
                     )
                 },
             ),
-            r"cbam\.safetensors: recipe: injections\[0\]: unknown block 'cbam' Valid blocks: eca, se\.",
+            r"cbam\.safetensors: recipe: injections\[0\]: unknown block 'cbam'\. Valid blocks: eca, se\.",
         ),
         (tmp_path / "missing.safetensors", r"missing\.safetensors: no such file"),
         (tmp_path, r": not a file \(a folder\?\)"),
@@ -216,7 +216,7 @@ def test_load_refusals(tmp_path):
     cases.append(
         (
             plain,
-            r"plain\.safetensors: a plain checkpoint: the file holds no attn_inject recipe load\(\) reads"
+            r"plain\.safetensors: a plain checkpoint: the file holds no attn_inject recipe\. load\(\) reads"
             r" .*checkpoint\.load_pretrained\(path, arch\)",
         )
     )
@@ -224,7 +224,7 @@ def test_load_refusals(tmp_path):
     cases.append(
         (
             tmp_path / "empty.safetensors",
-            r"empty\.safetensors: not a valid \.safetensors file \(.*\) The file is truncated or damaged",
+            r"empty\.safetensors: not a valid \.safetensors file \(.*\)\. The file is truncated or damaged",
         )
     )
     (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:5000])
@@ -249,7 +249,7 @@ def test_a_hostile_recipe_naming_a_factory_runs_nothing(tmp_path, monkeypatch):
         AttnInjectError,
         match=(
             r"evil\.safetensors: the recipe names the factory 'evilpkg\.boom:make', and a file is never allowed to"
-            r" import code If you trust it, pass arch='evilpkg\.boom:make'"
+            r" import code\. If you trust it, pass arch='evilpkg\.boom:make'"
         ),
     ):
         load(path)

@@ -265,7 +265,7 @@ def test_a_lazy_model_is_refused_before_it_is_run():
     model = nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
     with pytest.raises(
         AttnInjectError,
-        match=r"^Sequential has lazy modules whose parameters are not initialised yet \(0\) Run one forward",
+        match=r"^Sequential has lazy modules whose parameters are not initialised yet \(0\)\. Run one forward",
     ):
         plan(model, "eca", after="conv", example_input=X)
     assert type(model[0]) is nn.LazyConv2d and model[0].has_uninitialized_params()

@@ -75,9 +75,11 @@ def add_surgery_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, num_classes_help: str) -> None:
     parser.add_argument(
-        "checkpoint", metavar="CKPT", help="a patched .safetensors file, or a plain checkpoint with --arch"
+        "checkpoint",
+        metavar="CKPT",
+        help="a .safetensors file written by patch, save() or finetune, or a plain checkpoint with --arch",
     )
     parser.add_argument(
         "--data", required=True, metavar="DIR", help="ImageFolder: DIR/train/<class>/*, DIR/val/<class>/*"
@@ -85,13 +87,18 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch", help="architecture of a plain checkpoint (timm name, torchvision:NAME, package.module:factory)"
     )
+    parser.add_argument("--num-classes", type=int, help=num_classes_help)
     parser.add_argument(
-        "--num-classes",
+        "--img-size",
         type=int,
-        help="classes of the model; finetune replaces a head of another size with a new one",
+        help="image side (default: the size the file was fine-tuned at, else the model's timm data config)",
     )
-    parser.add_argument("--img-size", type=int, help="image side (default: the model's timm data config)")
-    parser.add_argument("--workers", type=int, default=0, help="data loader processes per training process (default 0)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="data loader processes per training process, and threads of the image check (default 0)",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: this process's GPU if there is one, else cpu)")
     parser.add_argument(
         "--json", action="store_true", help="progress on stderr, one JSON object on the last line of stdout"

@@ -19,8 +19,8 @@ from rich.table import Table
 from ..matching.plan import Plan
 from ..rules import Rule
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)  # lines are never folded mid-word; tables fit the width
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def setup_logging() -> None:
@@ -52,12 +52,14 @@ def emit_json(payload: dict[str, Any]) -> None:
 
 def flag_words(message: str, field: str | None) -> str:
     """A library message naming a setting (``epochs=5``, ``num_classes``, ``resume=True``) in the
-    words of the command line (``--epochs 5``, ``--num-classes``, ``--resume``)."""
+    words of the command line (``--epochs 5``, ``--num-classes``, ``--resume``); ``override=['lr']``
+    becomes ``--override lr``."""
+    message = re.sub(r"override=\['([\w-]+)'\]", lambda m: "--override " + m.group(1).replace("_", "-"), message)
     if not field:
         return message
     flag = "--" + field.replace("_", "-")
     spelled = {"=True": flag, "=": flag + " ", "": flag}
-    return re.sub(rf"(?<![\w-]){field}(=True\b|=|\b)", lambda m: spelled[m.group(1)], message)
+    return re.sub(rf"(?<![\w-])(?<!--override ){field}(=True\b|=|\b)", lambda m: spelled[m.group(1)], message)
 
 
 def _finite(value: Any) -> Any:
@@ -173,15 +175,30 @@ def patch_summary(summary: dict[str, Any]) -> Table:
     table.add_row("parameters", f"{summary['params_before']:,} -> {summary['params_after']:,} (+{added:,})")
     if summary["keys_mapped_by_order"]:
         table.add_row("keys", "[yellow]mapped by order and shape[/] (another implementation of the arch)")
-    checked = (
-        "the file read back (recipe, every tensor bit for bit); outputs equal the original's bit for bit"
-        if summary["verified"] == "fast"
-        else "as fast, and the model rebuilt from the file with load() gives the original's outputs bit for bit"
-    )
+    checked = {
+        "fast": "the file read back (recipe, every tensor bit for bit); outputs equal the original's bit for bit",
+        "full": "as fast, and the model rebuilt from the file with load() gives the original's outputs bit for bit",
+        "none": "the file read back (recipe, every tensor bit for bit); outputs not compared (not the identity by "
+        "design)",
+    }[summary["verified"]]
     table.add_row("verified", f"[green]{summary['verified']}[/]: {checked} (eval, input {summary['example_input']})")
     kind = "adapter (new blocks only)" if summary["adapter_only"] else "patched model"
     table.add_row("output", f"{summary['output']} — {kind}, {summary['bytes']:,} bytes")
     return table
+
+
+def data_config_text(config: dict[str, Any]) -> str:
+    """timm's data config in one line: input 3×64×64 · bicubic · crop 0.875 (center) · mean … · std …"""
+    size = "×".join(str(n) for n in config["input_size"])
+    parts = [f"input {size}"]
+    if config.get("interpolation"):
+        parts.append(config["interpolation"])
+    if config.get("crop_pct") is not None:
+        parts.append(f"crop {config['crop_pct']:g}" + (f" ({config['crop_mode']})" if config.get("crop_mode") else ""))
+    for key in ("mean", "std"):
+        if config.get(key) is not None:
+            parts.append(f"{key} (" + ", ".join(f"{v:.4g}" for v in config[key]) + ")")
+    return " · ".join(parts)
 
 
 def show_file(info: dict[str, Any]) -> None:
@@ -193,19 +210,27 @@ def show_file(info: dict[str, Any]) -> None:
     table.add_column()
     table.add_row("content", info["content"])
     table.add_row("size", f"{info['bytes']:,} bytes, {info['tensors']} tensors, {info['stored_values']:,} values")
-    if info["content"] != "plain":
+    if info["arch"] is not None or info["content"] != "plain":
         table.add_row(
             "arch",
             f"{info['arch']}" + (f" (num_classes={info['num_classes']})" if info["num_classes"] is not None else ""),
         )
+    if info["content"] != "plain":
         table.add_row("sites", f"{info['sites']} blocks, {info['injected_params']:,} parameters")
+    if "format_version" in info:
         table.add_row(
             "format",
             f"version {info['format_version']}; written with "
             + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
         )
-        if info["base_fingerprint"]:
-            table.add_row("base", f"{info['base_fingerprint']}")
+    if info.get("base_fingerprint"):
+        table.add_row("base", f"{info['base_fingerprint']}")
+    if info["data_config"]:
+        table.add_row("data", data_config_text(info["data_config"]))
+    if info["classes"]:
+        names = info["classes"]
+        shown = escape(", ".join(names[:8]))
+        table.add_row("classes", f"{len(names)}: {shown}{', …' if len(names) > 8 else ''}")
     out.print(table)
     for i, inj in enumerate(info.get("injections", []), 1):
         options = ", ".join(f"{k}={v}" for k, v in inj["options"].items())

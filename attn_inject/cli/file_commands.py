@@ -13,7 +13,9 @@ from .arguments import EPILOG
 
 def add_parsers(commands: Any) -> None:
     inspect = commands.add_parser(
-        "inspect", help="show the recipe, sites, parameter counts and versions in a file", epilog=EPILOG
+        "inspect",
+        help="show the recipe, sites, parameter counts, versions, data config and class names in a file",
+        epilog=EPILOG,
     )
     inspect.add_argument("file", metavar="FILE", help="a .safetensors file (patched, adapter or plain)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

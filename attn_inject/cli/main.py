@@ -32,9 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             code = args.run(args) or 0
         return 128 + received[0] if received and code == 130 else code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # finetune's says which epoch is kept and how to continue
         name = signal.Signals(received[0]).name if received else "Ctrl-C"
-        return _fail(f"interrupted ({name})", as_json, code=128 + (received[0] if received else signal.SIGINT))
+        message = getattr(exc, "message", None) or f"interrupted ({name})"
+        code = 128 + (received[0] if received else signal.SIGINT)
+        return _fail(console.flag_words(message, getattr(exc, "field", None)), as_json, code=code)
     except Exception as exc:
         if os.environ.get("ATTN_INJECT_DEBUG") == "1":
             raise

@@ -11,7 +11,7 @@ import timm
 import torchvision
 from torch import nn
 
-from ..errors import AttnInjectError, one_line
+from ..errors import AttnInjectError, first_line, one_line
 from ..surgery.frameworks import builder
 from ..surgery.recipe import Recipe, check_num_classes, set_recipe
 
@@ -20,34 +20,63 @@ class BuildFailed(AttnInjectError):
     """The model's own code failed to build it (not an unknown or unimportable arch)."""
 
 
-def create_model(arch: str, num_classes: int | None = None) -> nn.Module:
+def create_model(arch: str, num_classes: int | None = None, options: dict[str, Any] | None = None) -> nn.Module:
     """An untrained model for ``arch`` (weights come from a checkpoint; nothing is downloaded).
 
-    The model remembers ``arch`` and ``num_classes`` (``recipe.recipe_of``), so ``save`` can write them.
-    A factory that fails (arguments it does not take, a size it cannot build) is one AttnInjectError.
+    ``options`` are further keyword arguments of the model's factory that change training only (timm's
+    ``drop_path_rate``); a factory that does not take one is an error naming it. The model remembers
+    ``arch`` and ``num_classes`` (``recipe.recipe_of``; for timm and torchvision classifiers the head
+    it was built with when none is given), so ``save`` can write them. A factory that fails
+    (arguments it does not take, a size it cannot build) is one AttnInjectError.
     """
     check_num_classes(num_classes)
     try:
-        model = _create(arch, num_classes)
+        model = _create(arch, num_classes, options or {})
     except AttnInjectError:
         raise
     except Exception as exc:
+        if options and isinstance(exc, TypeError):
+            raise AttnInjectError(
+                f"{arch} does not take {', '.join(options)} ({first_line(exc)})",
+                hint="Leave it out for this model (timm models take drop_path_rate).",
+            ) from None
         raise BuildFailed(
             f"building {arch!r}"
             + ("" if num_classes is None else f" with num_classes={num_classes}")
             + f" failed: {one_line(exc)}",
             hint="Check the arch (and --num-classes).",
         ) from None
+    if num_classes is None and (":" not in arch or arch.startswith("torchvision:")):
+        num_classes = head_outputs(model, arch)  # the head it was built with, as save() records it
     set_recipe(model, Recipe(arch, num_classes))
     return model
 
 
-def _create(arch: str, num_classes: int | None) -> nn.Module:
+def head_outputs(model: nn.Module, arch: str | None) -> int | None:
+    """The classifier's outputs, where they are known for sure: timm's (or a model's own) int
+    ``num_classes``, else for a torchvision classifier its last layer's ``out_features``."""
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool):
+        return num_classes
+    if arch is not None and arch.startswith("torchvision:") and arch.split(":", 1)[1] in _torchvision_classifiers():
+        last = next(reversed([m for m in model.modules() if not next(m.children(), None)]), None)
+        return last.out_features if isinstance(last, nn.Linear) else None
+    return None
+
+
+def _torchvision_classifiers() -> set[str]:
+    return set(torchvision.models.list_models(module=torchvision.models))
+
+
+def _create(arch: str, num_classes: int | None, options: dict[str, Any]) -> nn.Module:
     extra: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    extra.update(options)
     if arch.startswith("torchvision:"):
         return _torchvision(arch.split(":", 1)[1], extra)
     build = builder(arch)
     if build is not None:  # a framework's model by name (ultralytics:yolov8n.yaml): a name, not code
+        if options:
+            raise AttnInjectError(f"{arch} does not take {', '.join(options)}", hint="Leave it out for this model.")
         return build(arch.partition(":")[2], num_classes)
     if ":" in arch:
         return _factory(arch, extra)

@@ -12,6 +12,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.models import load_state_dict, remap_state_dict
@@ -20,7 +21,8 @@ from torch import nn
 from ..errors import AttnInjectError, one_line
 from ..safe_read import open_regular
 from .arch import BuildFailed, create_model
-from .format import file_header
+from .data_config import remember_data
+from .format import Header, file_header
 from .pickle_scan import scan_checkpoint
 
 log = logging.getLogger(__name__)
@@ -135,16 +137,25 @@ def _first_mismatch(target: dict[str, torch.Tensor], state: dict[str, torch.Tens
     return None
 
 
-def load_pretrained(path: str | os.PathLike, arch: str, *, num_classes: int | None = None) -> nn.Module:
+def load_pretrained(
+    path: str | os.PathLike, arch: str, *, num_classes: int | None = None, model_options: dict[str, Any] | None = None
+) -> nn.Module:
     """A plain (unpatched) checkpoint as a model: build ``arch``, read ``path`` safely, map keys by
-    order and shape where needed (with a warning), load strictly; returned in eval mode."""
-    refuse_patched_file(path)
+    order and shape where needed (with a warning), load strictly; returned in eval mode. A plain
+    model saved by ``save`` brings its data config and class names (``remember_data``)."""
+    header = plain_header(path)
     state = read_state_dict(path)
-    return model_holding(arch, num_classes, lambda model: fit_state_dict(model, state, str(path))[0])
+    model = model_holding(arch, num_classes, lambda model: fit_state_dict(model, state, str(path))[0], model_options)
+    if header is not None:
+        remember_data(model, header.data)
+    return model
 
 
-def model_holding(arch: str, num_classes: int | None, weights_for) -> nn.Module:
+def model_holding(
+    arch: str, num_classes: int | None, weights_for, model_options: dict[str, Any] | None = None
+) -> nn.Module:
     """``arch`` built and loaded strictly with ``weights_for(model)`` (which checks the keys), in eval mode.
+    ``model_options``: further factory arguments (``create_model``).
 
     timm and torchvision models are built on the meta device and take the checkpoint's tensors
     (cast to the model's dtypes, copied where misaligned) instead of initialising weights that would
@@ -152,23 +163,23 @@ def model_holding(arch: str, num_classes: int | None, weights_for) -> nn.Module:
     leaves anything on the meta device (a non-persistent buffer) or fails, the model is built normally.
     """
     if ":" not in arch or arch.startswith("torchvision:"):
-        model = _built_on_meta(arch, num_classes)
+        model = _built_on_meta(arch, num_classes, model_options)
         if model is not None:
             target = model.state_dict()
             state = weights_for(model)
             model.load_state_dict({k: _like(v, target[k]) for k, v in state.items()}, assign=True)
             if not _meta_left(model):
                 return model.eval()
-    model = create_model(arch, num_classes)
+    model = create_model(arch, num_classes, model_options)
     state = weights_for(model)
     model.load_state_dict(state)
     return model.eval()
 
 
-def _built_on_meta(arch: str, num_classes: int | None) -> nn.Module | None:
+def _built_on_meta(arch: str, num_classes: int | None, options: dict[str, Any] | None) -> nn.Module | None:
     try:
         with torch.device("meta"):
-            return create_model(arch, num_classes)
+            return create_model(arch, num_classes, options)
     except BuildFailed:  # code that needs real tensors at construction: build normally
         return None
 
@@ -198,17 +209,19 @@ def _tensors_of(module: nn.Module):
     yield from module.__dict__.values()
 
 
-def refuse_patched_file(path: str | os.PathLike) -> None:
-    """A file that already holds an attn_inject recipe is not a plain checkpoint: say so."""
+def plain_header(path: str | os.PathLike) -> Header | None:
+    """The header of a .safetensors file of ours holding no blocks (None for any other file, which is
+    read as a checkpoint); a file that already holds injected blocks is refused."""
     if not (str(path).endswith(".safetensors") and Path(path).is_file()):
-        return
+        return None
     try:
         header = file_header(path)
     except AttnInjectError:
-        return  # not a file of ours: reading it as a checkpoint says what is wrong with it
-    if header.recipe is not None:
+        return None  # not a file of ours: reading it as a checkpoint says what is wrong with it
+    if not header.plain:
         raise AttnInjectError(
             "the file is already patched (it holds an attn_inject recipe)",
             where=str(path),
             hint="Read it with attn_inject.load(path); `attn-inject inspect` shows what it holds.",
         )
+    return header

@@ -13,7 +13,8 @@ from .format import file_header
 
 
 def describe_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Recipe, sites, parameter counts and versions of a patched file; tensor counts of a plain one."""
+    """Recipe, sites, parameter counts and versions of a patched file; tensor counts of a plain one;
+    the data config and class names the file carries (``None`` where it carries none)."""
     header = file_header(path)
     values = {k: math.prod(s) for k, s in header.shapes.items()}
     info: dict[str, Any] = {
@@ -21,10 +22,20 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
         "bytes": header.path.stat().st_size,
         "tensors": len(values),
         "stored_values": sum(values.values()),
+        **header.data.summary(),
     }
     recipe = header.recipe
     if recipe is None:
-        return {**info, "content": "plain"}
+        return {**info, "content": "plain", "arch": None}
+    if header.plain:  # a plain model saved with its arch
+        return {
+            **info,
+            "content": "plain",
+            "arch": recipe.arch,
+            "num_classes": recipe.num_classes,
+            "format_version": recipe.format_version,
+            "versions": dict(recipe.versions),
+        }
     modules = set(recipe.modules)
     injected = sum(n for k, n in values.items() if injected_key(k, modules))
     injections = [

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from ..errors import AttnInjectError
 from ..graph.example import bitwise_equal
 from ..surgery.eject import eject
-from ..surgery.recipe import patched_recipe_of
+from ..surgery.recipe import patched_recipe_of, recipe_of
 from .container import write_safetensors
 from .format import storable
 from .output import atomic_write, check_safetensors_output
@@ -28,6 +28,13 @@ def eject_file(
     """Write the original model's weights (a plain .safetensors) from a patched file; checked on read-back."""
     out = check_safetensors_output(output, inputs=[path], force=force)
     model = load(path, arch, trust_remote_code=trust_remote_code)
+    remembered = recipe_of(model)  # load() always remembers one
+    if remembered is None or not remembered.injections:
+        raise AttnInjectError(
+            "the file holds a plain model (no injected blocks): there is nothing to eject",
+            where=str(path),
+            hint="Use the file as it is; load() reads it.",
+        )
     recipe = patched_recipe_of(model)
     removed = list(recipe.modules)
     state = eject(model).state_dict()

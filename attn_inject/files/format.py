@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from ..errors import AttnInjectError, one_line
 from ..surgery.recipe import Recipe, canonical_json, injected_key
 from .container import damaged, read_header
+from .data_config import DataInfo, read_data_info
 
 RECIPE_KEY = "attn_inject.recipe"
 CONTENT_KEY = "attn_inject.content"  # "model" | "adapter"
@@ -36,6 +37,12 @@ class Header:
     fingerprint: str | None
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
+    data: DataInfo = field(default_factory=DataInfo)  # the data config and class names it carries, if any
+
+    @property
+    def plain(self) -> bool:
+        """No injected blocks: a plain checkpoint, or a plain model saved with its arch."""
+        return self.recipe is None or not self.recipe.injections
 
 
 def header_of(path: Path, recipe: Recipe | None, tensors: Mapping[str, torch.Tensor]) -> Header:
@@ -80,7 +87,8 @@ def file_header(path: str | os.PathLike) -> Header:
         )
     shapes = {k: e.shape for k, e in raw.tensors.items()}
     dtypes = {k: e.dtype for k, e in raw.tensors.items()}
-    return Header(path, recipe, content, metadata.get(FINGERPRINT_KEY), shapes, dtypes)
+    data = read_data_info(metadata, str(path))
+    return Header(path, recipe, content, metadata.get(FINGERPRINT_KEY), shapes, dtypes, data)
 
 
 def patched_recipe(header: Header) -> Recipe:

@@ -14,6 +14,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,9 +23,11 @@ from ..errors import AttnInjectError, one_line
 from ..graph.example import configured_input_size, example_shapes_problem, parameter_dtype_device, seeded_tensors
 from ..surgery.api import inject
 from ..surgery.frameworks import FRAMEWORKS, builder, library_call, owners, unwrapped
-from ..surgery.recipe import Recipe, check_num_classes, injected_key, patched_recipe_of
+from ..surgery.recipe import Recipe, base_recipe, check_num_classes, injected_key, patched_recipe_of
+from .arch import head_outputs
 from .checkpoints import model_holding
 from .container import write_safetensors
+from .data_config import data_info_of, remember_data
 from .format import (
     ARCH_HINT,
     CONTENT_KEY,
@@ -44,11 +47,16 @@ from .output import atomic_write, check_safetensors_output
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False, adapter_only: bool = False) -> Path:
-    """Write a model that ``inject`` patched as .safetensors with its recipe; returns the path.
+    """Write a model as .safetensors with its recipe; returns the path.
 
-    Refuses an existing ``path`` unless ``force``; writes atomically. ``adapter_only`` keeps only the
-    injected blocks' tensors and a fingerprint of the base weights (see ``apply_adapter``). A
-    framework's object holding the model (an ultralytics ``YOLO``) saves the model it holds.
+    A model ``inject`` patched (or ``load`` read) is written with every injection; any other model
+    as a plain model with its arch (when known: a timm model, or one built from an arch string),
+    which ``load`` reads back too. The recipe records the head the model has now (its
+    ``num_classes``), and the file carries the model's data config and class names (timm's
+    ``pretrained_cfg``) when it has them. Refuses an existing ``path`` unless ``force``; writes
+    atomically. ``adapter_only`` keeps only the injected blocks' tensors and a fingerprint of the
+    base weights (see ``apply_adapter``). A framework's object holding the model (an ultralytics
+    ``YOLO``) saves the model it holds.
     """
     return write_patched(unwrapped(model), path, force=force, adapter_only=adapter_only)
 
@@ -67,12 +75,16 @@ def write_patched(
     than a file may ask for, and NaN or infinite values.
     """
     recipe = saved_recipe(model)
+    if adapter_only:
+        patched_recipe_of(model)  # an adapter of a model without blocks would be empty
     out = check_safetensors_output(path, force=force)
     check_replayable(recipe, model, "the model's recipe")
     metadata = {"format": "pt", RECIPE_KEY: recipe.to_json(), CONTENT_KEY: "adapter" if adapter_only else "model"}
     state = model.state_dict()
     if adapter_only:
         state, metadata[FINGERPRINT_KEY] = adapter_tensors(state, recipe)
+    else:
+        metadata.update(data_info_of(model).metadata())
     tensors = storable(state)
     check_finite(tensors, out)
 
@@ -86,13 +98,16 @@ def write_patched(
 
 
 def saved_recipe(model: nn.Module) -> Recipe:
-    """The recipe ``save`` writes for ``model``; refuses a model ``inject`` did not patch. A model a
-    framework names (ultralytics) is named as it is now: training may have changed its classes."""
-    recipe = patched_recipe_of(model)
+    """The recipe ``save`` writes for ``model``: what it remembers (or its timm arch), with the head it
+    has now. A model a framework names (ultralytics) is named as it is now: training may have changed its classes."""
+    recipe = base_recipe(model)
     for framework in owners(model):
         named = framework.arch(model)
         if named is not None:
             return dataclasses.replace(recipe, arch=named[0], num_classes=named[1])
+    head = head_outputs(model, recipe.arch)
+    if head is not None and head != recipe.num_classes:
+        recipe = dataclasses.replace(recipe, num_classes=head)
     return recipe
 
 
@@ -104,15 +119,20 @@ def load(
     map_location: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    model_options: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """The patched model in a file written by ``save`` or ``attn-inject patch``, in eval mode.
+    """The model in a file written by ``save``, ``attn-inject patch`` or ``finetune``, in eval mode.
 
     Rebuilds the architecture (``arch`` overrides the recipe's; ``num_classes`` too), replays the
-    recipe's injections and loads every tensor strictly: each must have the rebuilt model's shape and
-    dtype and hold finite values, or the first that does not is named. ``map_location`` is the device
-    the tensors and model go to; ``dtype`` casts floating-point parameters afterwards (and only then
-    may the file's floating-point tensors have another dtype: they are converted). The recipe is
-    remembered on the model, so ``save`` and ``eject`` work on the result.
+    recipe's injections (none for a plain model saved with its arch) and loads every tensor
+    strictly: each must have the rebuilt model's shape and dtype and hold finite values, or the first
+    that does not is named. ``map_location`` is the device the tensors and model go to; ``dtype``
+    casts floating-point parameters afterwards (and only then may the file's floating-point tensors
+    have another dtype: they are converted). The recipe is remembered on the model, so ``save`` and
+    ``eject`` work on the result; the data config and class names the file carries go to the
+    model's ``pretrained_cfg``, where timm's ``resolve_data_config(model=model)`` finds them.
+    ``model_options``: further arguments of the model's factory that change training only (timm's
+    ``drop_path_rate``).
 
     ``path`` may also be what a framework saved a patched model as: a Hugging Face ``save_pretrained``
     folder (the recipe is in its config.json), an ultralytics .pt (read as data, never unpickled: see
@@ -142,7 +162,9 @@ def load(
         header,
         device,
         convert=dtype is not None,
+        model_options=model_options,
     )
+    remember_data(model, header.data)
     model.to(device)
     if dtype is not None:
         model.to(dtype)
@@ -166,6 +188,7 @@ def rebuild(
     device: torch.device,
     convert: bool = False,
     tensors: Callable[[], dict[str, torch.Tensor]] | None = None,
+    model_options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """``arch`` with the recipe replayed, holding the file's tensors (every key, strictly).
 
@@ -200,7 +223,7 @@ def rebuild(
         check_finite(read, source)
         return {k: read[k] for k in base}
 
-    model = model_holding(arch, num_classes, base_weights)
+    model = model_holding(arch, num_classes, base_weights, model_options)
     replay(model, recipe, str(source))
     expected = model.state_dict()
     missing = [k for k in expected if k not in header.shapes]

@@ -3,8 +3,8 @@
 timm's ``create_dataset`` reads the folders, ``resolve_data_config(model=...)`` gives the model's
 preprocessing (``img_size`` overrides its input size) and ``create_transform`` the train
 augmentation and the eval transform. Everything a user can get wrong is checked before training:
-missing or empty folders, train and val with different classes, a class count that differs from
-the model's head, files that are not images.
+missing or empty folders (an empty class folder too), train and val with different classes, a class
+count that differs from the model's head, and every image, decoded (``image_check``).
 
 Each sample's augmentation is drawn from its own seed (``seed``, epoch, index), so it does not
 depend on the number of processes or loader workers: one process with batch 32 and two with
@@ -20,13 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..errors import AttnInjectError
+from ..errors import AttnInjectError, first_line
+from ..graph.example import MAX_SIDE
+from . import distributed
+from .image_check import check_images, open_rgb
 
 SPLITS = ("train", "val")
 
@@ -40,10 +42,15 @@ class ImageFolderInfo:
 
 def data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:
     """timm's data config for ``model`` (mean, std, crop, interpolation), at ``img_size`` if given."""
-    if img_size is not None and img_size < 1:
-        raise AttnInjectError(f"img_size must be a positive integer, got {img_size}", field="img_size")
+    check_img_size(img_size)
     args = {"input_size": (3, img_size, img_size)} if img_size else {}
     return resolve_data_config(args, model=model)
+
+
+def check_img_size(img_size: int | None) -> None:
+    """None (the model's own size) or a side up to ``MAX_SIDE``, as ``plan`` takes."""
+    if img_size is not None and not (type(img_size) is int and 1 <= img_size <= MAX_SIDE):
+        raise AttnInjectError(f"img_size must be an integer in [1, {MAX_SIDE}], got {img_size}", field="img_size")
 
 
 def image_folder(root: str | Path, split: str, transform: Any = None):
@@ -70,19 +77,35 @@ def image_folder(root: str | Path, split: str, transform: Any = None):
     return dataset
 
 
+def image_paths(dataset) -> list[str]:
+    """The absolute path of every image of a folder dataset (or ``SeededSamples``), in index order."""
+    reader = dataset.reader
+    return [reader.filename(i, absolute=True) for i in range(len(reader))]
+
+
 def classes_of(dataset) -> tuple[str, ...]:
     mapping = dataset.reader.class_to_idx
     return tuple(sorted(mapping, key=mapping.__getitem__))
 
 
-def check_image_folder(root: str | Path, splits: tuple[str, ...] = SPLITS) -> ImageFolderInfo:
-    """Check ``root``'s splits exist, hold images and agree on the classes; every file is opened."""
+def check_image_folder(
+    root: str | Path,
+    splits: tuple[str, ...] = SPLITS,
+    *,
+    workers: int = 0,
+    context: distributed.Context | None = None,
+    progress: Any = None,
+) -> ImageFolderInfo:
+    """Check ``root``'s splits exist, hold images in class folders (none empty) and agree on the
+    classes; then decode every image (``image_check.check_images``: ``workers`` threads, cached)."""
     root = Path(root)
     if not root.is_dir():
         raise AttnInjectError(
             "no such data folder", where=str(root), hint="Pass the folder that holds train/ and val/."
         )
     datasets = {split: image_folder(root, split) for split in splits}
+    for split in splits:
+        _refuse_empty_class_folders(root / split)
     classes = {split: classes_of(ds) for split, ds in datasets.items()}
     first = splits[0]
     for split in splits[1:]:
@@ -95,21 +118,21 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = SPLITS) -> Im
                 where=str(root),
                 hint="Both splits need the same class folders.",
             )
-    for ds in datasets.values():
-        for index in range(len(ds)):
-            check_image(Path(ds.reader.filename(index, absolute=True)))
+    paths = [path for ds in datasets.values() for path in image_paths(ds)]
+    check_images(root, paths, workers=workers, context=context, progress=progress)
     return ImageFolderInfo(root, classes[first], {split: len(ds) for split, ds in datasets.items()})
 
 
-def check_image(path: Path) -> None:
-    """Open the file's header (cheap: no decoding); a file PIL cannot identify is refused."""
-    try:
-        with Image.open(path) as image:
-            image.size  # noqa: B018 - the header is parsed on open
-    except Exception as exc:
-        raise AttnInjectError(
-            f"not a readable image ({type(exc).__name__})", where=str(path), hint="Remove or replace the file."
-        ) from None
+def _refuse_empty_class_folders(folder: Path) -> None:
+    extensions = set(get_img_extensions(as_set=True))
+    for child in sorted(folder.iterdir()):
+        hidden = child.name.startswith(".")
+        if child.is_dir() and not hidden and not any(f.suffix.lower() in extensions for f in child.rglob("*")):
+            raise AttnInjectError(
+                f"the class folder {child.name}/ holds no images",
+                where=str(child),
+                hint="Put images in it or remove it (each class folder is a class of the model's head).",
+            )
 
 
 def head_size(model: nn.Module) -> int | None:
@@ -152,8 +175,17 @@ def fit_head(model: nn.Module, n_classes: int, num_classes: int | None) -> bool:
 
 
 def transforms(config: dict[str, Any], **train_options: Any) -> tuple[Any, Any]:
-    """timm's (train, eval) transforms for a data config; ``train_options`` go to create_transform."""
-    train = create_transform(**config, is_training=True, **train_options)
+    """timm's (train, eval) transforms for a data config; ``train_options`` go to create_transform for
+    training (``interpolation`` there is the train interpolation, as timm's ``--train-interpolation``)."""
+    try:
+        train = create_transform(**{**config, **train_options}, is_training=True)
+    except (TypeError, ValueError, KeyError, AssertionError) as exc:
+        raise AttnInjectError(
+            f"timm's create_transform refuses the train augmentation {train_options}: {type(exc).__name__}: "
+            f"{first_line(exc)}",
+            hint="See timm.data.create_transform for the options and their values.",
+            field="train_transform",
+        ) from None
     evaluation = create_transform(**config)
     return train, evaluation
 
@@ -180,17 +212,13 @@ class SeededSamples(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.reader.filename(index, absolute=True)
         target = self.reader.samples[index][1]
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except Exception as exc:
-            raise AttnInjectError(f"cannot decode image ({type(exc).__name__}: {exc})", where=str(path)) from None
+        image = open_rgb(path)
         sample_seed = hash((self.seed, self.epoch, index)) % 2**31
-        with _seeded(sample_seed):
+        with seeded(sample_seed):
             return self.transform(image), target
 
 
-class _seeded:
+class seeded:
     """Seed Python's, NumPy's and torch's CPU generators; restore their states on exit."""
 
     def __init__(self, seed: int):

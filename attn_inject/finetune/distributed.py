@@ -41,14 +41,31 @@ def setup(device: str | None = None) -> Context:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and world_size > 1:
         device = f"cuda:{local_rank}"
-    target = torch.device(device)
+    target = checked_device(device)
     if target.type == "cuda":
-        if not torch.cuda.is_available():
-            raise AttnInjectError(f"--device {device}: no CUDA device is available", hint="Use --device cpu.")
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
     return Context(rank, world_size, local_rank, target)
+
+
+def checked_device(device: str) -> torch.device:
+    """``device`` as a torch device this machine has: cpu, or cuda / cuda:N with that GPU present."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        target = None
+    if target is None or target.type not in ("cpu", "cuda"):
+        raise AttnInjectError(f"device={device} is unknown", hint="Use cpu, cuda or cuda:N.", field="device")
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (target.index or 0) >= count:
+            raise AttnInjectError(
+                f"device={device}: this machine has {count} CUDA devices",
+                hint="Use cpu" + (f" or cuda:0 to cuda:{count - 1}." if count else "."),
+                field="device",
+            )
+    return target
 
 
 def teardown(context: Context) -> None:
@@ -70,6 +87,15 @@ def all_sum(values: list[float], context: Context) -> list[float]:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
     dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_min(values: list[float], context: Context) -> list[float]:
+    """Element-wise minimum of ``values`` over the ranks (float64)."""
+    if not context.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return tensor.tolist()
 
 

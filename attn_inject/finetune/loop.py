@@ -2,33 +2,41 @@
 
     result = finetune(model, "data/", TrainConfig(epochs=3), output=Path("out.safetensors"), save_model=save)
 
-Evaluates before the first step and after every epoch; after each epoch, rank 0 writes the model
-(``save_model``) and the training state beside it (``OUT.train-state.pt``: weights, optimizer,
-scheduler, RNG, history), both atomically, so an interrupted run loses at most the current epoch
-and ``resume=True`` continues from the last finished one.
+Before the first step: every check (settings, data layout, every image decoded), then an evaluation.
+After each epoch, rank 0 writes the model (``save_model``; the last epoch, or with ``keep="best"``
+the best so far by val top-1, the starting model included), the EMA's weights beside it with
+``ema=True``, a row of the metrics file and the training state (``OUT-STEM.train-state.pt``:
+weights, optimizer, EMA, RNG, history, the run's settings), all atomically, so an interrupted run
+loses at most the current epoch and ``resume=True`` continues from the last finished one. A
+non-finite loss stops the run before its backward, naming the step; that epoch writes nothing.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import AttnInjectError
+from ..files.data_config import DataInfo, remember_data
+from ..files.format import fingerprint
 from . import distributed
+from .config import KEEP, TrainConfig
 from .data import SeededSamples, check_image_folder, data_config, fit_head, image_folder, transforms
+from .evaluation import Metrics, Progress, SilentProgress, batches, evaluate, val_loader
+from .kept import Track, cpu_copy
+from .metrics_log import MetricsLog, metrics_path
 from .params import (
     AttentionFirst,
     attention_parameter_names,
@@ -37,80 +45,22 @@ from .params import (
     set_trainable,
     trainable_summary,
 )
-from .state import read_state, state_path, write_state
+from .state import check_state_fits, compare_settings, read_state, restore_optimizer, state_path, write_state
+from .step import NonFiniteLoss, Stepper, groups_of, steps_per_epoch
+from .sync_bn import sync_batchnorm
 
-KEEP = ("last", "best")
+__all__ = [
+    "KEEP",
+    "Metrics",
+    "Progress",
+    "SilentProgress",
+    "TrainConfig",
+    "TrainingInterrupted",
+    "evaluate",
+    "finetune",
+]
 
-
-@dataclass
-class TrainConfig:
-    epochs: int
-    batch_size: int = 32  # global: split evenly over the processes
-    lr: float = 1e-4
-    attention_lr: float | None = None  # default: lr
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    label_smoothing: float = 0.1
-    attention_only_steps: int = 0
-    bf16: bool = False
-    clip_grad: float | None = None
-    seed: int = 0
-    workers: int = 0
-    img_size: int | None = None
-    keep: str = "last"  # which epoch's weights the output holds
-    train_transform: dict[str, Any] = field(default_factory=dict)  # extra timm create_transform options
-
-    def check(self) -> None:
-        """Every setting in range; the first that is not is an error naming the field."""
-        for name, ok, rule in [
-            ("epochs", self.epochs >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
-            ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "> 0"),
-            ("workers", self.workers >= 0, ">= 0"),
-            ("keep", self.keep in KEEP, f"one of {', '.join(KEEP)}"),
-        ]:
-            if not ok:
-                raise AttnInjectError(f"{name} must be {rule}, got {getattr(self, name)}", field=name)
-
-
-@dataclass(frozen=True)
-class Metrics:
-    top1: float  # fraction 0..1
-    top5: float
-    loss: float  # mean cross-entropy, no label smoothing
-    images: int
-
-
-class Progress(Protocol):
-    """Where the loops report: a phase of ``total`` steps starts, advances with fields (loss, img/s),
-    stops; notes in between. The CLI passes a rich one; ``SilentProgress`` reports nothing."""
-
-    def start(self, description: str, total: int) -> None: ...
-
-    def update(self, advance: int = 1, **fields: float) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def note(self, message: str) -> None: ...
-
-
-class SilentProgress(Progress):
-    """Reports nothing (the default, and what every rank but the first uses)."""
-
-    def start(self, description: str, total: int) -> None:
-        return None
-
-    def update(self, advance: int = 1, **fields: float) -> None:
-        return None
-
-    def stop(self) -> None:
-        return None
-
-    def note(self, message: str) -> None:
-        return None
+EMA_SUFFIX = ".ema"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -123,55 +73,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.message = message
 
 
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    context: distributed.Context,
-    *,
-    bf16: bool = False,
-    progress: Progress | None = None,
-    description: str = "eval",
-) -> Metrics:
-    """Top-1, top-5 and mean loss over the loader, summed over all ranks."""
-    progress = progress or SilentProgress()
-    was_training = model.training
-    model.eval()
-    loss_sum = top1 = top5 = images = 0.0
-    progress.start(description, len(loader))
-    try:
-        with torch.no_grad():
-            for x, y in batches(loader):
-                x, y = x.to(context.device), y.to(context.device)
-                with _autocast(context, bf16):
-                    logits = model(x)
-                logits = logits.float()
-                loss_sum += F.cross_entropy(logits, y, reduction="none").double().sum().item()
-                ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                hits = ranked == y[:, None]
-                top1 += hits[:, 0].sum().item()
-                top5 += hits.any(dim=1).sum().item()
-                images += len(y)
-                progress.update(1)
-    finally:
-        progress.stop()
-        model.train(was_training)
-    loss_sum, top1, top5, images = distributed.all_sum([loss_sum, top1, top5, images], context)
-    return Metrics(top1 / images, top5 / images, loss_sum / images, int(images))
-
-
-def batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The loader's batches; an AttnInjectError raised in a loader worker comes back as its own one line."""
-    try:
-        yield from loader
-    except AttnInjectError as exc:
-        last = str(exc).strip().splitlines()[-1]  # torch re-raises it with the worker's traceback
-        raise AttnInjectError(last.split("AttnInjectError: ", 1)[-1]) from None
-
-
-def val_loader(dataset, context: distributed.Context, batch_size: int, workers: int = 0) -> DataLoader:
-    """In order, each rank its own share (no padding: every image counts once when the sums are reduced)."""
-    shard = Subset(dataset, range(context.rank, len(dataset), context.world_size))
-    return DataLoader(shard, batch_size, num_workers=workers)
+def ema_path(output: str | Path) -> Path:
+    """Where the EMA's weights go: ``OUT-STEM.ema.safetensors``."""
+    output = Path(output)
+    return output.with_name(output.stem + EMA_SUFFIX + output.suffix)
 
 
 def finetune(
@@ -183,22 +88,58 @@ def finetune(
     save_model: Callable[[nn.Module, Path], None],
     num_classes: int | None = None,
     resume: bool = False,
+    override: Iterable[str] = (),
     context: distributed.Context | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` on the ImageFolder ``data``; returns the summary (accuracy before, per epoch, after).
 
-    ``save_model(model, path)`` writes the model file (atomically); it runs on rank 0 only.
-    ``num_classes`` replaces a head that does not fit the data (only when given).
+    ``save_model(model, path)`` writes a model file (atomically); it runs on rank 0 only.
+    ``num_classes`` replaces a head that does not fit the data (only when given). ``resume``
+    continues the run that wrote ``output``, refusing any setting that differs from its unless
+    named in ``override``. ``config.drop_path`` is given to a model when ``run_finetune`` builds it;
+    a model passed here keeps the stochastic depth it was built with. The model is trained in place
+    (with ``sync_bn`` under torchrun, its BatchNorm layers become synchronised ones).
     """
     config.check()
     context = context or distributed.Context()
     progress = progress if progress is not None and context.is_main else SilentProgress()
+    _check_run(model, config, context)
+    info = check_image_folder(data, workers=config.workers, context=context, progress=progress)
+    previous = read_state(state_path(output)) if resume else None
+    log = MetricsLog(
+        metrics_path(output),
+        enabled=context.is_main,
+        resume_after=previous["epochs_done"] if previous else None,
+        tensorboard=config.tensorboard,
+    )
+    try:
+        run = _Run(model, data, config, info, output, context, progress, log)
+        run.prepare(num_classes, previous, override)
+        return run.train(save_model)
+    finally:
+        log.close()
+
+
+def _check_run(model: nn.Module, config: TrainConfig, context: distributed.Context) -> None:
+    """The settings that depend on the processes, the device or the model."""
     if config.batch_size % context.world_size:
         raise AttnInjectError(
             f"batch_size={config.batch_size} does not split over {context.world_size} processes",
             hint="The batch size is global: use a multiple of the number of processes.",
             field="batch_size",
+        )
+    if config.mixes and (config.batch_size // context.world_size) % 2:
+        raise AttnInjectError(
+            f"batch_size={config.batch_size} gives {config.batch_size // context.world_size} images per process; "
+            "timm's Mixup/CutMix needs an even number",
+            field="batch_size",
+        )
+    if config.precision == "fp16" and context.device.type != "cuda":
+        raise AttnInjectError(
+            "precision=fp16 needs a GPU (float16 autocast with a grad scaler)",
+            hint="On the CPU use precision=bf16.",
+            field="precision",
         )
     if config.attention_only_steps and not attention_parameter_names(model):
         raise AttnInjectError(
@@ -206,115 +147,265 @@ def finetune(
             hint="Patch the model first (inject, attn-inject patch), or leave out attention_only_steps.",
             field="attention_only_steps",
         )
-    info = check_image_folder(data)
-    previous = read_state(state_path(output)) if resume else None
-    _seed_everything(config.seed)
-    head_replaced = fit_head(model, len(info.classes), num_classes)
-    model.to(context.device)
 
-    cfg = data_config(model, config.img_size)
-    train_tf, eval_tf = transforms(cfg, **config.train_transform)
-    train_set = SeededSamples(image_folder(data, "train"), train_tf, config.seed)
-    val_set = SeededSamples(image_folder(data, "val"), eval_tf, config.seed)
-    per_rank = config.batch_size // context.world_size
-    sampler: DistributedSampler = DistributedSampler(
-        train_set, context.world_size, context.rank, shuffle=True, seed=config.seed
-    )
-    train_loader = DataLoader(train_set, per_rank, sampler=sampler, drop_last=True, num_workers=config.workers)
-    validation = val_loader(val_set, context, per_rank, config.workers)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise AttnInjectError(
-            f"train/ has {len(train_set)} images, fewer than one batch of {config.batch_size}",
-            where=str(data),
-            hint="Lower batch_size.",
-            field="batch_size",
+
+class _Run:
+    """One fine-tuning run: its data, optimizer, schedule, EMA, outputs and history (``summary``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: str | Path,
+        config: TrainConfig,
+        info: Any,
+        output: Path,
+        context: distributed.Context,
+        progress: Progress,
+        log: MetricsLog,
+    ):
+        self.model, self.data, self.config, self.info, self.output = model, data, config, info, output
+        self.context, self.progress, self.log = context, progress, log
+        self.eval_options: dict[str, Any] = {"autocast": config.autocast_dtype, "channels_last": config.channels_last}
+
+    def prepare(self, num_classes: int | None, previous: dict[str, Any] | None, override: Iterable[str]) -> None:
+        """Everything before the first step: head, data, settings (checked against a resumed run's),
+        optimizer, schedule, EMA; the restored state or the evaluation before training."""
+        config, context, info = self.config, self.context, self.info
+        starting = fingerprint(self.model.state_dict())
+        _seed_everything(config.seed)
+        head_replaced = fit_head(self.model, len(info.classes), num_classes)
+        self._data()
+        self.settings = {
+            **config.settings(),
+            "model": f"{starting['structure']}/{starting['weights']}",
+            "data": {"classes": list(info.classes), **{f"{k}_images": n for k, n in info.counts.items()}},
+            "num_classes": num_classes,
+        }
+        overridden = compare_settings(previous["settings"], self.settings, override) if previous else []
+
+        self.model.to(context.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        set_trainable(self.model, "all")
+        self.optimizer, self.scheduler = _optimizer(self.model, config, self.per_epoch * config.epochs)
+        self.ema = ModelEmaV3(self.model, decay=config.ema_decay, use_warmup=config.ema_warmup) if config.ema else None
+        if config.sync_bn and context.distributed:
+            self.model = sync_batchnorm(self.model, context)
+        new_head = classifier_path(self.model) if head_replaced else None  # a new head trains from the first step
+        self.schedule = AttentionFirst(self.model, config.attention_only_steps, also=[new_head] if new_head else ())
+        self.stepper = Stepper(self.model, self.optimizer, config, context, len(info.classes))
+        self.summary: dict[str, Any] = {
+            "classes": len(info.classes),
+            "train_images": info.counts["train"],
+            "val_images": info.counts["val"],
+            "head_replaced": head_replaced,
+            "world_size": context.world_size,
+            "steps_per_epoch": self.per_epoch,
+            "config": asdict(config),
+            "output": str(self.output),
+            "epochs": [],
+        }
+        self.tracks = [Track("model", self.model, self.output, written=previous is not None)]
+        if self.ema is not None:
+            self.tracks.append(Track("ema", self.ema.module, ema_path(self.output), written=previous is not None))
+            self.summary["ema_output"] = str(ema_path(self.output))
+        self.start_epoch, self.step = 0, 0
+        if previous is not None:
+            self._restore(previous)
+            note = f"resuming after epoch {self.start_epoch} of {config.epochs} (step {self.step})"
+            self.progress.note(note + (f"; changed: {', '.join(overridden)}" if overridden else ""))
+            self.summary["overridden"] = overridden
+        else:
+            self.summary["before"] = self._evaluate(self.model, "eval before")
+            self.progress.note(_metrics_line("before", self.summary["before"]))
+        self.starting_weights = cpu_copy(self.model) if config.keep == "best" and previous is None else None
+
+    def _data(self) -> None:
+        """The data config (remembered on the model: the output files carry it), datasets and loaders."""
+        config, context = self.config, self.context
+        cfg = data_config(self.model, config.img_size)
+        remember_data(self.model, DataInfo(cfg, self.info.classes))
+        train_tf, eval_tf = transforms(cfg, **config.train_transform)
+        self.train_set = SeededSamples(image_folder(self.data, "train"), train_tf, config.seed)
+        val_set = SeededSamples(image_folder(self.data, "val"), eval_tf, config.seed)
+        per_rank = config.batch_size // context.world_size
+        self.sampler: DistributedSampler = DistributedSampler(
+            self.train_set, context.world_size, context.rank, shuffle=True, seed=config.seed
+        )
+        self.train_loader = DataLoader(
+            self.train_set, per_rank, sampler=self.sampler, drop_last=True, num_workers=config.workers
+        )
+        self.validation = val_loader(val_set, context, per_rank, config.workers)
+        if len(self.train_loader) == 0:
+            raise AttnInjectError(
+                f"train/ has {len(self.train_set)} images, fewer than one batch of {config.batch_size}",
+                where=str(self.data),
+                hint="Lower batch_size.",
+                field="batch_size",
+            )
+        self.per_epoch = steps_per_epoch(len(self.train_loader), config.grad_accum)
+
+    def train(self, save_model: Callable[[nn.Module, Path], None]) -> dict[str, Any]:
+        """The epochs, each followed by its evaluation and writes; then the kept epochs in the summary."""
+        epoch = self.start_epoch
+        try:
+            for epoch in range(self.start_epoch, self.config.epochs):
+                record = self._epoch(epoch)
+                self._end_epoch(record, save_model)
+        except KeyboardInterrupt:
+            done = len(self.summary["epochs"])
+            kept = f"{self.output} holds epoch {done}" if done else f"nothing was written to {self.output}"
+            raise TrainingInterrupted(
+                f"interrupted during epoch {epoch + 1}; {kept}" + ("; continue with resume=True" if done else "")
+            ) from None
+        for track in self.tracks:
+            record = track.kept(self.summary, self.config.keep)
+            prefix = "" if track.name == "model" else f"{track.name}_"
+            self.summary[f"{prefix}after"] = track.metrics(record)
+            self.summary[f"{prefix}kept_epoch"] = record["epoch"]
+        return self.summary
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch of optimizer steps; its record (train loss, evaluation, speed, learning rate)."""
+        config, context, progress = self.config, self.context, self.progress
+        self.sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
+        self.model.train()
+        progress.start(f"epoch {epoch + 1}/{config.epochs}", self.per_epoch)
+        loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+        interval = _Interval()
+        for group in groups_of(batches(self.train_loader), config.grad_accum):
+            if self.schedule.update(self.step):  # the trainable set changed: DDP must sync the new set
+                self.stepper.rewrap()
+                progress.note(f"step {self.step}: training {self.schedule.phase} — {trainable_summary(self.model)}")
+            self.scheduler.step_update(self.step)
+            try:
+                group_loss, group_images = self.stepper.step(group, self.step)
+            except NonFiniteLoss as exc:
+                raise self._diverged(f"the training loss is {exc.value} at step {exc.step}", epoch) from None
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.step)
+            self.step += 1
+            loss_sum += group_loss
+            seen += group_images
+            interval.add(group_loss, group_images)
+            rate = seen * context.world_size / (time.perf_counter() - t0)
+            progress.update(1, loss=group_loss / group_images, img_s=rate)
+            if config.log_interval and self.step % config.log_interval == 0:
+                self._log_interval(epoch, interval.take())
+        progress.stop()
+        seconds = time.perf_counter() - t0
+        for name, tensor in self.model.state_dict().items():  # a finite loss can still leave non-finite weights
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise self._diverged(f"{name} is not finite after step {self.step}", epoch)
+        loss_sum, images = distributed.all_sum([loss_sum, seen], context)
+        record = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "train_loss": loss_sum / images,
+            **self._evaluate(self.model, "eval"),
+            "images_per_s": images / seconds,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if self.ema is not None:
+            record.update({f"ema_{k}": v for k, v in self._evaluate(self.ema.module, "eval ema").items()})
+        return record
+
+    def _end_epoch(self, record: dict[str, Any], save_model: Callable[[nn.Module, Path], None]) -> None:
+        """The epoch's line and, on rank 0, its files: the kept weights, the metrics row, the training state."""
+        self.summary["epochs"].append(record)
+        self.progress.note(_metrics_line(f"epoch {record['epoch']}", record))
+        if self.context.is_main:
+            for track in self.tracks:
+                track.write(self.summary, self.config.keep, self.starting_weights, save_model)
+            self.log.write({"kind": "epoch", **record})
+            write_state(state_path(self.output), self._state())
+        distributed.barrier(self.context)
+
+    def _evaluate(self, module: nn.Module, description: str) -> dict[str, Any]:
+        metrics = evaluate(
+            module, self.validation, self.context, progress=self.progress, description=description, **self.eval_options
+        )
+        return asdict(metrics)
+
+    def _log_interval(self, epoch: int, interval: tuple[float, int, float]) -> None:
+        loss_sum, images, seconds = interval
+        row = {
+            "kind": "step",
+            "epoch": epoch + 1,
+            "step": self.step,
+            "train_loss": loss_sum / images,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": images * self.context.world_size / seconds,
+        }
+        self.log.write(row)
+        self.progress.note(
+            f"epoch {epoch + 1}/{self.config.epochs} step {self.step}: train loss {row['train_loss']:.4f} · "
+            f"lr {row['lr']:.3g} · {row['images_per_s']:.1f} img/s"
         )
 
-    set_trainable(model, "all")
-    optimizer, scheduler = _optimizer(model, config, steps_per_epoch * config.epochs)
-    new_head = classifier_path(model) if head_replaced else None  # a new head trains from the first step
-    schedule = AttentionFirst(model, config.attention_only_steps, also=[new_head] if new_head else ())
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    summary: dict[str, Any] = {
-        "classes": len(info.classes),
-        "train_images": info.counts["train"],
-        "val_images": info.counts["val"],
-        "head_replaced": head_replaced,
-        "world_size": context.world_size,
-        "steps_per_epoch": steps_per_epoch,
-        "config": asdict(config),
-        "output": str(output),
-        "epochs": [],
-    }
-    start_epoch, step = 0, 0
-    if previous is not None:
-        start_epoch, step = _restore(previous, model, optimizer, scheduler, summary, info.classes, config)
-        progress.note(f"resuming after epoch {start_epoch} of {config.epochs} (step {step})")
-    else:
-        summary["before"] = asdict(
-            evaluate(model, validation, context, bf16=config.bf16, progress=progress, description="eval before")
+    def _diverged(self, what: str, epoch: int) -> AttnInjectError:
+        done = len(self.summary["epochs"])
+        kept = f"nothing was written for epoch {epoch + 1} ({self.output} holds epoch {done})"
+        return AttnInjectError(
+            f"{what} (epoch {epoch + 1}): training diverged; {kept if done else 'nothing was written'}",
+            hint="Lower lr (and the attention learning rate), or clip the gradient norm.",
+            field="lr",
         )
-        progress.note(_metrics_line("before", summary["before"]))
 
-    wrapped = model
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            sampler.set_epoch(epoch)
-            train_set.set_epoch(epoch)
-            model.train()
-            progress.start(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch)
-            loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-            for x, y in batches(train_loader):
-                if schedule.update(step):  # the trainable set changed: DDP must sync the new set
-                    del wrapped
-                    wrapped = distributed.wrap(model, context)
-                    progress.note(f"step {step}: training {schedule.phase} — {trainable_summary(model)}")
-                scheduler.step_update(step)
-                x, y = x.to(context.device), y.to(context.device)
-                with _autocast(context, config.bf16):
-                    loss = criterion(wrapped(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.clip_grad:
-                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad)
-                optimizer.step()
-                step += 1
-                loss_sum += loss.item() * len(y)
-                seen += len(y)
-                progress.update(1, loss=loss.item(), img_s=seen * context.world_size / (time.perf_counter() - t0))
-            progress.stop()
-            seconds = time.perf_counter() - t0
-            loss_sum, images = distributed.all_sum([loss_sum, seen], context)
-            metrics = evaluate(model, validation, context, bf16=config.bf16, progress=progress, description="eval")
-            record = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": loss_sum / images,
-                **asdict(metrics),
-                "images_per_s": images / seconds,
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            summary["epochs"].append(record)
-            progress.note(_metrics_line(f"epoch {epoch + 1}", record))
-            best = max(summary["epochs"], key=lambda r: r["top1"])
-            if context.is_main and (config.keep == "last" or best is record):
-                save_model(model, output)
-            if context.is_main:
-                write_state(state_path(output), _state(model, optimizer, scheduler, summary, info.classes, step))
-            distributed.barrier(context)
-    except KeyboardInterrupt:
-        done = len(summary["epochs"])
-        kept = f"{output} holds epoch {done}" if done else f"nothing was written to {output}"
-        raise TrainingInterrupted(
-            f"interrupted during epoch {epoch + 1}; {kept}" + ("; continue with resume=True" if done else "")
-        ) from None
-    final = summary["epochs"][-1]
-    chosen = final if config.keep == "last" else max(summary["epochs"], key=lambda r: r["top1"])
-    summary["after"] = {k: final[k] for k in ("top1", "top5", "loss", "images")}
-    summary["kept_epoch"] = chosen["epoch"]
-    return summary
+    def _state(self) -> dict[str, Any]:
+        state = {
+            "model": cpu_copy(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "epochs_done": len(self.summary["epochs"]),
+            "step": self.step,
+            "summary": {k: v for k, v in self.summary.items() if k in ("before", "epochs")},
+            "settings": self.settings,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        if self.ema is not None:
+            state["ema"] = cpu_copy(self.ema.module)
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        where = state_path(self.output)
+        if state["epochs_done"] >= self.config.epochs:
+            raise AttnInjectError(
+                f"the run already finished all {self.config.epochs} epochs; nothing to resume",
+                hint="To train longer, pass more epochs and override=['epochs'].",
+                field="epochs",
+            )
+        check_state_fits(self.model, state["model"], where)
+        self.model.load_state_dict(state["model"])
+        restore_optimizer(self.optimizer, state["optimizer"], where)
+        if self.ema is not None:  # a run that had no EMA starts one from the restored weights
+            self.ema.module.load_state_dict(state.get("ema", state["model"]))
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.summary.update(state["summary"])
+        self.start_epoch, self.step = state["epochs_done"], state["step"]
+
+
+class _Interval:
+    """Train loss and images since the last ``log_interval`` line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.images, self.since = 0.0, 0, time.perf_counter()
+
+    def add(self, loss_sum: float, images: int) -> None:
+        self.loss_sum += loss_sum
+        self.images += images
+
+    def take(self) -> tuple[float, int, float]:
+        """(loss sum, images, seconds) since the last take; starts the next interval."""
+        taken = (self.loss_sum, self.images, time.perf_counter() - self.since)
+        self.reset()
+        return taken
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
@@ -332,55 +423,14 @@ def _optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
     return optimizer, scheduler
 
 
-def _state(model, optimizer, scheduler, summary, classes, step) -> dict[str, Any]:
-    return {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epochs_done": len(summary["epochs"]),
-        "step": step,
-        "summary": {k: v for k, v in summary.items() if k in ("before", "epochs")},
-        "classes": list(classes),
-        "total_epochs": summary["config"]["epochs"],
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _restore(state, model, optimizer, scheduler, summary, classes, config) -> tuple[int, int]:
-    if state["classes"] != list(classes):
-        raise AttnInjectError(
-            "the data's classes differ from the interrupted run's", hint="Resume with the same data.", field="data"
-        )
-    if state["total_epochs"] != config.epochs:
-        raise AttnInjectError(
-            f"epochs={config.epochs} differs from the interrupted run's {state['total_epochs']}",
-            hint="Resume with the same epochs (the learning-rate schedule depends on it).",
-            field="epochs",
-        )
-    if state["epochs_done"] >= config.epochs:
-        raise AttnInjectError(f"the run already finished all {config.epochs} epochs; nothing to resume")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    summary.update(state["summary"])
-    return state["epochs_done"], state["step"]
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _autocast(context: distributed.Context, bf16: bool):
-    return torch.autocast(context.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
 def _metrics_line(label: str, m: dict[str, Any]) -> str:
     extra = f" train loss {m['train_loss']:.4f} ·" if "train_loss" in m else ""
     speed = f" · {m['images_per_s']:.1f} img/s" if "images_per_s" in m else ""
-    return f"{label}:{extra} val top1 {m['top1']:.2%} · top5 {m['top5']:.2%} · loss {m['loss']:.4f}{speed}"
+    ema = f" · EMA top1 {m['ema_top1']:.2%} · loss {m['ema_loss']:.4f}" if "ema_top1" in m else ""
+    return f"{label}:{extra} val top1 {m['top1']:.2%} · top5 {m['top5']:.2%} · loss {m['loss']:.4f}{ema}{speed}"

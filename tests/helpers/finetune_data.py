@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,11 @@ def tiny_gn(num_classes: int = 3) -> TinyNet:
     return TinyNet(num_classes, kind="gn")
 
 
+def tiny_bn(num_classes: int = 3) -> TinyNet:
+    """BatchNorm: per-process batch statistics unless --sync-bn."""
+    return TinyNet(num_classes, kind="bn")
+
+
 def tiny_model(kind: str = "gn") -> nn.Module:
     """The tiny net with weights that look trained, ECA injected after both blocks."""
     torch.manual_seed(0)
@@ -86,3 +93,30 @@ def write_image_folder(
                 pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+def truncated_jpeg(path: Path, size: int = 64) -> Path:
+    """A JPEG whose header is whole and whose pixels stop half-way: opens, fails to decode."""
+    pixels = np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def bomb_png(path: Path, side: int = 10_000) -> Path:
+    """A PNG claiming ``side`` x ``side`` pixels in a few hundred bytes (a decompression bomb's header)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (1 + 3 * side) * 4)  # the first rows only
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+def grey16_png(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit greyscale PNG holding ``values`` (uint16)."""
+    Image.fromarray(values.astype(np.uint16)).save(path)
+    return path
