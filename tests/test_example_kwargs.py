@@ -18,7 +18,7 @@ def test_transformers_resnet_fed_a_processor_style_dict():
     inputs = hf.BatchFeature({"pixel_values": X})  # what an image processor returns
     with pytest.raises(
         AttnInjectError,
-        match=r"failed: AttributeError: 'dict' object has no attribute 'shape' example_input= is passed as "
+        match=r"failed: AttributeError: 'dict' object has no attribute 'shape'\. example_input= is passed as "
         r"positional arguments, a dict too; pass a dict of keyword arguments \(a processor's output\) as "
         r"example_kwargs= instead\.$",
     ):

@@ -158,7 +158,7 @@ def test_patch_refuses_what_it_cannot_rebuild_by_name(yolo_sandbox, tmp_path, ca
     YOLO("yolov8n.yaml").save(source)
     assert _patch(capsys, source, tmp_path / "o.pt", "--arch", "resnet18")[:2] == (
         1,
-        f"error: {source}: an ultralytics checkpoint names its own architecture and classes Drop --arch and "
+        f"error: {source}: an ultralytics checkpoint names its own architecture and classes. Drop --arch and "
         "--num-classes.",
     )
     assert _patch(capsys, source, tmp_path / "o.pt", "--verify", "full")[:2] == (0, "")  # rebuilt from the .pt

@@ -135,7 +135,8 @@ def load_yolo_checkpoint(path: Path, device: torch.device, dtype: torch.dtype | 
         )
     arch, nc = found.arch
     header = header_of(path, found.recipe, found.state)
-    model = rebuild(found.recipe, arch, nc, header, device, convert=dtype is not None, tensors=lambda: found.state)
+    # ultralytics saves its weights in fp16 and builds in fp32: the file's dtypes are converted
+    model = rebuild(found.recipe, arch, nc, header, device, convert=True, tensors=lambda: found.state)
     _dress(model, found)
     model.to(device)
     return model.to(dtype) if dtype is not None else model

@@ -134,13 +134,20 @@ def inject(
     """
     example = _default_example(model, example_input)
     held = held_model(model)
+    target = model if held is None else held[1]
+    check_model(target)
+    check_flags(verify=verify)
+    if verify and on_meta_device(target):
+        raise AttnInjectError(
+            f"{type(target).__name__} is on the meta device: it has no values to verify the patched outputs against",
+            hint="plan() works on it; inject(..., verify=False) splices the blocks in on the meta device "
+            "(materialise with to_empty() and load weights that include the blocks').",
+        )
+    request = _Request.checked(target, block, after, include, exclude, position, stack, block_options)
+    _inject(target, request, position, example, example_kwargs_checked(example_kwargs), verify)
     if held is not None:
-        framework, inner = held
-        _inject(inner, block, after, include, exclude, position, example, example_kwargs, verify, stack, block_options)
-        framework.keep(model)
-        return model
-    _inject(model, block, after, include, exclude, position, example, example_kwargs, verify, stack, block_options)
-    if not is_library_call():
+        held[0].keep(model)
+    elif not is_library_call():
         for framework in owners(model):
             framework.injected(model)
     return model
@@ -157,35 +164,15 @@ def _default_example(model: Any, example_input: Any) -> Any:
 
 
 def _inject(
-    model: nn.Module,
-    block: str,
-    after: RuleSpec,
-    include: str | Iterable[str],
-    exclude: str | Iterable[str],
-    position: str | None,
-    example_input: Any,
-    example_kwargs: Mapping[str, Any] | None,
-    verify: bool,
-    stack: bool,
-    block_options: dict[str, Any],
+    model: nn.Module, request: _Request, position: str | None, example_input: Any, kwargs: dict[str, Any], verify: bool
 ) -> None:
-    check_model(model)
-    check_flags(verify=verify)
-    if verify and on_meta_device(model):
-        raise AttnInjectError(
-            f"{type(model).__name__} is on the meta device: it has no values to verify the patched outputs against",
-            hint="plan() works on it; inject(..., verify=False) splices the blocks in on the meta device "
-            "(materialise with to_empty() and load weights that include the blocks').",
-        )
-    request = _Request.checked(model, block, after, include, exclude, position, stack, block_options)
-    kwargs = example_kwargs_checked(example_kwargs)
     args = example_args(model, example_input, keywords=bool(kwargs))
     with preserved(model):  # the example forwards leave no trace
         planned = _analyse_and_plan(
-            model, request, args, kwargs, reference=verify and block_options.get("init", "identity") == "identity"
+            model, request, args, kwargs, reference=verify and request.options.get("init", "identity") == "identity"
         )
     the_plan = planned.plan
-    injection = Injection.from_plan(the_plan, args, kwargs, request.include, request.exclude, position, stack)
+    injection = Injection.from_plan(the_plan, args, kwargs, request.include, request.exclude, position, request.stack)
     recipe = base_recipe(model).then(injection)
     rng = rng_states()
     try:
