@@ -141,7 +141,7 @@ def test_a_legacy_pickle_carrying_code_is_called_code_without_torchs_unsafe_advi
     torch.save({"state_dict": small().state_dict(), "payload": Evil()}, path, _use_new_zipfile_serialization=False)
     with pytest.raises(
         AttnInjectError,
-        match=r"legacy\.bin: this file holds code; attn_inject never runs it \(the pickle calls builtins\.print\) Save"
+        match=r"legacy\.bin: this file holds code; attn_inject never runs it \(the pickle calls builtins\.print\)\. Save"
         r" model\.state_dict\(\) \(tensors only\)",
     ) as info:
         read_state_dict(path)
@@ -156,7 +156,7 @@ def test_a_protocol_4_pickle_is_refused_for_its_format_and_torchs_warning_is_kep
         with pytest.raises(
             AttnInjectError,
             match=r"p4\.pth: not a checkpoint torch reads safely: a protocol-4 pickle, which torch\.load\(weights_only"
-            r"=True\) does not parse Save it again with torch\.save\(state_dict, path\) \(protocol 2, its default\)",
+            r"=True\) does not parse\. Save it again with torch\.save\(state_dict, path\) \(protocol 2, its default\)",
         ):
             read_state_dict(path)
     assert [str(w.message) for w in caught] == []

@@ -24,10 +24,12 @@ def test_example_rules_load_and_match():
     ]
     late = plan(timm.create_model("resnet50"), "se", after=str(EXAMPLES / "rules" / "late_stages.yaml"))
     assert [s.path for s in late] == [f"layer3.{i}" for i in range(6)] + [f"layer4.{i}" for i in range(3)]
-    mobile = plan(
-        timm.create_model("mobilenetv3_large_100"), "eca", after=str(EXAMPLES / "rules" / "mobilenet_blocks.yaml")
-    )
-    assert len(mobile) == 10 and {s.position for s in mobile} == {"block_output"}
+    mobilenet, rule = timm.create_model("mobilenetv3_large_100"), str(EXAMPLES / "rules" / "mobilenet_blocks.yaml")
+    mobile = plan(mobilenet, "eca", after=rule)
+    # half of its matched blocks hold their own SqueezeExcite: skipped unless stack=True
+    assert len(mobile) == 5 and {s.position for s in mobile} == {"block_output"}
+    assert len(mobile.attended) == 5 and all(a.endswith(": SqueezeExcite") for _, a in mobile.attended)
+    assert len(plan(mobilenet, "eca", after=rule, stack=True)) == 10
 
 
 def test_finetune_own_loop_runs(capsys):

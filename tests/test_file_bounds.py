@@ -53,7 +53,7 @@ def first_injection(change):
 def test_a_header_length_beyond_the_bound_is_refused_before_it_is_read(tmp_path):
     raw = (1 << 40).to_bytes(8, "little") + b"{}"
     message = r"f\.safetensors: not a valid \.safetensors file \(a header of 1,099,511,627,776 bytes; attn_inject"
-    refused(tmp_path, raw, message + r" reads headers of at most 8,388,608\) The file is truncated or damaged")
+    refused(tmp_path, raw, message + r" reads headers of at most 8,388,608\)\. The file is truncated or damaged")
     with pytest.raises(AttnInjectError, match=message):
         describe_file(tmp_path / "f.safetensors")
 
@@ -207,7 +207,7 @@ def test_a_file_of_another_dtype_is_refused_unless_the_caller_asks_for_a_convers
         tmp_path,
         raw,
         r"f\.safetensors: the file's weights do not fit ResNet: conv1\.0\.weight is float16 where the model holds"
-        r" float32 Pass dtype=torch\.float16 to load\(\) to convert the file's tensors\.",
+        r" float32\. Pass dtype=torch\.float16 to load\(\) to convert the file's tensors\.",
     )
     half = load(tmp_path / "f.safetensors", dtype=torch.float16)
     stored = load_file(tmp_path / "f.safetensors")
@@ -218,7 +218,7 @@ def test_a_file_of_another_dtype_is_refused_unless_the_caller_asks_for_a_convers
     refused(
         tmp_path,
         int8,
-        r"conv1\.0\.weight is int8 where the model holds float32 The file is damaged or was edited",
+        r"conv1\.0\.weight is int8 where the model holds float32\. The file is damaged or was edited",
         name="f.safetensors",
         dtype=torch.float16,
     )
@@ -239,7 +239,7 @@ def test_non_finite_values_are_refused_naming_the_tensor(tmp_path, small, name, 
         tmp_path,
         with_tensor_bytes(small["raw"], name, tensor),
         rf"f\.safetensors: the file's tensor {name.replace('.', '[.]')} holds NaN or infinite values"
-        r" The file is damaged, or was saved from a model whose training diverged\.",
+        r"\. The file is damaged, or was saved from a model whose training diverged\.",
     )
 
 
@@ -249,7 +249,7 @@ def test_an_injected_tensor_of_the_wrong_shape_is_refused(tmp_path, small):
         tmp_path,
         raw,
         r"f\.safetensors: the file does not hold what its recipe builds: layer1\.0\.se\.conv\.weight has shape"
-        r" \[1, 1, 5\] where the model needs \[1, 1, 3\] The file is damaged or was edited",
+        r" \[1, 1, 5\] where the model needs \[1, 1, 3\]\. The file is damaged or was edited",
     )
     adapter = with_tensor(small["adapter"].read_bytes(), "layer1.0.se.conv.weight", torch.zeros(1, 1, 5))
     (tmp_path / "a.safetensors").write_bytes(adapter)
@@ -272,7 +272,7 @@ def test_an_adapter_on_a_base_of_another_dtype_says_so(small):
         AttnInjectError,
         match=r"adapter\.safetensors: the adapter was made for test_resnet \(92 tensors\) with float32 weights;"
         r" ResNet has the same tensors in other dtypes \(float16\)"
-        r" Convert the base first \(model\.to\(torch\.float32\)\)",
+        r"\. Convert the base first \(model\.to\(torch\.float32\)\)",
     ):
         apply_adapter(base, small["adapter"])
     assert recipe_of(base).injections == ()
@@ -325,7 +325,7 @@ def test_patch_refuses_an_img_size_whose_file_load_would_refuse(tmp_path, capsys
     code, _, err = run_cli_one_line(capsys, *argv, "--output", tmp_path / "o.safetensors")
     assert code == 1 and err == (
         "error: --img-size 400 gives 480,000 example values, more than 4x the 76,800 of one image of the model's "
-        "configured input size (3, 160, 160); load() refuses files that ask for more Use a smaller --img-size "
+        "configured input size (3, 160, 160); load() refuses files that ask for more. Use a smaller --img-size "
         "(up to twice the model's configured side)."
     )
     assert os.listdir(tmp_path) == []

@@ -94,7 +94,8 @@ def test_sigterm_during_a_finetune_epoch_write_leaves_no_temporary_file(tmp_path
     code, _, err = run_cli_one_line(capsys, *finetune_argv(training, tmp_path / "ft.safetensors"))
     assert code == 143 and err.startswith("error: interrupted during epoch 1; ")
     assert not [n for n in os.listdir(tmp_path) if MARK in n]
-    expected = [] if where == "model" else ["ft.safetensors"]  # the model was written before its state
+    # the model (and its epoch's metrics row) were written before its state
+    expected = [] if where == "model" else ["ft.metrics.jsonl", "ft.safetensors"]
     assert sorted(os.listdir(tmp_path)) == expected
 
 

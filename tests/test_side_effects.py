@@ -232,7 +232,7 @@ def counting_net_then_conv() -> nn.Module:
             AlwaysRaises,
             counting_net,
             r"block: rule 'residual': block 'bad' fails when built and run on a 8x16x16 map \(RuntimeError: boom\)"
-            r" Check the block's code",
+            r"\. Check the block's code",
         ),
     ],
 )

@@ -87,6 +87,9 @@ HF_MODELS = {
     ),
 }
 
+# models whose residual branches hold their own squeeze-excitation: (name: places that hold it)
+HOLD_SE = {"regnet": 3, "efficientnet": 1}
+
 
 @pytest.mark.parametrize("name", list(HF_MODELS))
 def test_transformers_model_patches_bitwise_and_keeps_its_output_type(name, caplog):
@@ -101,10 +104,11 @@ def test_transformers_model_patches_bitwise_and_keeps_its_output_type(name, capl
         }
     assert type(expected["positional"]) is not dict and isinstance(expected["tuple"], tuple)
 
-    report = plan(model, "eca", after="residual", example_input=x[:1])
-    assert len(report) == sites and report.unreached == unreached
+    stack = name in HOLD_SE  # a second block beside the model's own SE, as every site is then patched
+    report = plan(model, "eca", after="residual", example_input=x[:1], stack=stack)
+    assert len(report) == sites and report.unreached == unreached and len(report.attended) == HOLD_SE.get(name, 0)
     with caplog.at_level(logging.WARNING, logger="attn_inject"):
-        inject(model, "eca", after="residual", example_input=x[:1])
+        inject(model, "eca", after="residual", example_input=x[:1], stack=stack)
     assert ("not reached" in caplog.text) == bool(unreached)  # ConvNeXt's iterated downsampling_layer is reached
 
     with torch.no_grad():
@@ -153,9 +157,9 @@ def test_transformers_efficientnet_branch_across_sibling_modules_is_an_inverted_
     model = look_trained(hf.EfficientNetForImageClassification(config), x)
     with torch.no_grad():
         expected = model(x)
-    report = plan(model, "eca", after="inverted_residual", example_input=x[:1])
+    report = plan(model, "eca", after="inverted_residual", example_input=x[:1], stack=True)  # beside its own SE
     assert [s.owner for s in report.sites] == ["efficientnet.encoder.blocks.6.projection"]
-    inject(model, "eca", after="inverted_residual", example_input=x[:1])
+    inject(model, "eca", after="inverted_residual", example_input=x[:1], stack=True)
     with torch.no_grad():
         assert first_difference(expected, model(x)) is None
 
@@ -164,8 +168,9 @@ def test_lraspp_merge_of_two_heads_is_not_a_residual():
     """LR-ASPP adds low_classifier(low) + high_classifier(high): two maps that do not fork from one
     tensor. It is reported as a merge, and only the backbone's 10 residuals are sites."""
     model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
-    report = plan(look_trained(model), "eca", after="residual", example_input=torch.randn(1, 3, 64, 64))
+    report = plan(look_trained(model), "eca", after="residual", example_input=torch.randn(1, 3, 64, 64), stack=True)
     assert len(report) == 10 and all(s.owner.startswith("backbone.") for s in report.sites)
+    assert len(report.attended) == 5  # MobileNetV3's SqueezeExcitation, beside which stack=True adds ECA
     merges = [m for m in report.misses if "do not fork from one tensor" in str(m.reason)]
     assert [m.path for m in merges] == ["classifier"]
 

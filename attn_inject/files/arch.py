@@ -64,6 +64,14 @@ def head_outputs(model: nn.Module, arch: str | None) -> int | None:
     return None
 
 
+def default_input_size(arch: str | None) -> tuple[int, ...] | None:
+    """The input size a timm model named ``arch`` is built with (its default pretrained config), or None."""
+    if arch is None or ":" in arch or not timm.is_model(arch):
+        return None
+    cfg = timm.models.get_pretrained_cfg(arch)
+    return None if cfg is None or cfg.input_size is None else tuple(cfg.input_size)
+
+
 def _torchvision_classifiers() -> set[str]:
     return set(torchvision.models.list_models(module=torchvision.models))
 

@@ -24,7 +24,7 @@ from ..graph.example import configured_input_size, example_shapes_problem, param
 from ..surgery.api import inject
 from ..surgery.frameworks import FRAMEWORKS, builder, library_call, owners, unwrapped
 from ..surgery.recipe import Recipe, base_recipe, check_num_classes, injected_key, patched_recipe_of
-from .arch import head_outputs
+from .arch import default_input_size, head_outputs
 from .checkpoints import model_holding
 from .container import write_safetensors
 from .data_config import data_info_of, remember_data
@@ -78,7 +78,9 @@ def write_patched(
     if adapter_only:
         patched_recipe_of(model)  # an adapter of a model without blocks would be empty
     out = check_safetensors_output(path, force=force)
-    check_replayable(recipe, model, "the model's recipe")
+    # load() bounds the example by the rebuilt model's size: its arch's default, which fine-tuning at
+    # another size (the model's data config now) does not change
+    check_replayable(recipe, model, "the model's recipe", default_input_size(recipe.arch))
     metadata = {"format": "pt", RECIPE_KEY: recipe.to_json(), CONTENT_KEY: "adapter" if adapter_only else "model"}
     state = model.state_dict()
     if adapter_only:
@@ -285,9 +287,12 @@ def _replay(model: nn.Module, recipe: Recipe, source: str) -> None:
             )
 
 
-def check_replayable(recipe: Recipe, model: nn.Module, source: str) -> None:
-    """Refuse example inputs larger than a file may ask of ``model`` (its configured input size)."""
-    configured = configured_input_size(model)
+def check_replayable(
+    recipe: Recipe, model: nn.Module, source: str, configured: tuple[int, ...] | None = None
+) -> None:
+    """Refuse example inputs larger than a file may ask of ``model`` (its configured input size, or
+    ``configured``: the size the model will have when ``load`` rebuilds it)."""
+    configured = configured or configured_input_size(model)
     for i, injection in enumerate(recipe.injections):
         shapes = [*(injection.input_shapes or ()), *(shape for _, shape in injection.input_kwargs)]
         problem = example_shapes_problem(shapes, configured) if shapes else None
