@@ -141,8 +141,8 @@ def test_a_legacy_pickle_carrying_code_is_called_code_without_torchs_unsafe_advi
     torch.save({"state_dict": small().state_dict(), "payload": Evil()}, path, _use_new_zipfile_serialization=False)
     with pytest.raises(
         AttnInjectError,
-        match=r"legacy\.bin: this file holds code; attn_inject never runs it \(the pickle calls builtins\.print\)\. Save"
-        r" model\.state_dict\(\) \(tensors only\)",
+        match=r"legacy\.bin: this file holds code; attn_inject never runs it \(the pickle calls builtins\.print\)\."
+        r" Save model\.state_dict\(\) \(tensors only\)",
     ) as info:
         read_state_dict(path)
     assert "weights_only=False" not in str(info.value) and "pwned" not in capsys.readouterr().out
