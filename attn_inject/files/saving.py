@@ -287,9 +287,7 @@ def _replay(model: nn.Module, recipe: Recipe, source: str) -> None:
             )
 
 
-def check_replayable(
-    recipe: Recipe, model: nn.Module, source: str, configured: tuple[int, ...] | None = None
-) -> None:
+def check_replayable(recipe: Recipe, model: nn.Module, source: str, configured: tuple[int, ...] | None = None) -> None:
     """Refuse example inputs larger than a file may ask of ``model`` (its configured input size, or
     ``configured``: the size the model will have when ``load`` rebuilds it)."""
     configured = configured or configured_input_size(model)
