@@ -153,4 +153,6 @@ def test_resnet50_traces_one_graph_per_structure(traces):
     model = timm.create_model("resnet50").eval()
     analyze(model, (torch.randn(1, 3, 64, 64),))
     assert traces.count("Bottleneck") == 8  # was 16 before the cache
-    assert len(traces) == 17  # the ResNet, 4 stages and 4 downsamples (nn.Sequential, built without fx)
+    # the ResNet, 4 stages and 4 downsamples (nn.Sequential, built without fx), and the head's pool
+    # (forward_head's calls are analysed too)
+    assert len(traces) == 18 and traces.count("SelectAdaptivePool2d") == 1
