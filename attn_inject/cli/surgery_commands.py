@@ -10,7 +10,15 @@ from ..files.patch import VERIFY_MODES, patch_checkpoint
 from ..rules import list_rules
 from ..surgery.api import plan
 from . import console
-from .arguments import EPILOG, add_model_arguments, add_surgery_arguments, block_options, example_input, rule_names
+from .arguments import (
+    EPILOG,
+    add_model_arguments,
+    add_surgery_arguments,
+    block_options,
+    example_input,
+    example_size,
+    rule_names,
+)
 
 
 def add_parsers(commands: Any) -> None:
@@ -79,7 +87,7 @@ def run_plan(args: argparse.Namespace) -> int:
         include=args.include,
         exclude=args.exclude,
         position=args.position,
-        example_input=example_input(model, args.img_size),
+        example_input=example_input(model, args.img_size, args.input_size),
         stack=args.stack,
         **block_options(args.option),
     )
@@ -103,7 +111,7 @@ def run_patch(args: argparse.Namespace) -> int:
         include=args.include,
         exclude=args.exclude,
         position=args.position,
-        img_size=args.img_size,
+        input_size=example_size(args.img_size, args.input_size),
         options=block_options(args.option),
         force=args.force,
         adapter_only=args.adapter_only,

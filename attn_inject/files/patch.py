@@ -94,13 +94,16 @@ def patch_checkpoint(
     exclude: str | Iterable[str] = (),
     position: str | None = None,
     img_size: int | None = None,
+    input_size: tuple[int, ...] | None = None,
     options: dict[str, Any] | None = None,
     force: bool = False,
     adapter_only: bool = False,
     verify: str = "fast",
     stack: bool = False,
 ) -> PatchReport:
-    """Patch the plain checkpoint ``source`` (a model of ``arch``) and write ``output`` (.safetensors)."""
+    """Patch the plain checkpoint ``source`` (a model of ``arch``) and write ``output`` (.safetensors).
+    The example input is a square image of ``img_size``, or of ``input_size`` (C, L), (C, H, W) or
+    (C, D, H, W) for 1-D and 3-D models; by default the model's own size."""
     clock = _Clock()
     if verify not in VERIFY_MODES:
         raise AttnInjectError(f"unknown verify mode {verify!r}", hint=f"Use one of: {', '.join(VERIFY_MODES)}.")
@@ -116,7 +119,7 @@ def patch_checkpoint(
 
     model = model_holding(arch, num_classes, weights_for)
     clock.lap("build")
-    args = example_args(model, input_size=None if img_size is None else (3, img_size, img_size))
+    args = example_args(model, input_size=(3, img_size, img_size) if img_size is not None else input_size)
     params_before = sum(p.numel() for p in model.parameters())
     reference = run(model, args)
     clock.lap("reference_forward")

@@ -38,7 +38,8 @@ def example_args(
     """Positional arguments for the example forward.
 
     ``example_input`` may be a tensor or a tuple of arguments. By default: one image of
-    ``input_size`` (C, H, W), else the model's configured size (timm ``pretrained_cfg["input_size"]``),
+    ``input_size`` (C, H, W; or (C, L), (C, D, H, W) for 1-D and 3-D models), else the model's
+    configured size (timm ``pretrained_cfg["input_size"]``),
     else 3x224x224; random normal from a fixed seed, in the dtype and on the device of the model's
     parameters. With ``keywords`` (the example is given as keyword arguments) there is no default.
     """
@@ -48,9 +49,10 @@ def example_args(
         return ()
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = tuple(input_size or cfg.get("input_size", DEFAULT_INPUT_SIZE))
-    if not all(type(s) is int and 0 < s <= MAX_SIDE for s in size):
+    if not (2 <= len(size) <= 4 and all(type(s) is int and 0 < s <= MAX_SIDE for s in size)):
         raise AttnInjectError(
-            f"input size {size} is not a (channels, height, width) of positive ints up to {MAX_SIDE}",
+            f"input size {size} is not a (channels, height, width) of positive ints up to {MAX_SIDE} "
+            "(1-D and 3-D models: (channels, length), (channels, depth, height, width))",
             hint="Pass a smaller size, or example_input= with a tensor the model accepts.",
         )
     return seeded_tensors([(1, *size)], *parameter_dtype_device(model))
