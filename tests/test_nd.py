@@ -124,19 +124,23 @@ def nd_resnet(dims: int) -> nn.Module:
 
 
 # rule -> the module path it patches
-PLACES = {"basic": ["3"], "bottleneck": ["4"], "inverted_residual": ["5"], "residual": ["3", "4", "5"]}
+PLACES = {"basic": "3", "bottleneck": "4", "inverted_residual": "5"}
 
 
 @pytest.mark.parametrize("dims", [1, 3])
-@pytest.mark.parametrize("rule", sorted(PLACES))
-def test_hand_written_nets_get_each_rule_bitwise(dims, rule):
+def test_hand_written_nets_get_each_rule_bitwise(dims):
     model, x = nd_resnet(dims), torch.randn(SHAPE[dims])
-    report = plan(model, "se", after=rule, rd_divisor=1, example_input=x)
-    assert [s.path for s in report] == PLACES[rule]
-    assert [s.shape for s in report] == [(2, 16, *SHAPE[dims][2:])] * len(PLACES[rule])
-    assert [dict(s.options)["spatial_dims"] for s in report] == [dims] * len(PLACES[rule])
-    assert report.params_added == (16 * 1 + 1 + 1 * 16 + 16) * len(PLACES[rule])  # rd = 16 / 16 = 1
-    inject_exactly(model, x, "eca", after=rule, example_input=x)
+    report = plan(model, "se", after=sorted(PLACES), rd_divisor=1, example_input=x)
+    assert {s.rule: s.path for s in report} == PLACES
+    assert [s.shape for s in report] == [(2, 16, *SHAPE[dims][2:])] * 3
+    assert [dict(s.options)["spatial_dims"] for s in report] == [dims] * 3
+    assert report.params_added == (16 * 1 + 1 + 1 * 16 + 16) * 3  # rd = 16 / 16 = 1
+    inject_exactly(model, x, "eca", after="residual", example_input=x)
+    assert [n for n, m in model.named_modules() if isinstance(m, EfficientChannelAttention)] == [
+        "3.eca",
+        "4.eca",
+        "5.eca",
+    ]
 
 
 @pytest.mark.parametrize("dims", [1, 3])
@@ -272,18 +276,22 @@ def test_monai_resnet18(dims, shape, block, added):
     }
 
 
-@pytest.mark.parametrize("block,added", [("se", 7168), ("eca", 36)])
-def test_monai_segresnet_resblocks_and_its_skips_are_merges(block, added):
+def test_monai_segresnet_resblocks_and_its_skips_are_merges():
     model, x = built(segresnet), torch.randn(1, 1, 16, 16, 16)
-    report = plan(model, block, after="residual", example_input=x)
-    assert (len(report), report.params_added) == (12, added)  # its 12 pre-activation ResBlocks
+    report = plan(model, "se", after="residual", example_input=x)
+    assert (len(report), report.params_added) == (12, 7168)  # its 12 pre-activation ResBlocks
     assert [s.channels for s in report] == [8, 16, 16, 32, 32, 64, 64, 64, 64, 32, 16, 8]
     assert [m.reason for m in report.misses] == [
         f"add {n} merges maps of two resolutions (one side's last conv gives [1, {c}, {s}, {s}, {s}], resized to "
         f"[1, {c}, {2 * s}, {2 * s}, {2 * s}]): a merge, not a residual"
         for n, c, s in (("add", 32, 2), ("add_1", 16, 4), ("add_2", 8, 8))
     ]  # the U-Net skip adds
-    inject_exactly(model, x, block, after="residual", example_input=x)
+    inject_exactly(model, x, "se", after="residual", example_input=x)
+
+
+def test_monai_segresnet_eca():
+    names, more = patched_exactly(built(segresnet), torch.randn(1, 1, 16, 16, 16), "eca", "residual")
+    assert (len(names), more) == (12, 36)
 
 
 def test_speechbrain_ecapa_se_is_recognised_never_doubled():
