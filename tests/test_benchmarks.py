@@ -92,3 +92,18 @@ def test_whole_model_time_quick(tmp_path):
     assert row["model"] == "fasterrcnn_mobilenet_v3_large_320_fpn" and row["image"] == 320 and row["sites"] == 10
     assert row["stem_passes"] == 3  # the reference forward, the analysis, the verification: no re-runs
     assert row["inject_s"] >= sum(row["steps_s"].values()) > 0 and row["forward_s"] > 0
+
+
+def test_nd_zoo_quick(tmp_path):
+    result = run_script("nd_zoo", tmp_path)
+    (row,) = result["rows"]
+    assert (row["model"], row["dims"], row["input"]) == ("hand:resnet1d", 1, [1, 1, 1024])
+    for block, added in (
+        ("se", 2 * (2 * (32 * 8) + 8 + 32) + 2 * (2 * 64 * 8 + 8 + 64) + 2 * (2 * 128 * 8 + 8 + 128)),
+        ("eca", 18),
+    ):
+        r = row[block]
+        assert (r["sites"], r["params_added"], r["maps"]) == (6, added, ["NCL"])
+        assert r["bitwise"] and r["not_run"] == 0 and r["moved_changes_output"] and r["inject_forwards"] > 0
+    channels = [p["channels"] for p in result["parameters"]]
+    assert channels == [64, 128, 256, 512, 1024, 2048] and result["parameters"][2]["monai_r16"] == 8464

@@ -21,6 +21,7 @@ from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite, registe
 from attn_inject.rules import ConvSpec
 from attn_inject.rules.builtin import resolve_rules
 from attn_inject.testing import look_trained, move_off_identity
+from benchmarks.reconstruct import ND_CASES, load_by_order, rebuild
 from tests.helpers.running import inject_exactly, outputs
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -320,3 +321,18 @@ def test_conformer_token_residuals_beside_conv1d_are_refused():
     with pytest.raises(AttnInjectError) as info:
         plan(model, "eca", after="residual", example_input=(x, lengths))
     assert "residual add is on a 3-D tensor [16, 2, 16], not an NCHW map (nor an NCL map of a conv)" in str(info.value)
+
+
+def test_monai_seresnet50_3d_is_rebuilt_from_its_attention_free_twin():
+    """init="paper" with MONAI's ChannelSELayer weights (linears, mapped onto the 1x1x1 convs) computes
+    SEResNet50 (3-D); the identity init leaves the twin bit for bit."""
+    (case,) = ND_CASES
+    hand, plain, patched = rebuild(case, "paper")
+    pairs = load_by_order(patched, plain, hand)
+    assert len(pairs) == 64 and pairs[0] == ("layer1.0.se_layer.fc.0.weight", "layer1.0.se.fc1.weight")
+    assert params(patched) == params(hand) == params(plain) + 2_530_992  # MONAI's 16 SE layers
+    x = torch.randn(case.sample(64))
+    expected, got, without = outputs(hand, x), outputs(patched, x), outputs(plain, x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6) and not torch.allclose(without, expected, atol=1e-3)
+    identity = inject(copy.deepcopy(plain), "se", after="bottleneck", rd_divisor=1, example_input=case.example_input())
+    assert torch.equal(outputs(identity, x), without)
