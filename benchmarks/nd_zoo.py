@@ -107,7 +107,7 @@ MODELS = [
           VOLUME, "bottleneck"),
     Model("monai:SEResNet50-3d", 3, lambda: monai_nets.SEResNet50(spatial_dims=3, in_channels=1, num_classes=2),
           (1, 1, 64, 64, 64), "bottleneck"),
-    Model("monai:SegResNet", 3, lambda: monai_nets.SegResNet(3, 1, 2, init_filters=8), VOLUME),
+    Model("monai:SegResNet", 3, lambda: monai_nets.SegResNet(3, in_channels=1, out_channels=2, init_filters=8), VOLUME),
     Model("monai:UNet(res units 2)", 3,
           lambda: monai_nets.UNet(3, 1, 2, channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=2), VOLUME),
     Model("monai:DynUNet(res_block)", 3,
