@@ -6,6 +6,7 @@ an int (every dim) or a list per dim; token layouts and 2-D-only blocks are refu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from attn_inject import AttnInjectError, inject, plan
 from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite, registered_block
 from attn_inject.rules import ConvSpec
 from attn_inject.rules.builtin import resolve_rules
+from attn_inject.rules.documents import rule_document, rule_from_yaml, rule_to_yaml
 from attn_inject.testing import look_trained, move_off_identity
 from benchmarks.reconstruct import ND_CASES, load_by_order, rebuild
 from tests.helpers.running import inject_exactly, outputs
@@ -218,6 +220,20 @@ def monai_resnet3d() -> nn.Module:
 
 def segresnet() -> nn.Module:
     return SegResNet(3, in_channels=1, out_channels=2, init_filters=8)
+
+
+def test_rules_with_kernels_per_dim_travel_in_recipes(tmp_path):
+    """A recipe's rule document keeps an int as an int (every dim) and a list as a list (exact);
+    an old recipe's [1, 1] stays an exact 2-D kernel."""
+    path = tmp_path / "r.yaml"
+    path.write_text(R2PLUS1D_BASIC)
+    rule = resolve_rules(str(path))[0]
+    mixed = dataclasses.replace(rule, convs=(ConvSpec(3), *rule.convs[1:]))
+    text = rule_to_yaml(mixed)
+    assert rule_from_yaml(text, "recipe").convs == mixed.convs
+    assert [c["kernel"] for c in rule_document(mixed)["match"]["convs"]] == [3, [3, 1, 1], [1, 3, 3], [3, 1, 1]]
+    old = rule_from_yaml(text.replace("kernel: 3", "kernel: [1, 1]", 1), "recipe")
+    assert old.convs is not None and old.convs[0] == ConvSpec((1, 1))
 
 
 R2PLUS1D_BASIC = """name: basic_2plus1d
