@@ -19,6 +19,7 @@ from torch import nn
 
 from attn_inject import AttnInjectError, inject, plan
 from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite, registered_block
+from attn_inject.finetune import param_groups, set_trainable
 from attn_inject.rules import ConvSpec
 from attn_inject.rules.builtin import resolve_rules
 from attn_inject.rules.documents import rule_document, rule_from_yaml, rule_to_yaml
@@ -152,6 +153,24 @@ def test_conv_units_on_nd_maps(dims):
     report = plan(model, "eca", after="conv", example_input=x)
     assert len(report) == 9 and report.params_added == 9 * 3  # 1 stem + 2 + 3 + 3 conv -> norm units
     inject_exactly(model, x, "se", after="conv", example_input=x)
+
+
+def test_finetune_helpers_train_the_blocks_of_a_3d_model():
+    model, x = nd_resnet(3), torch.randn(SHAPE[3])
+    inject(model, "se", after="residual", rd_divisor=1, example_input=x)
+    set_trainable(model, "attention")
+    groups = param_groups(model, lr=0.1)
+    assert [(g["name"], sum(p.numel() for p in g["params"])) for g in groups] == [
+        ("attention", 3 * 16),  # fc1's 1x1x1 conv weights
+        ("attention_no_decay", 3 * (1 + 16 + 16)),  # biases, and fc2 (the gate layer: no weight decay)
+    ]
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if ".se." not in f".{k}"}
+    before = outputs(model, x)
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    model(x).square().mean().backward()
+    optimizer.step()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
+    assert not torch.equal(outputs(model, x), before)
 
 
 def test_a_2d_only_block_is_refused_before_any_change():
