@@ -26,6 +26,13 @@ def test_plan_shows_nd_maps(capsys):
     assert [s["options"] for s in sites[:1]] == [{"spatial_dims": 3}]
     code, out, _ = run_cli(capsys, "plan", *VIDEO, "--block", "se", "--after", "basic")
     assert code == 0 and out.count("NCDHW") == 8  # the map column (the table wraps at the terminal's width)
+    code, _, err = run_cli_one_line(capsys, "plan", *VIDEO[:4], "--block", "se", "--after", "basic")
+    assert code == 1 and err.startswith("error: the example forward of VideoResNet failed: RuntimeError: ")
+    assert err.endswith(
+        "Pass example_input= (a tensor or tuple of arguments) that the model accepts. A model of 1-D or 3-D convs "
+        "takes an input of its own shape, (1, C, L) or (1, C, D, H, W); on the command line: --input-size C,L or "
+        "C,D,H,W."
+    )
     code, _, err = run_cli_one_line(capsys, "plan", *VIDEO, "--img-size", "16", "--block", "se", "--after", "basic")
     assert (
         code == 1

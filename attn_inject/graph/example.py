@@ -88,6 +88,11 @@ def example_forward_failed(model: nn.Module, exc: Exception, args: tuple = ()) -
             "example_input= is passed as positional arguments, a dict too; pass a dict of keyword arguments "
             "(a processor's output) as example_kwargs= instead."
         )
+    elif any(isinstance(m, (nn.Conv1d, nn.Conv3d)) for m in model.modules()):
+        hint += (
+            " A model of 1-D or 3-D convs takes an input of its own shape, (1, C, L) or (1, C, D, H, W); "
+            "on the command line: --input-size C,L or C,D,H,W."
+        )
     return AttnInjectError(f"the example forward of {type(model).__name__} failed: {one_line(exc)}", hint=hint)
 
 
