@@ -147,6 +147,13 @@ def test_hand_written_nets_get_each_rule_bitwise(dims):
     ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_channels_last_3d_model_stays_exact(dtype):
+    model = nd_resnet(3).to(memory_format=torch.channels_last_3d).to(dtype)
+    x = torch.randn(SHAPE[3]).to(memory_format=torch.channels_last_3d).to(dtype)
+    inject_exactly(model, x, "se", after="residual", example_input=x)
+
+
 @pytest.mark.parametrize("dims", [1, 3])
 def test_conv_units_on_nd_maps(dims):
     model, x = nd_resnet(dims), torch.randn(SHAPE[dims])
