@@ -138,6 +138,12 @@ def test_hand_written_nets_get_each_rule_bitwise(dims):
     assert {s.rule: s.path for s in report} == PLACES
     assert [s.shape for s in report] == [(2, 16, *SHAPE[dims][2:])] * 3
     assert [dict(s.options)["spatial_dims"] for s in report] == [dims] * 3
+    layout = {1: "NCL", 3: "NCDHW"}[dims]
+    map_words = "x".join(map(str, (16, *SHAPE[dims][2:])))
+    assert (
+        f": bottleneck at branch end (before the add), 16 channels on a {dims}-D map {map_words} {layout}, +49 params"
+        in str(report.sites[1])
+    )
     assert report.params_added == (16 * 1 + 1 + 1 * 16 + 16) * 3  # rd = 16 / 16 = 1
     inject_exactly(model, x, "eca", after="residual", example_input=x)
     assert [n for n, m in model.named_modules() if isinstance(m, EfficientChannelAttention)] == [
