@@ -11,8 +11,16 @@ the attention modules replaced by nn.Identity), and the rule that puts the block
   shapes) and the outputs compared with ``torch.allclose`` (fp32, eval).
 * ``init="identity"`` (the default): the patched model must equal the attention-free one bit for bit.
 
+A 3-D case: MONAI's ``SEResNet50(spatial_dims=3)``, its 16 ``ChannelSELayer`` (linears on the
+pooled vector) mapped onto the injected SE's 1x1x1 convs (the same weights, reshaped). Its twin is
+the same net with the SE layers replaced by nn.Identity: MONAI's attention-free ``resnet50`` is
+another function (stride on the 3x3x3 conv instead of the first 1x1x1, another stem and head), so
+no weights make ``resnet50`` + SE compute ``SEResNet50``; it gets the same SE parameters
+(benchmarks/nd_zoo.py counts them).
+
     python -m benchmarks.reconstruct            # all cases, 2x3x224x224
     python -m benchmarks.reconstruct --quick    # regnety_002 only, 64x64
+    python -m benchmarks.reconstruct --only monai:SEResNet50-3d  # one case
 
 Results go to ``benchmarks/results/reconstruct.json`` unless ``--json`` says otherwise. The tests
 (tests/test_placements.py) import the cases from here.
@@ -27,10 +35,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 import torchvision
+from monai.networks.nets import SEResNet50
 from torch import nn
 
 from attn_inject import inject
@@ -86,6 +96,14 @@ class Case:
     rule: str
     sites: int
     include: Callable[[nn.Module], tuple[str, ...]] = lambda hand: ()  # blocks to patch, from the hand-written net
+    options: tuple[tuple[str, Any], ...] = ()  # block options of the published layout
+    example: tuple[int, ...] | None = None  # the example input's shape (default EXAMPLE, 1x3x64x64)
+    sample: Callable[[int], tuple[int, ...]] = lambda size: (2, 3, size, size)  # the compared input at a size
+
+    def example_input(self) -> torch.Tensor:
+        return (
+            EXAMPLE if self.example is None else torch.randn(self.example, generator=torch.Generator().manual_seed(0))
+        )
 
 
 def _mobilenetv3_se_blocks(hand: nn.Module) -> tuple[str, ...]:
@@ -123,6 +141,20 @@ CASES = [
         16,
     ),
 ]
+# 1-D / 3-D nets (MONAI's SE reduces to floor(C / 16): rd_divisor=1 gives the same widths at its channels)
+ND_CASES = [
+    Case(
+        "monai:SEResNet50-3d",
+        lambda: SEResNet50(spatial_dims=3, in_channels=1, num_classes=2),
+        _strip("se_layer"),
+        "se",
+        "bottleneck",
+        16,
+        options=(("rd_divisor", 1),),
+        example=(1, 1, 16, 16, 16),
+        sample=lambda size: (2, 1, size // 4, size // 4, size // 4),
+    ),
+]
 
 
 def attention_keys(hand: nn.Module, plain: nn.Module) -> list[str]:
@@ -139,11 +171,23 @@ def load_by_order(patched: nn.Module, plain: nn.Module, hand: nn.Module) -> list
     old_keys = attention_keys(hand, plain)
     assert len(new_keys) == len(old_keys), (len(new_keys), len(old_keys))
     pairs = list(zip(old_keys, new_keys))
-    mismatched = [(a, b) for a, b in pairs if hand_state[a].shape != patched.state_dict()[b].shape]
+    patched_state = patched.state_dict()
+    mismatched = [(a, b) for a, b in pairs if _squeezed(hand_state[a].shape) != _squeezed(patched_state[b].shape)]
     assert not mismatched, mismatched[:3]
-    state = {k: hand_state[k] for k in plain_keys} | {b: hand_state[a] for a, b in pairs}
+    # a linear's weight [out, in] is a 1x1(x1) conv's [out, in, 1, 1(, 1)]: the same numbers
+    state = {k: hand_state[k] for k in plain_keys} | {
+        b: hand_state[a].reshape(patched_state[b].shape) for a, b in pairs
+    }
     patched.load_state_dict(state, strict=True)
     return pairs
+
+
+def _squeezed(shape: torch.Size) -> tuple[int, ...]:
+    """A shape without its trailing size-1 dims."""
+    dims = list(shape)
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    return tuple(dims)
 
 
 EXAMPLE = torch.randn(1, 3, 64, 64)  # the example forward for injection (small: analysis time grows with it)
@@ -155,7 +199,13 @@ def rebuild(case: Case, init: str) -> tuple[nn.Module, nn.Module, nn.Module]:
     hand = look_trained(case.hand())
     plain = case.plain(hand).eval()
     patched = inject(
-        copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), init=init, example_input=EXAMPLE
+        copy.deepcopy(plain),
+        case.block,
+        after=case.rule,
+        include=case.include(hand),
+        init=init,
+        example_input=case.example_input(),
+        **dict(case.options),
     )
     return hand, plain, patched.eval()
 
@@ -165,9 +215,14 @@ def measure(case: Case, size: int) -> dict:
     start = time.perf_counter()
     hand, plain, patched = rebuild(case, "paper")
     pairs = load_by_order(patched, plain, hand)
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(case.sample(size), generator=torch.Generator().manual_seed(1))
     identity = inject(
-        copy.deepcopy(plain), case.block, after=case.rule, include=case.include(hand), example_input=EXAMPLE
+        copy.deepcopy(plain),
+        case.block,
+        after=case.rule,
+        include=case.include(hand),
+        example_input=case.example_input(),
+        **dict(case.options),
     )
     with torch.no_grad():
         expected, got, without, same = hand(x), patched(x), plain(x), identity(x)
@@ -175,6 +230,7 @@ def measure(case: Case, size: int) -> dict:
         "model": case.name,
         "block": case.block,
         "rule": case.rule,
+        "input": list(x.shape),
         "sites": sum(1 for m in patched.modules() if is_attention_block(m)),
         "tensors_mapped": len(pairs),
         "paper_allclose": bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5)),
@@ -188,12 +244,15 @@ def measure(case: Case, size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="regnety_002 only, 64x64 inputs")
+    parser.add_argument("--only", nargs="+", metavar="MODEL", help="these cases (their model names) only")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results (default {DEFAULT_JSON})")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = CASES[:1] if args.quick else CASES
+    cases = CASES[:1] if args.quick else CASES + ND_CASES
+    if args.only:
+        cases = [c for c in CASES + ND_CASES if c.name in args.only]
     rows = [measure(case, 64 if args.quick else 224) for case in cases]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__, "rows": rows}, indent=1))

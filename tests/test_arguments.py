@@ -13,7 +13,8 @@ from tests.helpers.tiny_models import BranchyNet, InplaceBasic, conv_bn, sequent
 EXAMPLE = torch.randn(1, 3, 32, 32)
 OPTIONS = (
     r"Its options and defaults: \{'reduction': 16, 'rd_channels': None, 'rd_divisor': 8, 'rd_ratio': None, 'rd_of':"
-    r" 'channels', 'rd_round_limit': 0\.0, 'act': 'relu', 'gate': 'sigmoid', 'block_in_channels': None, 'init':"
+    r" 'channels', 'rd_round_limit': 0\.0, 'act': 'relu', 'gate': 'sigmoid', 'block_in_channels': None,"
+    r" 'spatial_dims': 2, 'init':"
     r" 'identity'\}"
 )
 

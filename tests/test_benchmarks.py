@@ -145,3 +145,18 @@ def test_image_check_quick(tmp_path):
         assert row["images"] == 40 and row["side"] == 64
         assert 0 < row["cache_second_run_ms_per_1000"] < row["cache_first_run_ms_per_1000"]
         assert row["decode_1_thread_ms_per_1000"] > 0 and row["decode_2_threads_ms_per_1000"] > 0
+
+
+def test_nd_zoo_quick(tmp_path):
+    result = run_script("nd_zoo", tmp_path)
+    (row,) = result["rows"]
+    assert (row["model"], row["dims"], row["input"]) == ("hand:resnet1d", 1, [1, 1, 1024])
+    for block, added in (
+        ("se", 2 * (2 * (32 * 8) + 8 + 32) + 2 * (2 * 64 * 8 + 8 + 64) + 2 * (2 * 128 * 8 + 8 + 128)),
+        ("eca", 2 * 3 + 2 * 3 + 2 * 5),  # k = 3, 3, 5 at 32, 64, 128 channels
+    ):
+        r = row[block]
+        assert (r["sites"], r["params_added"], r["maps"]) == (6, added, ["NCL"])
+        assert r["bitwise"] and r["not_run"] == 0 and r["moved_changes_output"] and r["inject_forwards"] > 0
+    channels = [p["channels"] for p in result["parameters"]]
+    assert channels == [64, 128, 256, 512, 1024, 2048] and result["parameters"][2]["monai_r16"] == 8464

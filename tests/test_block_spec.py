@@ -112,5 +112,6 @@ def test_a_gate_that_is_not_a_submodule_is_refused():
 
 def test_the_built_in_specs():
     se, eca = block_spec("se"), block_spec("eca")
-    assert (se.gate, se.fresh_output, se.site_facts, se.slots) == ("fc2", True, ("block_in_channels",), ("se",))
-    assert (eca.gate, eca.fresh_output, eca.site_facts, eca.slots) == ("conv", True, (), ("se",))
+    se_facts = ("block_in_channels", "spatial_dims")
+    assert (se.gate, se.fresh_output, se.site_facts, se.slots) == ("fc2", True, se_facts, ("se",))
+    assert (eca.gate, eca.fresh_output, eca.site_facts, eca.slots) == ("conv", True, ("spatial_dims",), ("se",))

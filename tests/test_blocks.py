@@ -23,7 +23,8 @@ def test_registry_lists_and_rejects_unknown_names():
 
 def test_unknown_block_option_lists_the_valid_ones():
     with pytest.raises(
-        AttnInjectError, match=r"block 'eca' has no option 'reduction'.*Its options: gamma, beta, kernel_size, init\."
+        AttnInjectError,
+        match=r"block 'eca' has no option 'reduction'.*Its options: gamma, beta, kernel_size, spatial_dims, init\.",
     ):
         check_block_options("eca", {"reduction": 8})
 

@@ -47,6 +47,7 @@ def test_plan_json(capsys):
         "position": "branch_end",
         "where": "branch end (before the add)",
         "channels": 64,
+        "map": "64x24x24 NCHW",
         "params": 2 * 64 * 8 + 8 + 64,
         "flops": 2 * (2 * 64 * 8),
         "module": "layer1.0.se",

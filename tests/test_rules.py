@@ -23,7 +23,7 @@ def test_builtin_rules_load_with_descriptions():
         "residual": "branch_end",
     }
     bottleneck = resolve_rules("bottleneck")[0]
-    assert bottleneck.convs == (ConvSpec((1, 1)), ConvSpec(None, False), ConvSpec((1, 1)))
+    assert bottleneck.convs == (ConvSpec(1), ConvSpec(None, False), ConvSpec(1))  # an int: every spatial dim
 
 
 def test_after_accepts_names_paths_and_lists(tmp_path):

@@ -18,6 +18,9 @@ pick k from the site's channels (the largest ``min_channels`` not above C). The 
 
 ``init="identity"`` zeroes the conv weight and uses a gain-2 gate, so the block is the identity
 when inserted; ``init="paper"`` keeps PyTorch's default init and the plain sigmoid gate.
+
+``spatial_dims`` (1, 2 or 3) only says which maps it serves: it pools over every spatial axis,
+and its Conv1d over the channels is the same at every dimension (so are its parameters).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 from ..errors import AttnInjectError
 from .gate import apply_gate, gate_gain
 from .registry import register_block
+from .spatial import conv_of_dims, pooled_shape, spatial_axes
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
@@ -85,9 +89,11 @@ class EfficientChannelAttention(nn.Module):
         gamma: float = 2,
         beta: float = 1,
         kernel_size: KernelSize = None,
+        spatial_dims: int = 2,
         init: str = "identity",
     ):
         super().__init__()
+        conv_of_dims(spatial_dims, "ECA")  # checks the dims
         if gamma <= 0:
             raise AttnInjectError(f"ECA needs gamma > 0; got gamma={gamma}")
         self.gain = gate_gain(init)
@@ -98,8 +104,8 @@ class EfficientChannelAttention(nn.Module):
             nn.init.zeros_(self.conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x.mean((2, 3)).unsqueeze(1))  # (B, 1, C): convolve along the channels
-        return apply_gate(x, y.transpose(1, 2).unsqueeze(-1), self.gain)  # (B, C, 1, 1)
+        y = self.conv(x.mean(spatial_axes(x)).unsqueeze(1))  # (B, 1, C): convolve along the channels
+        return apply_gate(x, pooled_shape(y.transpose(1, 2), x), self.gain)  # (B, C, 1, ...)
 
     def extra_repr(self) -> str:
         return f"init={self.init!r}"

@@ -3,14 +3,17 @@
 A BlockSpec holds everything the rest of the library knows about a block, so a user's block gets
 exactly the built-ins' treatment: the layer feeding its gate (zeroed at the identity init, spared
 from weight decay), whether its output is a fresh tensor (the residual add may then write into
-it), the site facts it takes as options (``block_in_channels``), and the empty attention slots of
-timm's residual blocks it may fill (``self.se = None``).
+it), the site facts it takes as options (``block_in_channels``, ``spatial_dims``), and the empty
+attention slots of timm's residual blocks it may fill (``self.se = None``).
 
 The block contract, checked at registration:
 
 - a ``torch.nn.Module`` subclass whose ``__init__`` takes ``channels`` first, then keyword options
   that all have defaults, one of them ``init`` ("identity" | "paper");
-- ``forward(x)`` takes an NCHW map and returns one of the same shape, dtype and device;
+- ``forward(x)`` takes a (B, C, *spatial) map and returns one of the same shape, dtype and device;
+- a keyword ``spatial_dims: int = 2`` says it serves 1-, 2- and 3-D maps (NCL, NCHW, NCDHW): it
+  pools over every spatial axis and builds layers of those dims (blocks/spatial.py), and raises
+  AttnInjectError in ``__init__`` for dims it cannot serve; without it a block is 2-D only;
 - built with ``init="identity"`` it returns its input unchanged, bit for bit (``inject`` verifies it);
 - ``gate`` names the submodule whose output feeds the block's gate (SE ``fc2``, ECA ``conv``);
 - ``fresh_output=True`` promises that forward returns a new tensor that its backward does not
@@ -38,7 +41,9 @@ from torch import nn
 from ..errors import AttnInjectError, one_line
 
 # Facts of a site that a block may take as constructor options; the plan fills them in.
-SITE_FACTS = ("block_in_channels",)  # the channels entering the matched branch or block
+# block_in_channels: the channels entering the matched branch or block; spatial_dims: 1, 2 or 3,
+# the map's spatial axes (a block that takes it serves 1-D/3-D maps; one without it is 2-D only)
+SITE_FACTS = ("block_in_channels", "spatial_dims")
 DEFAULT_SLOTS = ("se",)  # timm's ResNet, Res2Net and SKNet blocks keep ``self.se = None``
 
 ModuleType = TypeVar("ModuleType", bound=type[nn.Module])

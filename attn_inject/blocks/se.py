@@ -18,6 +18,10 @@ those as ``block_in_channels`` from the site. ``act`` is ReLU (the paper) or SiL
 identity when inserted (both gates give exactly 0.5 at 0) and its Jacobian is the identity, so
 fine-tuning starts from the original model; ``fc2`` still receives a gradient at step 0.
 ``init="paper"`` keeps PyTorch's default init and the plain gate.
+
+``spatial_dims`` (1, 2 or 3; the plan passes the site's) makes the 1x1 convs ``Conv1d``/``Conv2d``/
+``Conv3d`` and pools over every spatial axis: the same parameters at every dimension (MONAI's
+``ChannelSELayer`` holds the same maths as linears on the pooled vector).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 from ..errors import AttnInjectError
 from .gate import apply_gate, gate_function, gate_gain
 from .registry import register_block
+from .spatial import conv_of_dims, spatial_axes
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU}
 RD_BASES = ("channels", "input")
@@ -48,6 +53,7 @@ class SqueezeExcite(nn.Module):
         act: str = "relu",
         gate: str = "sigmoid",
         block_in_channels: int | None = None,
+        spatial_dims: int = 2,
         init: str = "identity",
     ):
         super().__init__()
@@ -66,21 +72,22 @@ class SqueezeExcite(nn.Module):
             raise AttnInjectError(f"unknown SE rd_of {rd_of!r}", hint=f"Valid: {', '.join(RD_BASES)}.")
         if act not in ACTIVATIONS:
             raise AttnInjectError(f"unknown SE act {act!r}", hint=f"Valid activations: {', '.join(ACTIVATIONS)}.")
+        conv = conv_of_dims(spatial_dims, "SE")
         self.gain = gate_gain(init)
         self.gate = gate_function(gate)
         self.init, self.gate_name = init, gate
         base = block_in_channels if rd_of == "input" and block_in_channels else channels
         scaled = base * rd_ratio if rd_ratio is not None else base / reduction
         rd = rd_channels or make_divisible(scaled, rd_divisor, round_limit=rd_round_limit)
-        self.fc1 = nn.Conv2d(channels, rd, kernel_size=1, bias=True)
+        self.fc1 = conv(channels, rd, kernel_size=1, bias=True)
         self.act = ACTIVATIONS[act](inplace=True)
-        self.fc2 = nn.Conv2d(rd, channels, kernel_size=1, bias=True)
+        self.fc2 = conv(rd, channels, kernel_size=1, bias=True)
         if init == "identity":
             nn.init.zeros_(self.fc2.weight)
             nn.init.zeros_(self.fc2.bias)  # type: ignore[arg-type]  # bias=True above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        z = self.fc2(self.act(self.fc1(x.mean(spatial_axes(x), keepdim=True))))
         return apply_gate(x, z, self.gain, self.gate)
 
     def extra_repr(self) -> str:

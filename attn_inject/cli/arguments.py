@@ -39,6 +39,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, arch_required: bool = T
     parser.add_argument(
         "--img-size", type=int, help="side of the square example image (default: the model's own, else 224)"
     )
+    parser.add_argument(
+        "--input-size",
+        type=input_size,
+        metavar="C,...",
+        help="the example input's shape without the batch, for 1-D and 3-D models too: 1,16000 (NCL), "
+        "3,8,112,112 (NCDHW video) (instead of --img-size)",
+    )
 
 
 def add_surgery_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +128,24 @@ def rule_names(values: list[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
-def example_input(model: nn.Module, img_size: int | None) -> tuple | None:
-    """The example input for ``--img-size`` (None: the model's own size)."""
-    return None if img_size is None else example_args(model, input_size=(3, img_size, img_size))
+def input_size(value: str) -> tuple[int, ...]:
+    """``--input-size C,L`` / ``C,H,W`` / ``C,D,H,W`` as a tuple of ints (checked by example_args)."""
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not comma-separated integers such as 3,8,112,112") from None
+
+
+def example_size(img_size: int | None, size: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The example input's size from ``--img-size`` (a square RGB image) or ``--input-size``."""
+    if img_size is not None and size is not None:
+        raise AttnInjectError(
+            "give --img-size or --input-size, not both", hint="--input-size 3,224,224 is --img-size 224."
+        )
+    return (3, img_size, img_size) if img_size is not None else size
+
+
+def example_input(model: nn.Module, img_size: int | None, size: tuple[int, ...] | None = None) -> tuple | None:
+    """The example input for ``--img-size`` or ``--input-size`` (None: the model's own size)."""
+    chosen = example_size(img_size, size)
+    return None if chosen is None else example_args(model, input_size=chosen)

@@ -91,6 +91,7 @@ def plan_table(plan: Plan) -> Table:
     table.add_column("rule")
     table.add_column("position")
     table.add_column("channels", justify="right")
+    table.add_column("map (C x pooled dims)", justify="right")
     table.add_column("params added", justify="right", footer=f"{plan.params_added:,}")
     table.add_column("FLOPs added", justify="right", footer=f"{plan.flops_added:,}")
     for i, site in enumerate(plan.sites, 1):
@@ -100,6 +101,7 @@ def plan_table(plan: Plan) -> Table:
             site.rule,
             site.where or site.position,
             str(site.channels),
+            site.map_words,
             f"{site.params:,}",
             f"{site.flops:,}",
         )

@@ -12,7 +12,15 @@ from ..integrations.yolo_checkpoints import is_yolo_checkpoint, patch_yolo_check
 from ..rules import list_rules
 from ..surgery.api import plan
 from . import console
-from .arguments import EPILOG, add_model_arguments, add_surgery_arguments, block_options, example_input, rule_names
+from .arguments import (
+    EPILOG,
+    add_model_arguments,
+    add_surgery_arguments,
+    block_options,
+    example_input,
+    example_size,
+    rule_names,
+)
 
 
 def add_parsers(commands: Any) -> None:
@@ -87,7 +95,7 @@ def run_plan(args: argparse.Namespace) -> int:
         include=args.include,
         exclude=args.exclude,
         position=args.position,
-        example_input=example_input(model, args.img_size),
+        example_input=example_input(model, args.img_size, args.input_size),
         stack=args.stack,
         **block_options(args.option),
     )
@@ -136,7 +144,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         include=args.include,
         exclude=args.exclude,
         position=args.position,
-        img_size=args.img_size,
+        input_size=example_size(args.img_size, args.input_size),
         options=block_options(args.option),
         force=args.force,
         adapter_only=args.adapter_only,

@@ -102,7 +102,8 @@ class PatchSettings:
     include: str | Iterable[str] = ()
     exclude: str | Iterable[str] = ()
     position: str | None = None
-    img_size: int | None = None
+    img_size: int | None = None  # a square RGB image of this side
+    input_size: tuple[int, ...] | None = None  # or (C, L), (C, H, W), (C, D, H, W)
     options: dict[str, Any] | None = None
     force: bool = False
     adapter_only: bool = False
@@ -136,15 +137,28 @@ def patch_checkpoint(
     exclude: str | Iterable[str] = (),
     position: str | None = None,
     img_size: int | None = None,
+    input_size: tuple[int, ...] | None = None,
     options: dict[str, Any] | None = None,
     force: bool = False,
     adapter_only: bool = False,
     verify: str = "fast",
     stack: bool = False,
 ) -> PatchReport:
-    """Patch the plain checkpoint ``source`` (a model of ``arch``) and write ``output`` (.safetensors)."""
+    """Patch the plain checkpoint ``source`` (a model of ``arch``) and write ``output`` (.safetensors).
+    The example input is a square image of ``img_size``, or of ``input_size`` (C, L), (C, H, W) or
+    (C, D, H, W) for 1-D and 3-D models; by default the model's own size."""
     settings = PatchSettings(
-        num_classes, include, exclude, position, img_size, options, force, adapter_only, verify, stack
+        num_classes=num_classes,
+        include=include,
+        exclude=exclude,
+        position=position,
+        img_size=img_size,
+        input_size=input_size,
+        options=options,
+        force=force,
+        adapter_only=adapter_only,
+        verify=verify,
+        stack=stack,
     )
     clock = PhaseClock()
     out = check_safetensors_output(output, inputs=[source], force=settings.force)
@@ -220,12 +234,15 @@ def patch_state(
     if prepare is not None:
         prepare(model)
     clock.lap("build")
-    args = example_args(model, input_size=None if img_size is None else (3, img_size, img_size))
+    size = (3, img_size, img_size) if img_size is not None else settings.input_size
+    args = example_args(model, input_size=size)
     problem = example_shapes_problem([tuple(a.shape) for a in args], configured_input_size(model))
     if problem:
+        flag = "--img-size" if img_size is not None else "--input-size"
         raise AttnInjectError(
-            f"--img-size {img_size} gives {problem}; load() refuses files that ask for more",
-            hint="Use a smaller --img-size (up to twice the model's configured side).",
+            f"{flag} {img_size if img_size is not None else ','.join(map(str, size or ()))} gives {problem}; "
+            "load() refuses files that ask for more",
+            hint=f"Use a smaller {flag} (up to twice the model's configured side).",
         )
     params_before = sum(p.numel() for p in model.parameters())
     reference = run(model, args)

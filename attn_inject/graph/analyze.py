@@ -36,6 +36,7 @@ from .bitsets import GraphBits
 from .example import example_forward_failed
 from .folding import Fold, find_fold
 from .nodes import (
+    CONV_TYPES,
     META_KEY,
     LearnedOp,
     NodeFacts,
@@ -127,7 +128,7 @@ class Analysis:
             if is_primitive(module) or any(path.startswith(p + ".") for p in missed):
                 continue
             inside = list(module.modules())
-            if not any(id(m) in seen for m in inside) and any(isinstance(m, nn.Conv2d) for m in inside):
+            if not any(id(m) in seen for m in inside) and any(isinstance(m, CONV_TYPES) for m in inside):
                 missed.append(path)
         return missed
 

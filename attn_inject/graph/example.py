@@ -46,7 +46,8 @@ def example_args(
     """Positional arguments for the example forward.
 
     ``example_input`` may be a tensor or a tuple of arguments. By default: one image of
-    ``input_size`` (C, H, W), else the model's configured size (timm ``pretrained_cfg["input_size"]``),
+    ``input_size`` (C, H, W; or (C, L), (C, D, H, W) for 1-D and 3-D models), else the model's
+    configured size (timm ``pretrained_cfg["input_size"]``),
     else 3x224x224; random normal from a fixed seed, in the dtype and on the device of the model's
     parameters. With ``keywords`` (the example is given as keyword arguments) there is no default.
     """
@@ -55,9 +56,10 @@ def example_args(
     if keywords:
         return ()
     size = tuple(input_size or configured_input_size(model) or DEFAULT_INPUT_SIZE)
-    if not all(type(s) is int and 0 < s <= MAX_SIDE for s in size):
+    if not (2 <= len(size) <= 4 and all(type(s) is int and 0 < s <= MAX_SIDE for s in size)):
         raise AttnInjectError(
-            f"input size {size} is not a (channels, height, width) of positive ints up to {MAX_SIDE}",
+            f"input size {size} is not a (channels, height, width) of positive ints up to {MAX_SIDE} "
+            "(1-D and 3-D models: (channels, length), (channels, depth, height, width))",
             hint="Pass a smaller size, or example_input= with a tensor the model accepts.",
         )
     return seeded_tensors([(1, *size)], *parameter_dtype_device(model))
@@ -123,6 +125,11 @@ def example_forward_failed(model: nn.Module, exc: Exception, args: tuple = ()) -
         hint = (
             "example_input= is passed as positional arguments, a dict too; pass a dict of keyword arguments "
             "(a processor's output) as example_kwargs= instead."
+        )
+    elif any(isinstance(m, (nn.Conv1d, nn.Conv3d)) for m in model.modules()):
+        hint += (
+            " A model of 1-D or 3-D convs takes an input of its own shape, (1, C, L) or (1, C, D, H, W); "
+            "on the command line: --input-size C,L or C,D,H,W."
         )
     return AttnInjectError(f"the example forward of {type(model).__name__} failed: {one_line(exc)}", hint=hint)
 

@@ -2,7 +2,8 @@
 activation, add, gate, other), and what the example forward learned about it (``NodeFacts``).
 
 Convolutions and norms are the "learned ops" a rule counts; they carry their channels and the
-shape of their output, so a branch can be checked to end in an NCHW map.
+shape of their output, so a branch can be checked to end in a conv map (NCL, NCHW, NCDHW: convs
+of 1, 2 or 3 spatial dims; a kernel has one size per dim).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ _ACT_FUNCS = {
     F.tanh,
 }
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # (torchvision's Conv3DSimple etc. are Conv3d)
+_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 MUL_FUNCS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
 
@@ -57,7 +60,7 @@ class LearnedOp:
     channels: int  # output channels (conv) or normalised channels (norm)
     out_shape: tuple[int, ...] | None
     in_channels: int = 0
-    kernel: tuple[int, int] = (0, 0)
+    kernel: tuple[int, ...] = ()  # conv: one size per spatial dim
     groups: int = 1
 
     @property
@@ -111,7 +114,7 @@ def module_kind(module: nn.Module) -> ModuleKind:
     """conv | norm | act | attn | linear | module (has its own forward worth tracing) | other."""
     if is_attention_block(module):
         return "attn"
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONV_TYPES):
         return "conv"
     if isinstance(module, _NORM_TYPES) or ("Norm" in type(module).__name__ and not _has_children(module)):
         return "norm"
@@ -145,8 +148,8 @@ def norm_channels(module: nn.Module) -> int:
 def module_op(module: nn.Module, path: str, out_shape: tuple[int, ...] | None) -> LearnedOp | None:
     """The learned op a primitive conv or norm module performs."""
     kind = module_kind(module)
-    if kind == "conv" and isinstance(module, nn.Conv2d):
-        kernel = (module.kernel_size[0], module.kernel_size[1])
+    if kind == "conv" and isinstance(module, CONV_TYPES):
+        kernel = tuple(module.kernel_size)
         return LearnedOp("conv", path, module.out_channels, out_shape, module.in_channels, kernel, module.groups)
     if kind == "norm":
         return LearnedOp("norm", path, norm_channels(module), out_shape)
@@ -156,15 +159,15 @@ def module_op(module: nn.Module, path: str, out_shape: tuple[int, ...] | None) -
 def function_op(
     node: fx.Node, owner: str, out_shape: tuple[int, ...] | None, arg_shape: Callable[[object], tuple[int, ...] | None]
 ) -> LearnedOp | None:
-    """The learned op of a functional conv2d / norm call, read from its weight's shape."""
+    """The learned op of a functional conv1d/2d/3d or norm call, read from its weight's shape."""
     path = f"{owner}:{node.name}" if owner else f":{node.name}"
-    if node.op == "call_function" and node.target in (F.conv2d, torch.conv2d):
+    if node.op == "call_function" and node.target in _CONV_FUNCS:
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         w = arg_shape(weight)
         groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-        if w is None or len(w) != 4 or not isinstance(groups, int):
+        if w is None or len(w) not in (3, 4, 5) or not isinstance(groups, int):
             return None
-        return LearnedOp("conv", path, w[0], out_shape, w[1] * groups, (w[2], w[3]), groups)
+        return LearnedOp("conv", path, w[0], out_shape, w[1] * groups, tuple(w[2:]), groups)
     if node.op == "call_function" and node.target in (F.batch_norm, F.group_norm, F.layer_norm, torch.batch_norm):
         return LearnedOp("norm", path, out_shape[1] if out_shape and len(out_shape) > 1 else 0, out_shape)
     return None

@@ -82,7 +82,7 @@ def conv_units(calls: list[PrimitiveCall]) -> list[OpaqueUnit]:
 
     units = []
     for conv in calls:
-        if module_kind(conv.module) != "conv" or conv.output.dim() != 4:
+        if module_kind(conv.module) != "conv" or conv.output.dim() not in (3, 4, 5):  # NCL, NCHW, NCDHW
             continue
         norm = next_of(conv, "norm")
         act = next_of(norm or conv, "act")

@@ -1,6 +1,7 @@
 """Block candidates (whole modules) and the places a rule puts a block, ``after_convN`` included.
 
-* block: a traced module whose output is an NCHW map and whose main path holds convs. If the
+* block: a traced module whose output is a conv map and whose main path holds convs (NCHW; NCL or
+  NCDHW when its last conv gives exactly that map). If the
   module ends in a residual add (the add, then activations, give its output), its convs are the
   branch's and ``branch_end`` is before that add; otherwise ``branch_end`` is its output. Nested
   modules with the very same convs (torchvision's InvertedResidual around its ``conv``
@@ -18,15 +19,16 @@ from collections import defaultdict
 
 from torch import fx, nn
 
+from ..blocks.spatial import LAYOUTS
 from ..errors import AttnInjectError
 from ..graph.analyze import Analysis
 from ..graph.nodes import shape_of
 from ..rules.model import Rule, conv_index
-from .candidates import Candidate, Miss, pattern_matches, rule_matches
+from .candidates import Candidate, Miss, map_problem, pattern_matches, rule_matches
 
 
 def find_block_candidates(analysis: Analysis, candidates: list[Candidate]) -> list[Candidate]:
-    """One block candidate per traced module (and call pattern) that outputs an NCHW map."""
+    """One block candidate per traced module (and call pattern) that outputs a conv map."""
     residual_at = {(id(c.record), c.block_output): c for c in candidates if c.kind == "residual"}
     blocks = []
     for record in analysis.traced():
@@ -36,7 +38,7 @@ def find_block_candidates(analysis: Analysis, candidates: list[Candidate]) -> li
             continue
         residual = residual_at.get((id(record), out.name))
         ops = residual.ops if residual is not None else record.ops
-        if not any(op.kind == "conv" for op in ops):
+        if not any(op.kind == "conv" for op in ops) or (len(shape) != 4 and map_problem(ops, shape)):
             continue
         if residual is not None:
             node, branch, branch_arg, region = residual.node, residual.branch, residual.branch_arg, residual.region
@@ -61,13 +63,13 @@ def find_block_candidates(analysis: Analysis, candidates: list[Candidate]) -> li
 
 
 def _output_node(graph: fx.Graph) -> fx.Node | None:
-    """The node whose value the graph returns, if it is one NCHW tensor computed in the graph."""
+    """The node whose value the graph returns, if it is one (B, C, *spatial) tensor computed in the graph."""
     output = next(iter(graph.find_nodes(op="output")), None)
     value = output.args[0] if output is not None and output.args else None
     if not isinstance(value, fx.Node) or value.op == "placeholder":
         return None
     shape = shape_of(value)
-    return value if shape and len(shape) == 4 else None
+    return value if shape and len(shape) - 2 in LAYOUTS else None
 
 
 def block_matches(rule: Rule, cand: Candidate) -> bool:

@@ -1,12 +1,14 @@
 """Candidates: analysed graphs -> the places a block may go (residual branches, conv units), and
 the reasons others are not places; whether a rule's pattern matches one.
 
-* residual: an add of two equal-shape NCHW maps that fork from one tensor, followed across module
+* residual: an add of two equal-shape conv maps (NCHW; NCL and NCDHW where a conv of those dims
+  gives the map) that fork from one tensor, followed across module
   boundaries (dataflow.py: the branch may start in a parent); an add of maps that do not fork
   from one tensor is a merge (FPN, LR-ASPP), reported as a miss. The branch is the side with more
   learned ops (convs, then norms, then nodes); the other is the shortcut (identity, or a projection
   with fewer convs) and never gets a block. The branch must hold a conv or norm whose channels are
-  the map's channel dim (so NHWC and token residuals are reported, not patched).
+  the map's channel dim (so NHWC and token residuals are reported, not patched); on a 1-D or 3-D
+  map, its last conv must give the map exactly (a (B, N, C) token map is 3-D too).
 * unit: a conv followed by a norm (and an activation) in one graph, outside any gate.
 """
 
@@ -18,6 +20,7 @@ from typing import Literal
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
+from ..blocks.spatial import LAYOUTS
 from ..graph.analyze import Analysis, ModuleRecord
 from ..graph.dataflow import Fork, Merge, find_fork
 from ..graph.folding import has_fold_method
@@ -67,12 +70,7 @@ class Miss:
 
     path: str
     reason: str
-    map_dims: int | None = None  # a residual on a conv map of this many spatial dims other than 2 (NCL, NCDHW)
     attention: str | None = None  # the channel attention the place already holds (skipped without stack=True)
-
-
-# The layout of a conv map by its number of spatial dims (residuals on 1-D and 3-D maps are reported).
-MAP_LAYOUTS = {1: "NCL", 2: "NCHW", 3: "NCDHW"}
 
 
 def find_candidates(analysis: Analysis) -> tuple[list[Candidate], list[Miss]]:
@@ -143,17 +141,10 @@ def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
     if not shape or shape_of(a) != shape or shape_of(b) != shape:
         return None  # broadcasting or non-tensor add: not a residual
     where = record.path or "<model>"
-    if len(shape) != 4:
-        dims = len(shape) - 2
-        if dims in MAP_LAYOUTS and _on_conv_map(find_fork(record, a, b), shape):
-            return Miss(
-                where,
-                f"residual {add.name} is on a {dims}-D map {list(shape)} ({MAP_LAYOUTS[dims]}), "
-                "which attn_inject does not patch yet",
-                map_dims=dims,
-            )
-        return Miss(where, f"residual {add.name} is on a {len(shape)}-D tensor {list(shape)}, not an NCHW map")
     fork = find_fork(record, a, b)
+    if len(shape) != 4 and not (len(shape) - 2 in LAYOUTS and _on_conv_map(fork, shape)):
+        nor = f" (nor an {LAYOUTS[len(shape) - 2]} map of a conv)" if len(shape) - 2 in LAYOUTS else ""
+        return Miss(where, f"residual {add.name} is on a {len(shape)}-D tensor {list(shape)}, not an NCHW map{nor}")
     if fork is None:
         return None  # not both from the inputs: no residual here
     if isinstance(fork, Merge):
@@ -182,7 +173,7 @@ def _residual(record: ModuleRecord, add: fx.Node) -> Candidate | Miss | None:
     learned = [o for o in ops if o.kind in ("conv", "norm")]
     if not learned:
         return Miss(where, f"residual {add.name}: the branch has no conv or norm")
-    layout = _nchw_problem(learned, shape)
+    layout = map_problem(learned, shape)
     if layout:
         return Miss(where, f"residual {add.name}: {layout}")
     return Candidate(
@@ -225,18 +216,25 @@ def _resized(ops: tuple[LearnedOp, ...], shape: tuple[int, ...]) -> str | None:
     return f"one side's last conv gives {list(out)}, resized to {list(shape)}"
 
 
-def _nchw_problem(learned: list[LearnedOp], shape: tuple[int, ...]) -> str | None:
-    """Why the added map is not NCHW, judged from the branch's last conv (or, failing that, norm).
+def map_problem(learned: list[LearnedOp] | tuple[LearnedOp, ...], shape: tuple[int, ...]) -> str | None:
+    """Why the added map is not a conv map (NCHW, NCL, NCDHW), judged from the branch's last conv
+    (or, failing that, norm).
 
-    A conv's output is NCHW, so the map is NCHW when it has that conv's spatial size (channels may
-    differ: GhostNet concatenates and slices). With no conv, the last norm's channels must be dim 1.
-    An NHWC map (B, H, W, C) fails both tests (MambaOut, Swin).
+    A conv's output is NCHW, so a 4-D map is NCHW when it has that conv's spatial size (channels may
+    differ: GhostNet concatenates and slices); with no conv, the last norm's channels must be dim 1.
+    An NHWC map (B, H, W, C) fails both tests (MambaOut, Swin). A 3-D map may be tokens (B, N, C)
+    or (T, B, C) beside a Conv1d (Conformer, MobileViT): a 1-D or 3-D map must be exactly the output
+    of the branch's last conv, and a norm alone does not tell.
     """
+    layout = LAYOUTS.get(len(shape) - 2, "NCHW")
     convs = [o for o in learned if o.kind == "conv"]
-    if convs and convs[-1].out_shape is not None and len(convs[-1].out_shape) == 4:
-        if tuple(convs[-1].out_shape[2:]) != tuple(shape[2:]):
-            return f"map {list(shape)} is not NCHW: the branch's last conv gives {list(convs[-1].out_shape)}"
+    out = convs[-1].out_shape if convs else None
+    if out is not None and len(out) == len(shape):
+        if tuple(out[2:]) != tuple(shape[2:]) or (len(shape) != 4 and tuple(out) != tuple(shape)):
+            return f"map {list(shape)} is not {layout}: the branch's last conv gives {list(out)}"
         return None
+    if len(shape) != 4:
+        return f"map {list(shape)} is not {layout}: no conv on the branch gives it"
     last = learned[-1]
     if last.channels != shape[1] or (last.out_shape is not None and tuple(last.out_shape) != tuple(shape)):
         return f"map {list(shape)} is not NCHW with the branch's {last.channels} channels"
@@ -278,7 +276,7 @@ def _conv_op(record: ModuleRecord, node: fx.Node) -> LearnedOp | None:
 
 def _unit(record: ModuleRecord, conv: fx.Node, conv_op: LearnedOp) -> Candidate | None:
     shape = shape_of(conv)
-    if not shape or len(shape) != 4 or record.traced_bits.gates >> record.traced_bits.index[conv] & 1:
+    if not shape or len(shape) - 2 not in LAYOUTS or record.traced_bits.gates >> record.traced_bits.index[conv] & 1:
         return None
     end, norm_op = conv, None
     nxt = _single_user(conv)
@@ -304,7 +302,12 @@ def _folded_unit(record: ModuleRecord, call: fx.Node, fold: ModuleRecord) -> Can
     follow it; the block goes there, in the caller's graph."""
     shape = shape_of(call)
     convs = [op for op in fold.ops if op.kind == "conv" and op.path == fold.path]
-    if not shape or len(shape) != 4 or not convs or record.traced_bits.gates >> record.traced_bits.index[call] & 1:
+    if (
+        not shape
+        or len(shape) - 2 not in LAYOUTS
+        or not convs
+        or record.traced_bits.gates >> record.traced_bits.index[call] & 1
+    ):
         return None
     return _unit_candidate(record, _chain_end(record, call).name, (convs[0],), shape, has_norm=True, start=call)
 

@@ -14,10 +14,10 @@ from functools import cache, lru_cache
 from typing import Any, Literal, cast, get_args
 
 import torch
-from torch.nn.modules.conv import _ConvNd
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..blocks import block_spec, get_block
+from ..blocks.spatial import LAYOUTS
 from ..errors import AttnInjectError, one_line
 from ..graph.align import same_source
 from ..graph.analyze import Analysis, ModuleRecord
@@ -26,7 +26,7 @@ from ..rules.builtin import list_rules
 from ..rules.model import Rule, conv_index, frozen, glob_selects
 from .attended import Attended
 from .block_candidates import find_block_candidates, matched, places, units_by_conv
-from .candidates import MAP_LAYOUTS, Candidate, Miss, find_candidates, rule_matches
+from .candidates import Candidate, Miss, find_candidates, rule_matches
 from .names import Names
 
 
@@ -54,9 +54,20 @@ class Site:
         """Qualified name of the new submodule (the prefix of its state_dict keys)."""
         return join_path(self.owner, self.name)
 
+    @property
+    def spatial_dims(self) -> int:
+        """The map's spatial axes, the ones the block pools over: 1 (NCL), 2 (NCHW) or 3 (NCDHW)."""
+        return len(self.shape) - 2
+
+    @property
+    def map_words(self) -> str:
+        """The map at the site, channels then the pooled dims: ``64x4x16x16 NCDHW``."""
+        return f"{'x'.join(map(str, self.shape[1:]))} {LAYOUTS.get(self.spatial_dims, '?')}"
+
     def __str__(self) -> str:
+        on = "" if self.spatial_dims == 2 else f" on a {self.spatial_dims}-D map {self.map_words}"
         return (
-            f"{self.path or '<model>'}: {self.rule} at {self.where or self.position}, {self.channels} channels, "
+            f"{self.path or '<model>'}: {self.rule} at {self.where or self.position}, {self.channels} channels{on}, "
             f"+{self.params} params, +{self.flops} FLOPs as {self.module_name}"
         )
 
@@ -154,6 +165,7 @@ class Plan:
                     "position": s.position,
                     "where": s.where,
                     "channels": s.channels,
+                    "map": s.map_words,
                     "params": s.params,
                     "flops": s.flops,
                     "module": s.module_name,
@@ -290,9 +302,25 @@ def position_words(position: str, cand: Candidate) -> str:
 
 def _site_options(block: str, options: dict[str, Any], matched_cand: Candidate, cand: Candidate) -> tuple:
     """The block's options at one site, with the site facts its spec takes: ``block_in_channels``,
-    the channels entering the matched branch or block (its first conv's input)."""
-    facts = {"block_in_channels": lambda: matched_cand.convs[0].in_channels if matched_cand.convs else cand.channels}
-    options = {**options, **{fact: facts[fact]() for fact in block_spec(block).site_facts}}
+    the channels entering the matched branch or block (its first conv's input), and
+    ``spatial_dims``, the map's spatial axes (left at the block's default 2 on 2-D maps, so 2-D
+    sites read as before). A 2-D-only block at a 1-D/3-D map is refused here, before any change."""
+    spec, dims = block_spec(block), len(cand.shape) - 2
+    if dims != 2 and "spatial_dims" not in spec.site_facts:
+        raise AttnInjectError(
+            f"block {block!r} ({spec.cls.__name__}) serves 2-D maps only, and this site is on a {dims}-D map "
+            f"{list(cand.shape)} ({LAYOUTS.get(dims, 'not a conv map')})",
+            where=cand.path or "<model>",
+            hint="A block serves 1-D and 3-D maps when its __init__ takes spatial_dims: int = 2 "
+            "(attn_inject.blocks.registry); use such a block (se, eca), or exclude= these modules.",
+        )
+    facts = {
+        "block_in_channels": lambda: matched_cand.convs[0].in_channels if matched_cand.convs else cand.channels,
+        "spatial_dims": lambda: dims,
+    }
+    options = {**options, **{fact: facts[fact]() for fact in spec.site_facts}}
+    if dims == 2:
+        options.pop("spatial_dims", None)
     return tuple(sorted((k, frozen(v)) for k, v in options.items()))
 
 
@@ -365,24 +393,4 @@ def _nothing_matched(
     msg = f"rule {names} matched nothing in {plan.model_class}; the model contains: {contains}"
     if include or exclude:
         msg += f" (before include={list(include)} exclude={list(exclude)})"
-    return "; ".join([msg, *_other_dims(plan), *plan.notes()])
-
-
-def _other_dims(plan: Plan) -> list[str]:
-    """What a model of 1-D or 3-D maps (audio, time series, video, volumes) has that is not patched
-    yet: its residuals on such maps, or, where none is seen, its convolutions of those dims."""
-    not_yet = "which attn_inject does not patch yet"
-    residuals = Counter(m.map_dims for m in plan.misses if m.map_dims is not None)
-    if residuals:
-        return [f"{sum(residuals.values())} residual add(s) are on {_dims_words(residuals)}, {not_yet}"]
-    model = plan.analysis.model if plan.analysis is not None else None
-    convs = Counter(len(m.kernel_size) for m in model.modules() if isinstance(m, _ConvNd)) if model else Counter()
-    if convs and 2 not in convs:
-        return [f"its {sum(convs.values())} convolutions are on {_dims_words(convs)}, {not_yet}"]
-    return []
-
-
-def _dims_words(dims: Counter) -> str:
-    """``1-D maps (NCL)``, ``1-D/3-D maps (NCL / NCDHW)``."""
-    known = sorted(d for d in dims if d in MAP_LAYOUTS)
-    return f"{'/'.join(f'{d}-D' for d in known)} maps ({' / '.join(MAP_LAYOUTS[d] for d in known)})"
+    return "; ".join([msg, *plan.notes()])

@@ -75,7 +75,7 @@ def rule_document(rule: Rule) -> dict[str, Any]:
 
 def _conv_document(spec: ConvSpec, with_optional: bool) -> dict[str, Any]:
     doc: dict[str, Any] = {
-        "kernel": "any" if spec.kernel is None else list(spec.kernel),
+        "kernel": "any" if spec.kernel is None else spec.kernel if isinstance(spec.kernel, int) else list(spec.kernel),
         "depthwise": "any" if spec.depthwise is None else spec.depthwise,
         "width": "any" if spec.width is None else [w for w in WIDTHS if w in spec.width],
     }

@@ -9,7 +9,7 @@ A rule is a small YAML document (see rules/*.yaml and the README; schema.py read
       convs:                      # the branch's convolutions in order (omit: any branch)
         - {kernel: 1}
         - {kernel: any, depthwise: false}
-        - {kernel: 1}
+        - {kernel: 1}               # an int: every spatial dim (1, 1x1, 1x1x1); a list: [h, w], [t, h, w]
     insert: branch_end            # branch_end (before the add) | block_output (after add + act)
     include: ["layer*"]           # optional globs on module paths
     exclude: []
@@ -51,13 +51,15 @@ NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 class ConvSpec:
     """One convolution in a rule's pattern; ``None`` fields match anything."""
 
-    kernel: tuple[int, int] | None = None
+    kernel: int | tuple[int, ...] | None = None  # an int: that size on every spatial dim; a tuple: one per dim
     depthwise: bool | None = None
     width: frozenset[str] | None = None  # subset of WIDTHS: out vs in channels
     optional: bool = False
 
-    def matches(self, kernel: tuple[int, int], depthwise: bool, in_channels: int, out_channels: int) -> bool:
-        if self.kernel is not None and self.kernel != kernel:
+    def matches(self, kernel: tuple[int, ...], depthwise: bool, in_channels: int, out_channels: int) -> bool:
+        if isinstance(self.kernel, int) and any(k != self.kernel for k in kernel):
+            return False
+        if isinstance(self.kernel, tuple) and self.kernel != tuple(kernel):
             return False
         if self.depthwise is not None and self.depthwise != depthwise:
             return False

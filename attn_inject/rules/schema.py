@@ -116,8 +116,10 @@ class RecipeFields(Fields):
 
 
 def valid_kernel(kernel: Any) -> bool:
-    """A (height, width) pair of positive ints."""
-    return isinstance(kernel, (tuple, list)) and len(kernel) == 2 and all(type(k) is int and k > 0 for k in kernel)
+    """A positive int (that size on every spatial dim), or one positive int per spatial dim (1 to 3)."""
+    if type(kernel) is int:
+        return kernel > 0
+    return isinstance(kernel, (tuple, list)) and 1 <= len(kernel) <= 3 and all(type(k) is int and k > 0 for k in kernel)
 
 
 def valid_widths(widths: Any) -> bool:
@@ -217,12 +219,14 @@ def _parse_conv(fields: RuleFields, allow_optional: bool) -> ConvSpec:
     kernel = fields.get("kernel", (int, str, LocatedList), "any")
     if kernel == "any":
         kernel = None
-    elif isinstance(kernel, int) and kernel > 0:
-        kernel = (kernel, kernel)
     elif isinstance(kernel, LocatedList) and valid_kernel(kernel):
-        kernel = (kernel[0], kernel[1])
-    else:
-        raise fields.fail("kernel", f"must be a positive int, a [h, w] pair or 'any', not {kernel!r}")
+        kernel = tuple(kernel)
+    elif not valid_kernel(kernel):
+        raise fields.fail(
+            "kernel",
+            f"must be a positive int, a [h, w] pair or 'any', not {kernel!r} (an int is that size on every "
+            "spatial dim; 1-D and 3-D maps take [l] and [d, h, w] lists)",
+        )
     depthwise = fields.get("depthwise", (bool, str), "any")
     if depthwise == "any":
         depthwise = None
@@ -265,8 +269,8 @@ def check_rule(rule: Rule) -> Rule:
     ):
         raise fail("convs", rule.convs, "None or a tuple of ConvSpec")
     for spec in rule.convs or ():
-        if spec.kernel is not None and not (isinstance(spec.kernel, tuple) and valid_kernel(spec.kernel)):
-            raise fail("ConvSpec.kernel", spec.kernel, "None or a (height, width) pair of positive ints")
+        if spec.kernel is not None and not (isinstance(spec.kernel, (int, tuple)) and valid_kernel(spec.kernel)):
+            raise fail("ConvSpec.kernel", spec.kernel, "None, a positive int or a tuple of 1 to 3 positive ints")
         if spec.depthwise not in (None, True, False):
             raise fail("ConvSpec.depthwise", spec.depthwise, "None, True or False")
         if spec.width is not None and not (isinstance(spec.width, frozenset) and valid_widths(spec.width)):
