@@ -202,7 +202,7 @@ def test_a_2d_only_block_is_refused_before_any_change():
         pytest.raises(
             AttnInjectError,
             match=r"^3: block 'scale2d' \(Scale2d\) serves 2-D maps only, and this site is on a 3-D map "
-            r"\[2, 16, 4, 8, 8\] \(NCDHW\) A block serves 1-D and 3-D maps when its __init__ takes spatial_dims",
+            r"\[2, 16, 4, 8, 8\] \(NCDHW\)\. A block serves 1-D and 3-D maps when its __init__ takes spatial_dims",
         ),
     ):
         inject(model, "scale2d", after="residual", example_input=x)

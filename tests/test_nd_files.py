@@ -36,7 +36,7 @@ def test_plan_shows_nd_maps(capsys):
     code, _, err = run_cli_one_line(capsys, "plan", *VIDEO, "--img-size", "16", "--block", "se", "--after", "basic")
     assert (
         code == 1
-        and err == "error: give --img-size or --input-size, not both --input-size 3,224,224 is --img-size 224."
+        and err == "error: give --img-size or --input-size, not both. --input-size 3,224,224 is --img-size 224."
     )
 
 

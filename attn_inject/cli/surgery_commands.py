@@ -144,7 +144,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         include=args.include,
         exclude=args.exclude,
         position=args.position,
-        input_size=example_size(args.img_size, args.input_size),
+        img_size=args.img_size,  # a square image, named --img-size in messages
+        input_size=args.input_size if example_size(args.img_size, args.input_size) else None,
         options=block_options(args.option),
         force=args.force,
         adapter_only=args.adapter_only,

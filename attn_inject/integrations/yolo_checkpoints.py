@@ -175,8 +175,8 @@ def patch_yolo_checkpoint(
     arch, nc = found.arch
     clock.lap("read")
     writer = SAFETENSORS if out.suffix == ".safetensors" else UltralyticsPt(found)
-    side = EXAMPLE_SIDE if chosen.img_size is None else chosen.img_size
-    chosen = dataclasses.replace(chosen, num_classes=nc, img_size=side)
+    given = chosen.img_size is not None or chosen.input_size is not None
+    chosen = dataclasses.replace(chosen, num_classes=nc, img_size=chosen.img_size if given else EXAMPLE_SIDE)
     return patch_state(found.state, source, arch, block, after, out, writer, chosen, clock, lambda m: _dress(m, found))
 
 
