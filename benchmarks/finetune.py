@@ -317,10 +317,8 @@ def print_report(result: dict) -> None:
             print(f"\nbase after {base['step']} steps: top1 {base['top1']:.4f}, loss {base['loss']:.4f}")
     if "cost" in result:
         c = result["cost"]
-        clock = c.get("clock", "wall")
-        print(
-            f"\ntraining step (forward + backward + AdamW), batch {c['batch']} at {c['size']}x{c['size']}, {clock} time:\n"
-        )
+        step = f"batch {c['batch']} at {c['size']}x{c['size']}, {c.get('clock', 'wall')} time"
+        print(f"\ntraining step (forward + backward + AdamW), {step}:\n")
         print("| model | median ms | IQR ms | × base | × hand-written | peak tensor MB |")
         print("|---|---:|---:|---:|---:|---:|")
         for r in c["rows"]:
