@@ -140,3 +140,31 @@ def test_a_model_that_folds_or_sits_on_the_meta_device_is_analysed_as_before(sma
     with torch.device("meta"):
         on_meta = timm.create_model("resnet18")
     assert "not on one real device" in plan(on_meta, "se", after="basic", example_input=X.to("meta")).real_values
+
+
+class CachesThenBranches(nn.Module):
+    """Caches a tensor made from its input (as torchvision's AnchorGenerator does), then needs a value."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.cache is None:
+            self.cache = torch.ones_like(x[:1, :1])
+        y = x + self.body(x) * self.cache
+        return y if y.sum() > -1e9 else x  # a value: the meta run stops here, after caching
+
+
+def test_what_the_meta_run_cached_is_gone_before_the_real_run(small_is_large, monkeypatch):
+    """Without that, the real run would multiply by a meta tensor ("Cannot copy out of meta tensor")."""
+    model = look_trained(CachesThenBranches())
+    x = torch.randn(1, 3, 16, 16)
+    p = plan(model, "se", after="conv", example_input=x)
+    assert "needs values" in p.real_values and model.cache is None
+    monkeypatch.setattr(shapes, "MIN_WORK", float("inf"))
+    assert summary_without_how(plan(model, "se", after="conv", example_input=x)) == summary_without_how(p)
+    assert len(p) == 2  # the stem unit and the body unit

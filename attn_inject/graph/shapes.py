@@ -3,8 +3,9 @@
 What matching needs from the analysis forward is shapes, dtypes and the order of calls, not values.
 The analysis therefore runs first with the example arguments, and the model's parameters and
 buffers, swapped for meta tensors of the same shapes, dtypes and strides (the same Parameter objects
-are put back on exit, in ``finally``): a convolution then costs its shape arithmetic only. The nodes'
-facts are given the model's real device afterwards.
+are put back on exit, in ``finally``): a convolution then costs its shape arithmetic only. What the
+forward leaves in the model (a cache of anchors computed on the meta device) is taken back
+(``preserved``), and the nodes' facts are given the model's real device.
 
 A forward may need real values: ``.item()`` or ``if tensor:`` (data-dependent control flow),
 ``.tolist()``, numpy, a tensor attribute that is not a buffer (it stays on the real device). On
@@ -36,6 +37,7 @@ from ..errors import AttnInjectError, one_line
 from .analyze import Analysis, analyze
 from .folding import has_fold_method
 from .nodes import META_KEY, NodeFacts
+from .preserve import preserved
 
 META = torch.device("meta")
 MIN_WORK = 4e11  # parameters x example pixels below which the real analysis is the faster one
@@ -58,7 +60,7 @@ def analyze_shapes_first(model: nn.Module, args: tuple, kwargs: dict[str, Any]) 
     if refusal is None and device is not None:
         watch = _FirstError()
         try:
-            with _parameters_on_meta(model), watch:
+            with preserved(model), _parameters_on_meta(model), watch:  # no meta tensor left in a cache
                 analysis = analyze(model, *_to_meta((args, kwargs)))
         except AttnInjectError as exc:  # the example forward failed on the meta device
             refusal = watch.first or f"the example forward needs values ({one_line(exc)})"
@@ -77,7 +79,9 @@ def _meta_refusal(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tupl
     if len(devices) != 1 or META in devices:
         return None, "the model and example are not on one real device"
     params = sum(p.numel() for p in model.parameters())
-    pixels = sum(t.numel() // t.shape[1] for t in pytree.tree_leaves((args, kwargs)) if _is_map(t))
+    pixels = sum(
+        t.numel() // t.shape[0 if t.ndim == 3 else 1] for t in pytree.tree_leaves((args, kwargs)) if _is_map(t)
+    )
     if params * pixels < MIN_WORK:
         return None, f"the example is small ({params} parameters x {pixels} pixels < {MIN_WORK:.0e}): real is faster"
     folding = next((path for path, m in model.named_modules() if has_fold_method(m)), None)
@@ -87,6 +91,7 @@ def _meta_refusal(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tupl
 
 
 def _is_map(value: Any) -> bool:
+    """A floating point map: (C, H, W) (a list of images, as torchvision's detectors take) or (N, C, ...)."""
     return isinstance(value, torch.Tensor) and value.ndim >= 3 and value.is_floating_point()
 
 
