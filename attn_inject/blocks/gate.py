@@ -12,7 +12,7 @@ Autograd's backward of that ``addcmul`` is costly, though: it treats the two ``x
 (one gradient ``grad``, one ``grad * centred(z)``, then summed: two extra passes over the map) and
 reduces ``grad * x * 1`` for the factor. Where a gradient is wanted, the gate is therefore a
 :class:`GainTwoGate` autograd function: the same ``addcmul`` forward (bitwise the same output),
-and the backward timm's ``x * gate(z)`` gets, ``grad * (1 + centred(z))`` for ``x`` and
+and the backward timm's ``x * gate(z)`` gets, ``grad + grad * centred(z)`` (one addcmul) for ``x`` and
 ``sum(grad * x)`` for the factor, over the map once each. It saves ``x`` and ``z`` (z is the size
 of timm's saved ``gate(z)``; the small factor is recomputed in backward), so memory is timm's too.
 The backward is made of differentiable ops on the saved inputs, so double backward works. Without a
@@ -104,7 +104,7 @@ class GainTwoGate(torch.autograd.Function):
         x, z = ctx.saved_tensors
         centred: Centred = ctx.centred
         t = centred.forward(z)
-        grad_x = (grad * (t + 1)).sum_to_size(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x = torch.addcmul(grad, grad, t).sum_to_size(x.shape) if ctx.needs_input_grad[0] else None
         grad_z = None
         if ctx.needs_input_grad[1]:
             grad_t = (grad * x).sum_to_size(t.shape)
