@@ -10,6 +10,7 @@ Forms, each on the same (B, C, H, W) map and (B, C, 1, 1) logits, interleaved (`
 Forward-only rows time the two forwards under no_grad.
 
     .venv/bin/python -m benchmarks.gate_cost --clock cpu --threads 1
+    .venv/bin/python -m benchmarks.gate_cost --quick     # a 2x16x8x8 map, 3 repetitions
 """
 
 from __future__ import annotations
@@ -74,12 +75,15 @@ def print_report(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=int, nargs=4, default=[8, 256, 40, 40], help="the map (default 8 256 40 40)")
-    parser.add_argument("--reps", type=int, default=30, help="timed rounds (default 30)")
+    parser.add_argument("--quick", action="store_true", help="a 2x16x8x8 map, 3 repetitions")
+    parser.add_argument("--shape", type=int, nargs=4, help="the map (default 8 256 40 40; --quick: 2 16 8 8)")
+    parser.add_argument("--reps", type=int, help="timed rounds (default 30; --quick: 3)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"raw results (default {DEFAULT_JSON})")
     args = parser.parse_args()
+    args.shape = args.shape or ([2, 16, 8, 8] if args.quick else [8, 256, 40, 40])
+    args.reps = args.reps or (3 if args.quick else 30)
     if args.threads:
         torch.set_num_threads(args.threads)
     before = loadavg()

@@ -92,3 +92,12 @@ def test_whole_model_time_quick(tmp_path):
     assert row["model"] == "fasterrcnn_mobilenet_v3_large_320_fpn" and row["image"] == 320 and row["sites"] == 10
     assert row["stem_passes"] == 3  # the reference forward, the analysis, the verification: no re-runs
     assert row["inject_s"] >= sum(row["steps_s"].values()) > 0 and row["forward_s"] > 0
+
+
+def test_gate_cost_quick(tmp_path):
+    out = tmp_path / "gate_cost.json"
+    proc = run_python("-m", "benchmarks.gate_cost", "--quick", "--threads", "1", "--json", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["form"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 5 and rows["timm x * sigmoid(z): forward + backward"]["vs_timm"] == 1.0
+    assert all(0 < r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in rows.values())
