@@ -49,7 +49,7 @@ from safetensors.torch import load_file
 
 from attn_inject import inject, save
 from attn_inject.finetune.loop import TrainConfig, finetune
-from benchmarks.overhead import PeakTensorMemory, build_models, latency_rows, time_calls
+from benchmarks.overhead import CLOCKS, PAIRS, PeakTensorMemory, build_models, latency_rows, time_calls
 from benchmarks.results_file import loadavg
 
 RESULTS = Path(__file__).parent / "results"
@@ -278,7 +278,7 @@ DIGIT_FLAGS = ["--hflip", "0", "--scale", "0.6", "1.0", "--ratio", "0.85", "1.15
 
 
 def cost_part(args: argparse.Namespace) -> dict[str, Any]:
-    models, checks = build_models(["se"], args.cost_size)
+    models, checks = build_models(args.cost_pairs, args.cost_size)
     x = torch.randn(args.cost_batch, 3, args.cost_size, args.cost_size)
     y = torch.randint(0, 1000, (args.cost_batch,))
     optimizers = {}
@@ -289,10 +289,11 @@ def cost_part(args: argparse.Namespace) -> dict[str, Any]:
         name: (lambda m=info["model"], o=optimizers[name]: train_step(m, o, x, y)) for name, info in models.items()
     }
     peaks = {name: train_step_peak(info["model"], optimizers[name], x, y) for name, info in models.items()}
-    times = time_calls(steps, args.cost_warmup, args.cost_reps)
+    times = time_calls(steps, args.cost_warmup, args.cost_reps, CLOCKS[args.clock])
     return {
         "batch": args.cost_batch,
         "size": args.cost_size,
+        "clock": args.clock,
         "checks": checks,
         "rows": latency_rows(models, times, peaks),
     }
@@ -436,7 +437,8 @@ def print_report(result: dict) -> None:
                     )
     if "cost" in result:
         c = result["cost"]
-        print(f"\ntraining step (forward + backward + AdamW), batch {c['batch']} at {c['size']}x{c['size']}:\n")
+        step = f"batch {c['batch']} at {c['size']}x{c['size']}, {c.get('clock', 'wall')} time"
+        print(f"\ntraining step (forward + backward + AdamW), {step}:\n")
         print("| model | median ms | IQR ms | × base | × hand-written | peak tensor MB |")
         print("|---|---:|---:|---:|---:|---:|")
         for r in c["rows"]:
@@ -475,6 +477,12 @@ def main() -> None:
     parser.add_argument("--cost-size", type=int, help="image size of the timing (default 112; --quick: 32)")
     parser.add_argument("--cost-warmup", type=int, help="untimed rounds (default 2; --quick: 1)")
     parser.add_argument("--cost-reps", type=int, help="timed rounds (default 10; --quick: 2)")
+    parser.add_argument(
+        "--cost-pairs", nargs="+", choices=sorted(PAIRS), default=["se"], help="model pairs timed (default se)"
+    )
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time, steadier on a shared machine"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument(
         "--jobs", type=int, default=1, help="fine-tuning runs at a time, in forked processes (default 1)"

@@ -38,8 +38,9 @@ from typing import ClassVar
 import timm
 import torch
 
-from attn_inject import inject
+from attn_inject import inject, plan
 from attn_inject.graph.example import example_args
+from benchmarks.overhead import CLOCKS
 from benchmarks.results_file import loadavg, write_results
 
 # model -> its natural rule (None: only the generic "residual" rule applies)
@@ -59,6 +60,13 @@ PHASES = ["reference_forward", "tracing", "interpreter", "plan", "blocks", "spli
 DEFAULT_JSON = Path(__file__).parent / "results" / "inject_time.json"
 REPO = Path(__file__).resolve().parents[1]  # cold workers run as `python -m benchmarks.inject_time` from here
 
+_CLOCK: dict = {"now": time.perf_counter, "name": "wall"}  # --clock: wall (perf_counter) or this process's CPU time
+
+
+def clock() -> float:
+    return _CLOCK["now"]()
+
+
 _surgery = importlib.import_module("attn_inject.surgery.api")
 _trace_cache = importlib.import_module("attn_inject.graph.trace_cache")
 
@@ -68,7 +76,7 @@ class Phases:
 
     TARGETS: ClassVar[list[tuple[ModuleType, str]]] = [
         (_surgery, "run"),
-        (_surgery, "analyze"),
+        (_surgery, "analyze_shapes_first"),
         (_trace_cache, "trace_module"),
         (_surgery, "build_plan"),
         (_surgery, "_build_blocks"),
@@ -90,9 +98,9 @@ class Phases:
 
     def _timed(self, name, fn):
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = clock()
             out = fn(*args, **kwargs)
-            self.calls.append((name, time.perf_counter() - t0))
+            self.calls.append((name, clock() - t0))
             if name == "build_plan":
                 self.sites, self.params = len(out.sites), out.params_before
             return out
@@ -107,7 +115,7 @@ class Phases:
         out = {
             "reference_forward": forwards[0],
             "tracing": spent("trace_module"),
-            "interpreter": spent("analyze") - spent("trace_module"),
+            "interpreter": spent("analyze_shapes_first") - spent("trace_module"),
             "plan": spent("build_plan"),
             "blocks": spent("_build_blocks"),
             "splice": spent("splice"),
@@ -122,10 +130,18 @@ def time_inject(name: str, rule: str) -> tuple[float, dict[str, float], Phases]:
     """(seconds, seconds per phase, the phases with sites and params) of one inject into a fresh model."""
     model = timm.create_model(name)
     with Phases() as phases:
-        t0 = time.perf_counter()
+        t0 = clock()
         inject(model, "eca", after=rule, stack=STACK)
-        total = time.perf_counter() - t0
+        total = clock() - t0
     return total, phases.seconds(total), phases
+
+
+def time_plan(name: str, rule: str) -> float:
+    """Seconds of one plan() (the analysis and matching, no splice) of a fresh model."""
+    model = timm.create_model(name)
+    t0 = clock()
+    plan(model, "eca", after=rule, stack=STACK)
+    return clock() - t0
 
 
 def time_forward(name: str, runs: int) -> float:
@@ -135,27 +151,28 @@ def time_forward(name: str, runs: int) -> float:
     times = []
     with torch.no_grad():
         for _ in range(runs + 1):
-            t0 = time.perf_counter()
+            t0 = clock()
             model(*args)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return statistics.median(times[1:])
 
 
 def cold_worker(name: str, rule: str, what: str) -> None:
     """In a fresh process: the seconds of the first inject, or of the first forward; printed as JSON."""
     model = timm.create_model(name)
-    t0 = time.perf_counter()
+    t0 = clock()
     if what == "inject":
         inject(model, "eca", after=rule, stack=STACK)
     else:
         with torch.no_grad():
             model.eval()(*example_args(model))
-    print(json.dumps({"seconds": time.perf_counter() - t0}))
+    print(json.dumps({"seconds": clock() - t0}))
 
 
 def cold_seconds(name: str, rule: str, what: str) -> float:
     threads = str(torch.get_num_threads())
     cmd = [sys.executable, "-m", "benchmarks.inject_time", "--cold-worker", name, rule, what, "--threads", threads]
+    cmd += ["--clock", _CLOCK["name"]]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return json.loads(out.splitlines()[-1])["seconds"]
 
@@ -186,6 +203,7 @@ def fits(rows: list[dict]) -> dict[str, dict]:
 
 def measure(name: str, rule: str, runs: int, cold: bool, forward_s: float) -> dict:
     results = [time_inject(name, rule) for _ in range(runs)]
+    plans = [time_plan(name, rule) for _ in range(runs)]
     totals = [total for total, _, _ in results]
     row = {
         "model": name,
@@ -195,6 +213,8 @@ def measure(name: str, rule: str, runs: int, cold: bool, forward_s: float) -> di
         "forward_s": forward_s,
         "median_s": statistics.median(totals),
         "runs_s": totals,
+        "plan_s": statistics.median(plans),
+        "plan_runs_s": plans,
         "phases_s": {p: statistics.median(r[1][p] for r in results) for p in [*PHASES, "other"]},
     }
     if cold:
@@ -205,21 +225,23 @@ def measure(name: str, rule: str, runs: int, cold: bool, forward_s: float) -> di
 def print_report(result: dict) -> None:
     cfg = result["config"]
     print(
-        f"torch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} threads, median of {cfg['runs']} runs; "
+        f"torch {cfg['torch']}, timm {cfg['timm']}, {cfg['threads']} threads, {cfg.get('clock', 'wall')} time, "
+        f"median of {cfg['runs']} runs; "
         f"load average {cfg['loadavg_before']} -> {cfg['loadavg_after']}\n"
     )
     cold = cfg["cold"]
     print(
         "| model | rule | params (M) | sites | inject s (median) | runs s | eager forward s | × forward | "
-        "ms per site" + (" | cold inject s | cold forward s" if cold else "") + " |"
+        "ms per site | plan s (median) | plan × forward" + (" | cold inject s | cold forward s" if cold else "") + " |"
     )
-    print("|---|---|---:|---:|---:|---|---:|---:|---:" + ("|---:|---:" if cold else "") + "|")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:" + ("|---:|---:" if cold else "") + "|")
     for r in result["rows"]:
         forward = r["forward_s"]
         runs = ", ".join(f"{s:.2f}" for s in r["runs_s"])
         line = (
             f"| {r['model']} | {r['rule']} | {r['params'] / 1e6:.1f} | {r['sites']} | {r['median_s']:.3f} | {runs} | "
-            f"{forward:.3f} | {r['median_s'] / forward:.1f} | {1e3 * r['median_s'] / r['sites']:.1f}"
+            f"{forward:.3f} | {r['median_s'] / forward:.2f} | {1e3 * r['median_s'] / r['sites']:.1f} | "
+            f"{r['plan_s']:.3f} | {r['plan_s'] / forward:.2f}"
         )
         if cold:
             line += f" | {r['cold_inject_s']:.2f} | {result['cold_forward_s'][r['model']]:.2f}"
@@ -253,11 +275,15 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch.set_num_threads, also in --cold processes (default: torch's own)"
     )
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time, steadier on a shared machine"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"raw results (default {DEFAULT_JSON})")
     parser.add_argument("--cold-worker", nargs=3, metavar=("MODEL", "RULE", "WHAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    _CLOCK.update(now=CLOCKS[args.clock], name=args.clock)
     if args.cold_worker:
         cold_worker(*args.cold_worker)
         return
@@ -278,6 +304,7 @@ def main() -> None:
             "runs": runs,
             "cold": cold,
             "threads": torch.get_num_threads(),
+            "clock": args.clock,
             "torch": torch.__version__,
             "timm": timm.__version__,
             "loadavg_before": loadavg_before,

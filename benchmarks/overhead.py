@@ -46,7 +46,9 @@ from benchmarks.results_file import loadavg, write_results
 PAIRS = {
     "se": ("resnet50", "se", "bottleneck", "seresnet50"),
     "eca": ("resnet50t", "eca", "bottleneck", "ecaresnet50t"),
+    "eca-d": ("resnet50d", "eca", "bottleneck", "ecaresnet50d"),
 }
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU time, all threads
 FLOP_SIZE = 224
 DEFAULT_JSON = Path(__file__).parent / "results" / "overhead.json"
 
@@ -159,8 +161,10 @@ def time_models(models: dict[str, torch.nn.Module], x: torch.Tensor, warmup: int
         return time_calls({name: partial(model, x) for name, model in models.items()}, warmup, reps)
 
 
-def time_calls(calls: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, list[float]]:
-    """Seconds per call; each repetition makes every call once, starting one call later each time."""
+def time_calls(
+    calls: dict[str, Callable[[], object]], warmup: int, reps: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, list[float]]:
+    """Seconds per call on ``clock``; each repetition makes every call once, starting one call later each time."""
     names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(warmup):
@@ -169,9 +173,9 @@ def time_calls(calls: dict[str, Callable[[], object]], warmup: int, reps: int) -
     for rep in range(reps):
         start = rep % len(names)
         for name in names[start:] + names[:start]:
-            t0 = time.perf_counter()
+            t0 = clock()
             calls[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 
@@ -235,7 +239,7 @@ def print_report(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 at 64x64, 1 warm-up, 5 repetitions")
-    parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=sorted(PAIRS, reverse=True))
+    parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["se", "eca"])
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8; --quick: 1)")
     parser.add_argument("--size", type=int, help="input height and width (default 224; --quick: 64)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 5; --quick: 1)")

@@ -45,7 +45,7 @@ class Steps:
 
     TARGETS: ClassVar[dict[str, str]] = {
         "run": "forward",
-        "analyze": "analysis",
+        "analyze_shapes_first": "analysis",
         "build_plan": "plan",
         "splice": "splice",
     }

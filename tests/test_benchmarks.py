@@ -160,3 +160,12 @@ def test_nd_zoo_quick(tmp_path):
         assert r["bitwise"] and r["not_run"] == 0 and r["moved_changes_output"] and r["inject_forwards"] > 0
     channels = [p["channels"] for p in result["parameters"]]
     assert channels == [64, 128, 256, 512, 1024, 2048] and result["parameters"][2]["monai_r16"] == 8464
+
+
+def test_gate_cost_quick(tmp_path):
+    out = tmp_path / "gate_cost.json"
+    proc = run_python("-m", "benchmarks.gate_cost", "--quick", "--threads", "1", "--json", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["form"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 5 and rows["timm x * sigmoid(z): forward + backward"]["vs_timm"] == 1.0
+    assert all(0 < r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in rows.values())

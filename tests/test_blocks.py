@@ -9,6 +9,7 @@ from attn_inject.blocks import (
     eca_kernel_size,
     get_block,
 )
+from attn_inject.blocks.gate import CENTRED, apply_gate
 
 SHAPES = [(2, 64, 7, 7), (1, 256, 14, 9), (3, 24, 1, 1), (4, 2048, 3, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -99,3 +100,45 @@ def test_identity_block_jacobian_is_identity_and_last_layer_learns(name):
     assert torch.equal(x.grad, g)  # d(block)/dx is the identity at insertion
     last = block.fc2.weight if name == "se" else block.conv.weight
     assert last.grad is not None and last.grad.abs().sum() > 0
+
+
+GATES = [torch.sigmoid, torch.nn.functional.hardsigmoid]
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gain_two_gate_with_a_gradient_is_the_plain_gate_forward_bitwise_and_backward(gate, dtype):
+    """Where autograd is on, the gate is GainTwoGate: the same output bits as the plain addcmul,
+    gradients equal to autograd's of it (to rounding), keeping only x and z for backward."""
+    x = (torch.randn(4, 32, 5, 5) * 4).to(dtype).requires_grad_()
+    z = (torch.randn(4, 32, 1, 1) * 4).to(dtype).requires_grad_()
+    g = torch.randn(4, 32, 5, 5).to(dtype)
+    out = apply_gate(x, z, 2.0, gate)
+    plain = torch.addcmul(x, x, CENTRED[gate].forward(z))
+    assert (
+        type(out.grad_fn).__name__ == "GainTwoGateBackward"
+        and type(plain.grad_fn).__name__ != type(out.grad_fn).__name__
+    )
+    assert torch.equal(out, plain)
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 2 and saved[0] is x and saved[1] is z  # timm's x * gate(z) keeps x and gate(z)
+    ours, autograds = torch.autograd.grad(out, (x, z), g), torch.autograd.grad(plain, (x, z), g)
+    tolerance = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    for a, b in zip(ours, autograds, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance * b.abs().max().item())
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_gain_two_gate_has_exact_first_and_second_derivatives(gate):
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    z = (torch.randn(2, 4, 1, 1, dtype=torch.float64) * 2).requires_grad_()  # |z| < 3 and > 3: both hard-sigmoid sides
+    assert torch.autograd.gradcheck(lambda a, b: apply_gate(a, b, 2.0, gate), (x, z))
+    assert torch.autograd.gradgradcheck(lambda a, b: apply_gate(a, b, 2.0, gate), (x, z))
+
+
+def test_gain_two_gate_without_a_gradient_is_the_plain_addcmul():
+    x, z = torch.randn(2, 8, 3, 3, requires_grad=True), torch.randn(2, 8, 1, 1)
+    with torch.no_grad():
+        assert apply_gate(x, z, 2.0).grad_fn is None
+    assert apply_gate(x.detach(), z, 2.0).grad_fn is None
+    assert type(apply_gate(x, z, 2.0).grad_fn).__name__ == "GainTwoGateBackward"

@@ -91,6 +91,7 @@ class Plan:
     attended: tuple[tuple[str, str], ...] = ()  # (place, its attention) matched places already holding one
     stacked: bool = False  # the attended places got a block all the same (stack=True)
     folded: tuple[tuple[str, str], ...] = ()  # (module path, method) of modules that fold their branches
+    real_values: str | None = None  # why the analysis ran on real tensors; None: on shapes only (graph/shapes.py)
     analysis: Analysis | None = field(default=None, repr=False, compare=False)
     site_records: tuple[tuple[Site, tuple[ModuleRecord, ...]], ...] = field(default=(), repr=False, compare=False)
 
@@ -184,6 +185,8 @@ class Plan:
             "attended": [{"path": p, "attention": a} for p, a in self.attended],
             "stacked": self.stacked,
             "folded": [{"path": p, "method": m} for p, m in self.folded],
+            "shapes_only": self.real_values is None,
+            "real_values": self.real_values,
         }
 
 

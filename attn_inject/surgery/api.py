@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -14,11 +15,12 @@ from torch import nn
 
 from ..blocks import check_block_options, get_block
 from ..errors import AttnInjectError
-from ..graph.analyze import ModuleRecord, analyze
+from ..graph.analyze import ModuleRecord
 from ..graph.example import example_args, example_forward_failed, first_difference, run, seeded_tensors
 from ..graph.example import example_kwargs as example_kwargs_checked
 from ..graph.nodes import NodeFacts, facts
 from ..graph.preserve import preserved, rng_states, set_rng_states
+from ..graph.shapes import analyze_shapes_first
 from ..matching.alternates import Alternate, plan_alternates
 from ..matching.plan import Plan, Site, build_plan
 from ..rules import Rule, resolve_rules
@@ -80,8 +82,10 @@ def plan(
             ECA ``gamma``/``beta``/``kernel_size``, both ``init="identity"|"paper"``); they win over
             the options a rule carries.
 
-    The model is run on the example input but left exactly as it was: parameters, buffers, every
-    module's attributes and the random states (see :mod:`attn_inject.preserve`).
+    The model is run on the example input (on the meta device where the analysis needs no values
+    and the example is large: :mod:`attn_inject.graph.shapes`; ``Plan.real_values`` says why not)
+    but left exactly as it was: parameters, buffers, every module's attributes and the random
+    states (see :mod:`attn_inject.preserve`).
     """
     held = held_model(model)
     if held is not None:
@@ -242,10 +246,11 @@ def _analyse_and_plan(
             expected = run(model, args, kwargs) if reference else None
         except Exception as exc:
             raise example_forward_failed(model, exc, args) from None
-        analysis = analyze(model, args, kwargs)
+        analysis, how = analyze_shapes_first(model, args, kwargs)
     the_plan = build_plan(
         analysis, request.block, request.options, request.rules, request.include, request.exclude, request.stack
     )
+    the_plan = dataclasses.replace(the_plan, real_values=how.real_values)
     check_block_sizes(the_plan)
     if not request.stack:
         check_not_stacked(the_plan)

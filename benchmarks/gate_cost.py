@@ -1,0 +1,117 @@
+"""The gate alone: forward + backward of one feature map, the library's gain-2 gate against timm's.
+
+Forms, each on the same (B, C, H, W) map and (B, C, 1, 1) logits, interleaved (``overhead.time_calls``):
+
+- ``timm``: ``x * sigmoid(z)``, timm's SE/ECA gate (plain autograd);
+- ``addcmul (autograd)``: ``addcmul(x, x, tanh(z / 2))`` differentiated by autograd, the gate before
+  issue 20 (what ``apply_gate`` still runs without a gradient);
+- ``GainTwoGate``: ``apply_gate(x, z, 2.0)``, the same forward with its own backward.
+
+Forward-only rows time the two forwards under no_grad.
+
+    .venv/bin/python -m benchmarks.gate_cost --clock cpu --threads 1
+    .venv/bin/python -m benchmarks.gate_cost --quick     # a 2x16x8x8 map, 3 repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from attn_inject.blocks.gate import CENTRED, apply_gate
+from benchmarks.overhead import CLOCKS, time_calls
+from benchmarks.results_file import loadavg, write_results
+
+DEFAULT_JSON = Path(__file__).parent / "results" / "gate_cost.json"
+
+
+def forms(shape: tuple[int, ...]) -> dict[str, Callable[[], object]]:
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(shape, generator=g)
+    z0 = torch.randn(shape[0], shape[1], 1, 1, generator=g)
+    grad = torch.randn(shape, generator=g)
+    centred = CENTRED[torch.sigmoid].forward
+
+    def backward_of(gate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], object]:
+        def step() -> None:
+            x, z = x0.detach().requires_grad_(), z0.detach().requires_grad_()
+            gate(x, z).backward(grad)
+
+        return step
+
+    def forward_of(gate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], object]:
+        def step() -> None:
+            with torch.no_grad():
+                gate(x0, z0)
+
+        return step
+
+    timm_gate = lambda x, z: x * torch.sigmoid(z)  # noqa: E731
+    addcmul = lambda x, z: torch.addcmul(x, x, centred(z))  # noqa: E731
+    ours = lambda x, z: apply_gate(x, z, 2.0)  # noqa: E731
+    return {
+        "timm x * sigmoid(z): forward + backward": backward_of(timm_gate),
+        "addcmul (autograd): forward + backward": backward_of(addcmul),
+        "GainTwoGate: forward + backward": backward_of(ours),
+        "timm x * sigmoid(z): forward": forward_of(timm_gate),
+        "addcmul: forward": forward_of(addcmul),
+    }
+
+
+def print_report(result: dict) -> None:
+    cfg = result["config"]
+    print(
+        f"map {tuple(cfg['shape'])}, {cfg['threads']} thread(s), {cfg['clock']} time, {cfg['reps']} interleaved "
+        f"repetitions; load average {cfg['loadavg_before']} -> {cfg['loadavg_after']}\n"
+    )
+    print("| form | median ms | IQR ms | × timm |\n|---|---:|---:|---:|")
+    for r in result["rows"]:
+        print(f"| {r['form']} | {r['median_ms']:.2f} | {r['q1_ms']:.2f}–{r['q3_ms']:.2f} | {r['vs_timm']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 2x16x8x8 map, 3 repetitions")
+    parser.add_argument("--shape", type=int, nargs=4, help="the map (default 8 256 40 40; --quick: 2 16 8 8)")
+    parser.add_argument("--reps", type=int, help="timed rounds (default 30; --quick: 3)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"raw results (default {DEFAULT_JSON})")
+    args = parser.parse_args()
+    args.shape = args.shape or ([2, 16, 8, 8] if args.quick else [8, 256, 40, 40])
+    args.reps = args.reps or (3 if args.quick else 30)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    before = loadavg()
+    times = time_calls(forms(tuple(args.shape)), 3, args.reps, CLOCKS[args.clock])
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    rows = []
+    for name, t in times.items():
+        q1, _, q3 = statistics.quantiles(t, n=4)
+        timm_name = "timm x * sigmoid(z): " + name.split(": ")[1]
+        rows.append(
+            {
+                "form": name,
+                "median_ms": 1e3 * medians[name],
+                "q1_ms": 1e3 * q1,
+                "q3_ms": 1e3 * q3,
+                "vs_timm": medians[name] / medians[timm_name],
+            }
+        )
+    config = {
+        "shape": args.shape,
+        "reps": args.reps,
+        "clock": args.clock,
+        "threads": torch.get_num_threads(),
+        "loadavg_before": before,
+        "loadavg_after": loadavg(),
+    }
+    write_results(args.json, {"config": config, "rows": rows}, print_report)
+
+
+if __name__ == "__main__":
+    main()
