@@ -11,7 +11,7 @@ channel attention are skipped as ``inject`` skips them by default, and counted; 
 holds one, the blocks are stacked on them (``stack=True``) to test the surgery there. Where the
 model folds branches (``reparameterize()`` & co.), ``timm.utils.reparameterize_model`` runs on the
 patched model, blocks off identity: every block must be kept and run, and the output must stay
-close to the unfolded one.
+close to the unfolded one (read against how far 1e-6 input noise moves the unfolded one).
 
 Each family runs in its own subprocess (a crash or a hang costs one family). For every model an
 independent oracle counts the residual-looking adds at the dispatcher level (aten.add of two
