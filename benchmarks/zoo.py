@@ -11,7 +11,7 @@ channel attention are skipped as ``inject`` skips them by default, and counted; 
 holds one, the blocks are stacked on them (``stack=True``) to test the surgery there. Where the
 model folds branches (``reparameterize()`` & co.), ``timm.utils.reparameterize_model`` runs on the
 patched model, blocks off identity: every block must be kept and run, and the output must stay
-close to the unfolded one.
+close to the unfolded one (read against how far 1e-6 input noise moves the unfolded one).
 
 Each family runs in its own subprocess (a crash or a hang costs one family). For every model an
 independent oracle counts the residual-looking adds at the dispatcher level (aten.add of two
@@ -272,30 +272,43 @@ def planned(model, block: str, x):
         return "conv", report
 
 
+NOISE = 1e-6  # input noise that shows how much float rounding the (unfolded) model amplifies
+
+
 def reparameterized(model, x, moved) -> dict:
     """``timm.utils.reparameterize_model`` of a patched model (blocks off identity): the blocks it
     keeps and runs, and how far its output is from the unfolded model's, relative to the largest
-    output value."""
+    output value; for scale, how far the unfolded model's own output moves when NOISE is added to
+    its input (a net that amplifies rounding this much cannot be held to a tighter fold)."""
     import timm
     import torch
-    from torch.utils._pytree import tree_leaves
 
     from attn_inject.finetune import attention_blocks
     from attn_inject.testing import blocks_not_run
 
+    with torch.no_grad():
+        noisy = model(x + NOISE * torch.randn(x.shape, generator=torch.Generator().manual_seed(1)))
     try:
         fused = timm.utils.reparameterize_model(model)
         with torch.no_grad():
             out = fused(x)
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    diff = max((a - b).abs().max().item() for a, b in zip(tree_leaves(out), tree_leaves(moved)))
-    scale = max(b.abs().max().item() for b in tree_leaves(moved))
     return {
         "blocks_kept": sorted(attention_blocks(fused)) == sorted(attention_blocks(model)),
         "not_run": blocks_not_run(fused, x),
-        "max_rel_diff": float(f"{diff / scale:.3g}") if scale else diff,
+        "max_rel_diff": relative_difference(out, moved),
+        "input_noise_rel_diff": relative_difference(noisy, moved),
     }
+
+
+def relative_difference(out, reference) -> float:
+    """The largest absolute difference between two outputs, over the reference's largest value."""
+    from torch.utils._pytree import tree_leaves
+
+    diff = max((a - b).abs().max().item() for a, b in zip(tree_leaves(out), tree_leaves(reference)))
+    scale = max(b.abs().max().item() for b in tree_leaves(reference))
+    return float(f"{diff / scale:.3g}") if scale else diff
 
 
 def worker(specs: list[str]) -> None:
@@ -399,7 +412,9 @@ def reparam_words(result: dict | None) -> str:
     if "error" in result:
         return f"fails: {result['error'][:60]}"
     kept = "blocks kept" if result["blocks_kept"] and result["not_run"] == 0 else "BLOCKS LOST"
-    return f"{kept}, rel. diff {result['max_rel_diff']:.1e}"
+    noise = result.get("input_noise_rel_diff")
+    words = f"{kept}, rel. diff {result['max_rel_diff']:.1e}"
+    return words if noise is None else f"{words} (input noise: {noise:.1e})"
 
 
 def main() -> int:
