@@ -219,8 +219,9 @@ def test_se_and_eca_option_errors():
 
 BROKEN = [
     (
-        "name: x\nmatch: {kind: block}\noptions:\n  cbam: {k: 1}\n",
-        r"bad\.yaml:4: rule 'x': field 'options\.cbam' is not a block; expected one of: eca, se",
+        "name: x\nmatch: {kind: block}\noptions:\n  bam: {k: 1}\n",
+        r"bad\.yaml:4: rule 'x': field 'options\.bam' is not a block; "
+        r"expected one of: cbam, coord, eca, gc, gct, ge, se, simam",
     ),
     (
         "name: x\nmatch: {kind: block}\noptions:\n  se: {reduce: 4}\n",
