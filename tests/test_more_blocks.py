@@ -10,6 +10,7 @@ from timm.layers import get_attn
 
 from attn_inject import AttnInjectError
 from attn_inject.blocks import block_spec, check_block_options, get_block
+from attn_inject.testing import look_trained
 
 # (block, options, zeroed gate parameters that learn at step 0): each way the identity comes about
 VARIANTS = [
@@ -32,7 +33,7 @@ VARIANTS = [
     ("simam", {}, ["alpha"]),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in options.items()) or 'default'}" for name, options, _ in VARIANTS]
-SHAPES = [(2, 64, 7, 7), (1, 256, 14, 9), (3, 24, 1, 1)]
+SHAPES = [(2, 32, 7, 5), (3, 24, 1, 1)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -208,3 +209,26 @@ def test_the_new_specs():
     }
     assert {name: (block_spec(name).gate, block_spec(name).fresh_output) for name in expected} == expected
     assert all(block_spec(name).site_facts == () for name in expected)
+
+
+@pytest.mark.parametrize(
+    "name,options,timm_name",
+    [
+        ("cbam", {}, "cbam"),
+        ("gc", {}, "gc"),
+        ("gc", {"fuse_add": True, "fuse_scale": False}, "gca"),
+        ("coord", {"rd_ratio": 1 / 16 * 2 / 3, "bias": False}, "coord"),
+    ],
+)
+def test_paper_init_with_timms_weights_computes_timms_block(name, options, timm_name):
+    """The whole-model reconstructions (resnet50 with each, gcresnet33ts) are benchmarks/reconstruct.py
+    cases, run by tests/test_placements.py with -m slow."""
+    theirs = look_trained(get_attn(timm_name)(256)).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+    ours = get_block(name)(256, **options, init="paper").eval()
+    ours.load_state_dict(dict(zip(ours.state_dict(), theirs.state_dict().values())))  # by order (cbam's names differ)
+    x = torch.randn(2, 256, 9, 7, generator=torch.Generator().manual_seed(3)) * 5
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))

@@ -35,7 +35,7 @@ class ContextMlp(nn.Module):
         conv = CONVS[spatial_dims]
         self.fc1 = conv(channels, rd, kernel_size=1)
         self.norm = ChannelLayerNorm(rd)
-        self.act = activation("global context", act)
+        self.act = activation("global context", act, inplace=False)  # as timm's: its output's layout picks fc2's kernel
         self.fc2 = conv(rd, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

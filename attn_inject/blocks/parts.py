@@ -30,11 +30,11 @@ def check_spatial_dims(block: str, spatial_dims: int, supported: tuple[int, ...]
     return spatial_dims
 
 
-def activation(block: str, name: str) -> nn.Module:
+def activation(block: str, name: str, inplace: bool = True) -> nn.Module:
     """The activation module for an ``act`` option name, checked."""
     if name not in ACTIVATIONS:
         raise AttnInjectError(f"unknown {block} act {name!r}", hint=f"Valid activations: {', '.join(ACTIVATIONS)}.")
-    return ACTIVATIONS[name](inplace=True)
+    return ACTIVATIONS[name](inplace=inplace)
 
 
 def spatial_axes(x: torch.Tensor) -> tuple[int, ...]:

@@ -242,6 +242,27 @@ def is_attention_block(module: nn.Module) -> bool:
     return type(module) in _BY_CLASS
 
 
+def describe_block(name: str, channels: int = 256) -> dict[str, Any]:
+    """One block for listings: its class, paper (its module's first docstring line), options with
+    defaults, how it is the identity at insertion, gate layers and parameters at ``channels``."""
+    spec = block_spec(name)
+    own = getattr(spec.cls, "wrapped", spec.cls)
+    module = inspect.getmodule(own)
+    doc = own.__doc__ or (module.__doc__ if module is not None else None) or ""
+    with torch.device("meta"):
+        block = spec.cls(channels)
+    return {
+        "name": name,
+        "class": f"{own.__module__}.{own.__qualname__}",
+        "paper": doc.strip().split("\n")[0],
+        "identity": "gate" if own is not spec.cls else "init",
+        "gate": list(spec.gates),
+        "options": block_options(name),
+        "channels": channels,
+        "parameters": sum(p.numel() for p in block.parameters()),
+    }
+
+
 def block_options(name: str) -> dict[str, Any]:
     """The keyword options a block accepts (besides ``channels``), with their defaults."""
     params = inspect.signature(get_block(name)).parameters
