@@ -28,8 +28,7 @@ import torch
 
 from attn_inject import inject
 
-from .finetune import train_step, train_step_peak
-from .overhead import latency_rows, time_calls
+from .finetune import step_costs
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "block_cost.json"
 # name: (block, options, timm's attn_layer or None)
@@ -74,19 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     models = build(args.blocks, args.size)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 1000, (args.batch,))
-    optimizers = {}
-    for name, info in models.items():
-        info["model"].train()
-        optimizers[name] = torch.optim.AdamW(info["model"].parameters(), lr=1e-6)
-    peaks = {name: train_step_peak(info["model"], optimizers[name], x, y) for name, info in models.items()}
-    steps = {
-        name: (lambda m=info["model"], o=optimizers[name]: train_step(m, o, x, y)) for name, info in models.items()
-    }
     load_before = os.getloadavg()[0]
-    times = time_calls(steps, args.warmup, args.reps)
-    rows = latency_rows(models, times, peaks)
+    rows = step_costs(models, args.batch, args.size, args.warmup, args.reps)
     for row in rows:
         row["params"] = sum(p.numel() for p in models[row["model"]]["model"].parameters())
     config = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torchvision
 
 from attn_inject import AttnInjectError, inject, load, plan, save
 from attn_inject.blocks import spec_of
@@ -63,3 +64,13 @@ def test_own_blocks_are_not_existing_attention():
     with pytest.raises(AttnInjectError, match=r"4 place\(s\) already hold channel attention .*CbamModule"):
         plan(timm_cbam, "cbam", after="residual", example_input=X[:1])
     assert len(plan(timm_cbam, "cbam", after="residual", example_input=X[:1], stack=True).sites) == 4
+
+
+@pytest.mark.slow
+def test_coordinate_attention_mobilenet_v2_has_the_papers_parameter_count():
+    """Hou et al. 2021: MobileNetV2 3.5M -> 3.95M with CA where the authors' mbv2_ca.py puts it."""
+    model = torchvision.models.mobilenet_v2()
+    assert sum(p.numel() for p in model.parameters()) == 3_504_872
+    inject(model, "coord", after="mbconv_se", exclude="features.1", init="paper", example_input=X[:1])
+    assert len([m for m in model.modules() if spec_of(m) is not None]) == 16
+    assert sum(p.numel() for p in model.parameters()) == 3_950_648  # 3.95M

@@ -10,6 +10,7 @@ from timm.layers import get_attn
 
 from attn_inject import AttnInjectError
 from attn_inject.blocks import block_spec, check_block_options, get_block
+from attn_inject.blocks.registry import SITE_FACTS
 from attn_inject.testing import look_trained
 
 # (block, options, zeroed gate parameters that learn at step 0): each way the identity comes about
@@ -208,7 +209,8 @@ def test_the_new_specs():
         "simam": ("alpha", True),
     }
     assert {name: (block_spec(name).gate, block_spec(name).fresh_output) for name in expected} == expected
-    assert all(block_spec(name).site_facts == () for name in expected)
+    # the N-D branch adds the spatial_dims site fact, which every new block takes
+    assert all(block_spec(name).site_facts == tuple(f for f in SITE_FACTS if f == "spatial_dims") for name in expected)
 
 
 @pytest.mark.parametrize(
