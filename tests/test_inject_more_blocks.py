@@ -74,3 +74,13 @@ def test_coordinate_attention_mobilenet_v2_has_the_papers_parameter_count():
     inject(model, "coord", after="mbconv_se", exclude="features.1", init="paper", example_input=X[:1])
     assert len([m for m in model.modules() if spec_of(m) is not None]) == 16
     assert sum(p.numel() for p in model.parameters()) == 3_950_648  # 3.95M
+
+
+def test_a_block_with_a_norm_injects_into_a_training_model_with_1x1_maps():
+    """plan measures each block's cost on a batch of one: in train mode CBAM's spatial BatchNorm
+    would see one value per channel at a 1x1 site and refuse (the plan builds it in eval mode)."""
+    model = timm.create_model("test_resnet").train()  # a 32x32 input reaches layer4 as 1x1
+    x = torch.randn(2, 3, 32, 32)
+    inject(model, "cbam", after="residual", example_input=x[:1])
+    assert model.training and len([m for m in model.modules() if spec_of(m) is not None]) == 4
+    model(x).sum().backward()

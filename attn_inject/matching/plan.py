@@ -337,7 +337,7 @@ def _block_cost(block: str, options: tuple) -> Callable[[tuple[int, ...]], tuple
     @cache
     def cost(chw: tuple[int, ...]) -> tuple[int, int]:
         with torch.device("meta"):
-            instance = cls(chw[0], **dict(options))
+            instance = cls(chw[0], **dict(options)).eval()  # a norm in train mode refuses one value (1x1 map)
             x = torch.empty(1, *chw)
         with FlopCounterMode(display=False) as counter:
             instance(x)
