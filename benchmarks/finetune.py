@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from attn_inject import inject, save
+from attn_inject import inject, list_blocks, save
 from attn_inject.finetune.loop import TrainConfig, finetune
 from benchmarks.overhead import CLOCKS, PAIRS, PeakTensorMemory, build_models, latency_rows, time_calls
 from benchmarks.results_file import loadavg
@@ -60,6 +60,12 @@ DIGIT_VARIANTS = {
     "eca": ("eca", "identity"),
     "se": ("se", "identity"),
     "se-paper": ("se", "paper"),
+}
+# every registered block at both inits, for --digit-variants (the blocks comparison)
+BLOCK_VARIANTS = {
+    f"{block}{suffix}": (block, init)
+    for block in list_blocks()
+    for suffix, init in (("", "identity"), ("-paper", "paper"))
 }
 TRANSFER_VARIANTS = {"lite0": None, "lite0+eca": ("eca", "identity")}
 DIGIT_AUGMENT = {"hflip": 0.0, "scale": (0.6, 1.0), "ratio": (0.85, 1.15)}  # no flips for digits
@@ -170,7 +176,8 @@ def digits_part(data: Path, work: Path, args: argparse.Namespace) -> dict[str, A
     base_run = run_finetune(base, data, base_config, work / "base.safetensors")
     print(f"digits base: {curve_text(base_run['curve'])}", flush=True)
     config = dict(epochs=args.epochs, lr=5e-4, attention_lr=5e-3, **common, **ema_settings(args))
-    runs = run_variants("digits", base, DIGIT_VARIANTS, "basic", config, data, work, args)
+    variants = {name: {**DIGIT_VARIANTS, **BLOCK_VARIANTS}[name] for name in args.digit_variants}
+    runs = run_variants("digits", base, variants, "basic", config, data, work, args)
     return {"arch": args.digits_arch, "base": base_run, "runs": runs, "table": table(runs, base_run["curve"][-1])}
 
 
@@ -279,8 +286,22 @@ DIGIT_FLAGS = ["--hflip", "0", "--scale", "0.6", "1.0", "--ratio", "0.85", "1.15
 
 def cost_part(args: argparse.Namespace) -> dict[str, Any]:
     models, checks = build_models(args.cost_pairs, args.cost_size)
-    x = torch.randn(args.cost_batch, 3, args.cost_size, args.cost_size)
-    y = torch.randint(0, 1000, (args.cost_batch,))
+    return {
+        "batch": args.cost_batch,
+        "size": args.cost_size,
+        "clock": args.clock,
+        "checks": checks,
+        "rows": step_costs(
+            models, args.cost_batch, args.cost_size, args.cost_warmup, args.cost_reps, CLOCKS[args.clock]
+        ),
+    }
+
+
+def step_costs(models: dict[str, dict], batch: int, size: int, warmup: int, reps: int, clock: Any = None) -> list[dict]:
+    """One training step of each model (``overhead.build_models``' dict): interleaved times (``clock``:
+    one of ``overhead.CLOCKS``, wall time by default) and peak tensor memory."""
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
     optimizers = {}
     for name, info in models.items():
         info["model"].train()
@@ -289,14 +310,8 @@ def cost_part(args: argparse.Namespace) -> dict[str, Any]:
         name: (lambda m=info["model"], o=optimizers[name]: train_step(m, o, x, y)) for name, info in models.items()
     }
     peaks = {name: train_step_peak(info["model"], optimizers[name], x, y) for name, info in models.items()}
-    times = time_calls(steps, args.cost_warmup, args.cost_reps, CLOCKS[args.clock])
-    return {
-        "batch": args.cost_batch,
-        "size": args.cost_size,
-        "clock": args.clock,
-        "checks": checks,
-        "rows": latency_rows(models, times, peaks),
-    }
+    times = time_calls(steps, warmup, reps, clock or CLOCKS["wall"])
+    return latency_rows(models, times, peaks)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -471,6 +486,14 @@ def main() -> None:
         "--epochs", type=int, help="epochs of the base and of each fine-tuning run (default 2; --quick: 1)"
     )
     parser.add_argument("--size", type=int, default=32, help="digits image size (default 32)")
+    parser.add_argument(
+        "--digit-variants",
+        nargs="+",
+        choices=list({**DIGIT_VARIANTS, **BLOCK_VARIANTS}),
+        default=list(DIGIT_VARIANTS),
+        metavar="VARIANT",
+        help=f"part (a)'s variants (default {' '.join(DIGIT_VARIANTS)}; any block, or BLOCK-paper for its paper init)",
+    )
     parser.add_argument("--digits-arch", default="resnet10t", help="timm model trained from scratch as the base")
     parser.add_argument("--transfer-size", type=int, help="EfficientNet-Lite0 input size (default 48; --quick: 32)")
     parser.add_argument("--cost-batch", type=int, help="batch of the training-step timing (default 8; --quick: 2)")

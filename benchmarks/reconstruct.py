@@ -132,6 +132,32 @@ CASES = [
     Case(
         "timm:ecaresnet26t", lambda: timm.create_model("ecaresnet26t"), _timm_twin("resnet26t"), "eca", "bottleneck", 8
     ),
+    *(
+        Case(
+            f"timm:resnet50+{timm_name}",
+            lambda timm_name=timm_name: timm.create_model("resnet50", block_args=dict(attn_layer=timm_name)),
+            _timm_twin("resnet50"),
+            block,
+            "bottleneck",
+            16,
+            options=options,
+        )
+        for timm_name, block, options in (
+            ("cbam", "cbam", ()),
+            ("gc", "gc", ()),
+            ("gca", "gc", (("fuse_add", True), ("fuse_scale", False))),
+            ("coord", "coord", (("rd_ratio", 1 / 16 * 2 / 3), ("bias", False))),
+        )
+    ),
+    Case(
+        "timm:gcresnet33ts",
+        lambda: timm.create_model("gcresnet33ts"),
+        _timm_twin("resnet33ts"),
+        "gc",
+        "mmcv_after_conv2",
+        10,
+        options=(("fuse_add", True), ("fuse_scale", False)),
+    ),
     Case(
         "torchvision:efficientnet_b0",
         lambda: torchvision.models.efficientnet_b0(),
@@ -233,6 +259,8 @@ def measure(case: Case, size: int) -> dict:
         "input": list(x.shape),
         "sites": sum(1 for m in patched.modules() if is_attention_block(m)),
         "tensors_mapped": len(pairs),
+        "params": sum(p.numel() for p in patched.parameters()),
+        "params_equal": sum(p.numel() for p in patched.parameters()) == sum(p.numel() for p in hand.parameters()),
         "paper_allclose": bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5)),
         "paper_max_abs_diff": float((got - expected).abs().max()),
         "attention_matters_max_abs_diff": float((without - expected).abs().max()),
@@ -244,7 +272,9 @@ def measure(case: Case, size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="regnety_002 only, 64x64 inputs")
-    parser.add_argument("--only", nargs="+", metavar="MODEL", help="these cases (their model names) only")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="cases whose name contains one of these (e.g. resnet50+)"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results (default {DEFAULT_JSON})")
     args = parser.parse_args()
@@ -252,18 +282,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cases = CASES[:1] if args.quick else CASES + ND_CASES
     if args.only:
-        cases = [c for c in CASES + ND_CASES if c.name in args.only]
+        cases = [c for c in CASES + ND_CASES if any(part in c.name for part in args.only)]
     rows = [measure(case, 64 if args.quick else 224) for case in cases]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"torch": torch.__version__, "timm": timm.__version__, "rows": rows}, indent=1))
     print(
-        "| model | block, rule | sites | paper init: allclose (max abs diff) | without attention (max abs diff) "
-        "| identity init: bitwise |"
+        "| model | block, rule | sites | parameters equal | paper init: allclose (max abs diff) "
+        "| without attention (max abs diff) | identity init: bitwise |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['block']}, `{r['rule']}` | {r['sites']} "
+            f"| {r['model']} | {r['block']}, `{r['rule']}` | {r['sites']} | {r['params_equal']} ({r['params']:,}) "
             f"| {r['paper_allclose']} ({r['paper_max_abs_diff']:.1e}) "
             f"| {r['attention_matters_max_abs_diff']:.3g} | {r['identity_bitwise']} |"
         )

@@ -5,6 +5,7 @@ torchvision classifier; record sites, bitwise identity, inject time and the reas
     python -m benchmarks.zoo --quick         # three models, for the tests
     python -m benchmarks.zoo --only convnext resnet torchvision:resnet18 timm:repvgg_a0
     python -m benchmarks.zoo --third-party   # transformers models, torchvision detection/segmentation
+    python -m benchmarks.zoo --quick --blocks cbam coord gc gct ge simam   # the other blocks
 
 ``timm:NAME`` is a timm family (its smallest model) or a timm model name. Places that already hold
 channel attention are skipped as ``inject`` skips them by default, and counted; where every place
@@ -40,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]  # the workers run as `python -m benc
 QUICK = ["timm:resnet", "timm:convnext", "torchvision:mobilenet_v2"]
 SMALL_INPUT = 96  # side of the square test image where the model accepts it
 TIMEOUT = 900  # seconds per family
+BLOCKS_VARIABLE = "ATTN_INJECT_ZOO_BLOCKS"  # --blocks, passed to the worker processes
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ def run_one(spec: str) -> dict:
     except Exception as exc:
         row["error"] = f"model does not run: {type(exc).__name__}: {str(exc)[:200]}"
         return row
-    for block in ("se", "eca"):
+    for block in os.environ.get(BLOCKS_VARIABLE, "se,eca").split(","):
         model = copy.deepcopy(original)
         result: dict = {}
         try:
@@ -428,6 +430,9 @@ def main() -> int:
         action="store_true",
         help="transformers models and torchvision detection/segmentation models instead of the zoo",
     )
+    parser.add_argument(
+        "--blocks", nargs="+", default=["se", "eca"], help="blocks to inject, one at a time (default se eca)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="families run in parallel (default 2)")
     parser.add_argument("--out", type=Path, help="JSON-lines results (default benchmarks/results/zoo[-quick].jsonl)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -435,6 +440,7 @@ def main() -> int:
     if args.worker:
         worker(args.worker)
         return 0
+    os.environ[BLOCKS_VARIABLE] = ",".join(args.blocks)  # the workers' blocks (they inherit the environment)
     specs = QUICK if args.quick else third_party_specs() if args.third_party else all_specs()
     if args.only:
         specs = [s if ":" in s else f"timm:{s}" for s in args.only]

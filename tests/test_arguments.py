@@ -78,7 +78,10 @@ OPTIONS = (
             r"^position must be a string, not 3\. Valid: branch_end, block_output, unit_output, or after_convN \(N a"
             r" conv index",
         ),
-        (dict(block=None, after="residual"), r"^unknown block None\. Valid blocks: eca, se\."),
+        (
+            dict(block=None, after="residual"),
+            r"^unknown block None\. Valid blocks: cbam, coord, eca, gc, gct, ge, se, simam\.",
+        ),
         (dict(block="eca", after="residual", verify="yes"), r"^verify= must be True or False, not 'yes'"),
         (dict(block="eca", after="residual", stack=1), r"^stack= must be True or False, not 1"),
     ],

@@ -16,10 +16,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def test_registry_lists_and_rejects_unknown_names():
-    assert list_blocks() == ["eca", "se"]
+    assert list_blocks() == ["cbam", "coord", "eca", "gc", "gct", "ge", "se", "simam"]
     assert get_block("se") is SqueezeExcite
-    with pytest.raises(AttnInjectError, match=r"unknown block 'cbam'.*Valid blocks: eca, se\."):
-        get_block("cbam")
+    with pytest.raises(
+        AttnInjectError, match=r"unknown block 'bam'.*Valid blocks: cbam, coord, eca, gc, gct, ge, se, simam\."
+    ):
+        get_block("bam")
 
 
 def test_unknown_block_option_lists_the_valid_ones():

@@ -83,8 +83,8 @@ def test_plan_with_rule_file_include_and_position(capsys, tmp_path):
             "error: cannot import 'nopackage.mod:make'",
         ),
         (
-            ["plan", "--arch", "resnet18", "--block", "cbam", "--after", "basic"],
-            "error: unknown block 'cbam'. Valid blocks: eca, se.",
+            ["plan", "--arch", "resnet18", "--block", "bam", "--after", "basic"],
+            "error: unknown block 'bam'. Valid blocks: cbam, coord, eca, gc, gct, ge, se, simam.",
         ),
         (
             ["plan", "--arch", "resnet18", "--block", "eca", "--after", "bottleneck", "--img-size", "64"],

@@ -270,7 +270,7 @@ any_options = st.one_of(
             },
         ),
     ),
-    st.tuples(st.sampled_from(["se", "eca", "cbam", None]), st.just({})),
+    st.tuples(st.sampled_from(["se", "eca", "bam", None]), st.just({})),
 )
 options = st.one_of(valid_options, valid_options, any_options)  # valid twice as often
 position = st.sampled_from([None, None, "branch_end", "block_output", "unit_output", "sideways", 3])

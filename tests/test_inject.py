@@ -187,7 +187,7 @@ def test_failed_verification_leaves_the_model_untouched(monkeypatch):
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda m: inject(m, "cbam", after="residual"), r"unknown block 'cbam'"),
+        (lambda m: inject(m, "bam", after="residual"), r"unknown block 'bam'"),
         (lambda m: inject(m, "eca", after="basic_block"), r"unknown rule 'basic_block'"),
         (lambda m: inject(m, "se", after="residual", reduction=-1), r"SE needs reduction > 0"),
         (lambda m: inject(m, "eca", after="residual", rd=2), r"block 'eca' has no option 'rd'"),

@@ -296,7 +296,11 @@ def bad_inputs(tmp_path, state):
         ("folder.pth", [], "folder.pth: a folder, not a checkpoint file"),
         ("good.pth", ["--arch", "resnet34"], "good.pth: the checkpoint does not fit ResNet: 122 tensors for 218"),
         ("good.pth", ["--arch", "resnet5"], "unknown timm model 'resnet5'. Did you mean"),
-        ("good.pth", ["--block", "cbam"], "unknown block 'cbam'. Valid blocks: eca, se."),
+        (
+            "good.pth",
+            ["--block", "bam"],
+            "unknown block 'bam'. Valid blocks: cbam, coord, eca, gc, gct, ge, se, simam.",
+        ),
         (
             "good.pth",
             ["--after", "bottleneck"],
@@ -347,7 +351,7 @@ def test_inspect_and_eject_refuse_bad_files(tmp_path, capsys):
     recipe = {
         "format_version": 1,
         "arch": "resnet18",
-        "injections": [{"block": "cbam", "rules": ["name: r\nmatch: {kind: residual}\n"]}],
+        "injections": [{"block": "bam", "rules": ["name: r\nmatch: {kind: residual}\n"]}],
     }
     save_file(
         {"w": torch.zeros(2)}, str(tmp_path / "cbam.safetensors"), metadata={"attn_inject.recipe": json.dumps(recipe)}
@@ -357,7 +361,10 @@ def test_inspect_and_eject_refuse_bad_files(tmp_path, capsys):
         assert code == 1 and "blob.safetensors: recipe: the recipe is not valid JSON" in err and "Traceback" not in err
         code, _, err = run_cli_one_line(capsys, command[0], tmp_path / "cbam.safetensors", *command[1:])
         assert (
-            code == 1 and "cbam.safetensors: recipe: injections[0]: unknown block 'cbam'. Valid blocks: eca, se." in err
+            code == 1
+            and "cbam.safetensors: recipe: injections[0]: unknown block 'bam'. "
+            "Valid blocks: cbam, coord, eca, gc, gct, ge, se, simam."
+            in err
         )
     assert not (tmp_path / "o.safetensors").exists()
 

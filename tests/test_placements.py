@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from attn_inject import AttnInjectError, inject, plan
-from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite, eca_kernel_size
+from attn_inject.blocks import EfficientChannelAttention, SqueezeExcite, eca_kernel_size, spec_of
 from attn_inject.cli.console import plan_table
 from attn_inject.finetune import attention_blocks
 from attn_inject.graph.analyze import analyze
@@ -67,7 +67,7 @@ def test_injection_rebuilds_the_hand_written_model(case):
     with torch.no_grad():
         assert torch.equal(identity(X), without)
         last = list(attention_blocks(identity).values())[-1]
-        (last.fc2.bias if case.block == "se" else last.conv.weight).fill_(0.5)
+        dict(last.named_parameters())[spec_of(last).gate_parameters(last)[0]].fill_(0.5)
         assert not torch.equal(identity(X), without)
 
 
@@ -219,8 +219,9 @@ def test_se_and_eca_option_errors():
 
 BROKEN = [
     (
-        "name: x\nmatch: {kind: block}\noptions:\n  cbam: {k: 1}\n",
-        r"bad\.yaml:4: rule 'x': field 'options\.cbam' is not a block; expected one of: eca, se",
+        "name: x\nmatch: {kind: block}\noptions:\n  bam: {k: 1}\n",
+        r"bad\.yaml:4: rule 'x': field 'options\.bam' is not a block; "
+        r"expected one of: cbam, coord, eca, gc, gct, ge, se, simam",
     ),
     (
         "name: x\nmatch: {kind: block}\noptions:\n  se: {reduce: 4}\n",

@@ -106,8 +106,8 @@ def good() -> dict:
         ),
         (lambda d: {**d, "arch": 5}, r"recipe field 'recipe\.arch' must be str or null, not 5"),
         (
-            lambda d: {**d, "injections": [{**d["injections"][0], "block": "cbam"}]},
-            r"unknown block 'cbam'\. Valid blocks: eca, se",
+            lambda d: {**d, "injections": [{**d["injections"][0], "block": "bam"}]},
+            r"unknown block 'bam'. Valid blocks: cbam, coord, eca, gc, gct, ge, se, simam",
         ),
         (
             lambda d: {**d, "injections": [{**d["injections"][0], "options": {"ratio": 2}}]},

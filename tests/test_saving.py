@@ -202,11 +202,12 @@ def test_load_refusals(tmp_path):
                 tmp_path / "cbam.safetensors",
                 {
                     "attn_inject.recipe": json.dumps(
-                        {**recipe, "injections": [{**recipe["injections"][0], "block": "cbam"}]}
+                        {**recipe, "injections": [{**recipe["injections"][0], "block": "bam"}]}
                     )
                 },
             ),
-            r"cbam\.safetensors: recipe: injections\[0\]: unknown block 'cbam'\. Valid blocks: eca, se\.",
+            r"cbam\.safetensors: recipe: injections\[0\]: unknown block 'bam'. "
+            r"Valid blocks: cbam, coord, eca, gc, gct, ge, se, simam\.",
         ),
         (tmp_path / "missing.safetensors", r"missing\.safetensors: no such file"),
         (tmp_path, r": not a file \(a folder\?\)"),

@@ -81,6 +81,18 @@ def rules_table(rules: Iterable[Rule]) -> Table:
     return table
 
 
+def blocks_table(rows: list[dict[str, Any]], channels: int) -> Table:
+    """``attn-inject blocks``: one row per block (describe_block's fields)."""
+    table = Table(title=f"Attention blocks (parameters at {channels} channels)", title_justify="left")
+    for column in ("block", "paper", "options (defaults)", "identity", "parameters"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
+    for row in rows:
+        options = ", ".join(f"{k}={v!r}" for k, v in row["options"].items())
+        identity = "gated: alpha = 0" if row["identity"] == "gate" else f"zeroed: {', '.join(row['gate'])}"
+        table.add_row(row["name"], escape(row["paper"]), escape(options), identity, f"{row['parameters']:,}")
+    return table
+
+
 def plan_table(plan: Plan) -> Table:
     options = ", ".join(f"{k}={v}" for k, v in plan.options)
     rules = ", ".join(r.name for r in plan.rules)

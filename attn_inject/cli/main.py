@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from ..errors import AttnInjectError
-from . import console, demo, file_commands, surgery_commands, training_commands
+from . import block_commands, console, demo, file_commands, surgery_commands, training_commands
 from .arguments import EPILOG, Parser
 
 
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     surgery_commands.add_parsers(commands)
     file_commands.add_parsers(commands)
+    block_commands.add_parser(commands)
     demo.add_parser(commands)
     training_commands.add_parsers(commands)
     return parser

@@ -369,10 +369,12 @@ def _block_cost(block: str, cls: Any, options: tuple) -> Callable[[tuple[int, ..
     def cost(chw: tuple[int, ...]) -> tuple[int, int]:
         try:
             with torch.device("meta"):
-                instance = cls(chw[0], **dict(options))
+                instance = cls(chw[0], **dict(options)).eval()  # a norm in train mode refuses one value (1x1 map)
                 x = torch.empty(1, *chw)
             with FlopCounterMode(display=False) as counter:
                 instance(x)
+        except AttnInjectError:  # the block refuses these options or this map, in its own words
+            raise
         except Exception as exc:  # a user's block with a bug: say which, before anything is changed
             raise AttnInjectError(
                 f"block {block!r} fails when built and run on a {'x'.join(map(str, chw))} map ({one_line(exc)})",
