@@ -62,7 +62,8 @@ def plan(
     Args:
         model: any nn.Module (timm, torchvision, your own), or a framework's object holding one
             (an ultralytics ``YOLO``).
-        block: a registered block name (``list_blocks()``: "se", "eca").
+        block: a registered block name (``list_blocks()``: "se", "eca", "cbam", "coord", "gct", "gc",
+            "ge", "simam", and any block registered with ``register_block``; ``attn-inject blocks``).
         after: a built-in rule name (``list_rules()``), a path to a YAML rule file, or a list.
         include / exclude: globs on module paths (e.g. ``"layer4.*"``).
         position: override the rules' insert position (branch_end, block_output, unit_output, or
@@ -78,9 +79,9 @@ def plan(
             EcaModule, ..., or any pool -> conv/linear -> gate -> multiply) is skipped and listed in
             ``misses``, and a place that already has a block of the same type (from an earlier
             inject) is refused, as re-running the same inject usually is a mistake.
-        block_options: passed to the block (SE ``reduction``/``rd_ratio``/``rd_of``/``act``/``gate``,
-            ECA ``gamma``/``beta``/``kernel_size``, both ``init="identity"|"paper"``); they win over
-            the options a rule carries.
+        block_options: passed to the block (e.g. SE ``reduction``/``rd_ratio``/``rd_of``/``act``/``gate``,
+            ECA ``gamma``/``beta``/``kernel_size``; every block ``init="identity"|"paper"``); they win
+            over the options a rule carries.
 
     The model is run on the example input (on the meta device where the analysis needs no values
     and the example is large: :mod:`attn_inject.graph.shapes`; ``Plan.real_values`` says why not)
