@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torchvision
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -38,6 +39,7 @@ def summary_without_how(p) -> dict:
 def test_resnet18_plans_in_shapes_only_the_same_sites_without_computing_a_convolution(monkeypatch):
     model = look_trained(timm.create_model("resnet18")).eval()
     params = {n: (p, p.data_ptr()) for n, p in model.named_parameters()}
+    monkeypatch.setattr(shapes, "MIN_WORK", 0)  # ResNet-18 at this size is below the rule: meta forced
     with RealConvolutions() as counter:
         shaped = plan(model, "se", after="basic", example_input=X)
     assert counter.count == 0
@@ -168,3 +170,18 @@ def test_what_the_meta_run_cached_is_gone_before_the_real_run(small_is_large, mo
     monkeypatch.setattr(shapes, "MIN_WORK", float("inf"))
     assert summary_without_how(plan(model, "se", after="conv", example_input=x)) == summary_without_how(p)
     assert len(p) == 2  # the stem unit and the body unit
+
+
+def test_the_rule_counts_conv_work_not_parameters():
+    """A detector whose parameters sit in linear heads (Faster R-CNN MobileNetV3-320: 19 M parameters,
+    5.1e11 conv weights x pixels) is analysed on real tensors: on meta its region proposals fail and
+    a second analysis would double inject's time. ResNet-50 at 224 px (1.2e12) runs on meta."""
+    detector = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)
+    report = plan(detector.eval(), "eca", after="residual", example_input=([torch.rand(3, 320, 320)],))
+    assert (
+        report.real_values.startswith("the example is small (") and "conv weights x 102400 pixels" in report.real_values
+    )
+    resnet50 = plan(
+        timm.create_model("resnet50").eval(), "eca", after="bottleneck", example_input=torch.randn(1, 3, 224, 224)
+    )
+    assert resnet50.real_values is None

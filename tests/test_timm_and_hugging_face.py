@@ -52,8 +52,8 @@ def test_register_timm_model_checks_everything_up_front(resnet18_eca, tmp_path):
         register_timm_model("resnet18", base="resnet18", block="eca", after="basic")
     with pytest.raises(AttnInjectError, match=r"unknown timm model 'resnet_nope'"):
         register_timm_model("mine", base="resnet_nope", block="eca", after="basic")
-    with pytest.raises(AttnInjectError, match=r"unknown block 'cbam'"):
-        register_timm_model("mine", base="resnet18", block="cbam", after="basic")
+    with pytest.raises(AttnInjectError, match=r"unknown block 'bam'"):
+        register_timm_model("mine", base="resnet18", block="bam", after="basic")
     assert not timm.is_model("mine")
     save_file(timm.create_model("resnet34").state_dict(), str(tmp_path / "resnet34.safetensors"))
     overlay = dict(file=str(tmp_path / "resnet34.safetensors"))
