@@ -136,12 +136,17 @@ def input_size(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{value!r} is not comma-separated integers such as 3,8,112,112") from None
 
 
-def example_size(img_size: int | None, size: tuple[int, ...] | None) -> tuple[int, ...] | None:
-    """The example input's size from ``--img-size`` (a square RGB image) or ``--input-size``."""
+def check_one_size(img_size: int | None, size: tuple[int, ...] | None) -> None:
+    """``--img-size`` and ``--input-size`` say the same thing: at most one of them."""
     if img_size is not None and size is not None:
         raise AttnInjectError(
             "give --img-size or --input-size, not both", hint="--input-size 3,224,224 is --img-size 224."
         )
+
+
+def example_size(img_size: int | None, size: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The example input's size from ``--img-size`` (a square RGB image) or ``--input-size``."""
+    check_one_size(img_size, size)
     return (3, img_size, img_size) if img_size is not None else size
 
 

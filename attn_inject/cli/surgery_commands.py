@@ -17,8 +17,8 @@ from .arguments import (
     add_model_arguments,
     add_surgery_arguments,
     block_options,
+    check_one_size,
     example_input,
-    example_size,
     rule_names,
 )
 
@@ -139,13 +139,15 @@ def _patch(args: argparse.Namespace) -> PatchReport:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The patch settings the command line gives, as ``patch_checkpoint`` keywords."""
+    """The patch settings the command line gives, as ``patch_checkpoint`` keywords (the two sizes kept
+    apart, so a message names the flag that was given)."""
+    check_one_size(args.img_size, args.input_size)
     return dict(
         include=args.include,
         exclude=args.exclude,
         position=args.position,
-        img_size=args.img_size,  # a square image, named --img-size in messages
-        input_size=args.input_size if example_size(args.img_size, args.input_size) else None,
+        img_size=args.img_size,
+        input_size=args.input_size,
         options=block_options(args.option),
         force=args.force,
         adapter_only=args.adapter_only,
