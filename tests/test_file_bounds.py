@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from attn_inject.files.arch import create_model
 from attn_inject.files.checkpoints import load_pretrained
 from attn_inject.files.container import write_safetensors
 from attn_inject.files.describe import describe_file
+from attn_inject.files.format import check_finite
 from attn_inject.surgery.recipe import recipe_of
 from attn_inject.testing import look_trained
 from tests.helpers.cli import run_cli_one_line
@@ -241,6 +243,18 @@ def test_non_finite_values_are_refused_naming_the_tensor(tmp_path, small, name, 
         rf"f\.safetensors: the file's tensor {name.replace('.', '[.]')} holds NaN or infinite values"
         r"\. The file is damaged, or was saved from a model whose training diverged\.",
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_finite_check_is_not_fooled_by_a_sum_that_overflows(dtype):
+    """The check sums first: large finite values whose sum overflows are still finite."""
+    large = torch.full((64,), torch.finfo(dtype).max / 2).to(dtype)
+    check_finite({"w": large}, Path("f.safetensors"))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        damaged = large.float().clone()
+        damaged[-1] = bad
+        with pytest.raises(AttnInjectError, match=r"the file's tensor w holds NaN or infinite values"):
+            check_finite({"w": damaged.to(dtype)}, Path("f.safetensors"))
 
 
 def test_an_injected_tensor_of_the_wrong_shape_is_refused(tmp_path, small):
