@@ -136,6 +136,32 @@ def test_a_tensor_that_stays_real_sends_the_analysis_to_real_tensors(small_is_la
     assert [r.path for r in shaped.records] == [r.path for r in real.records]
 
 
+class CountsCalls(nn.Module):
+    """Counts its calls in a plain tensor attribute (not a buffer): a write the meta run must not make."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.calls = torch.zeros(())
+
+    def forward(self, x):
+        self.calls.add_(1)
+        x = self.stem(x)
+        return x + self.body(x)
+
+
+def test_a_write_into_a_real_tensor_stops_the_meta_run_before_it_happens(small_is_large):
+    """The meta run has no copy-on-write watch: its dispatch mode refuses the write instead, and the
+    analysis runs again on real tensors, under the watch that takes the write back."""
+    model = look_trained(CountsCalls())
+    calls, before = model.calls, model.calls.clone()
+    p = plan(model, "se", after="conv", example_input=torch.randn(1, 3, 16, 16))
+    assert p.real_values == "aten.add_.Tensor writes into a tensor of the model (taken back on real tensors only)"
+    assert model.calls is calls and torch.equal(calls, before)
+    assert len(p) == 2
+
+
 def test_a_model_that_folds_or_sits_on_the_meta_device_is_analysed_as_before(small_is_large):
     folding = timm.create_model("repvgg_a0").eval()
     assert "can fold its branches" in plan(folding, "se", after="conv", example_input=X).real_values

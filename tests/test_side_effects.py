@@ -8,7 +8,9 @@ from torch import nn
 
 from attn_inject import AttnInjectError, inject, plan
 from attn_inject.blocks import EfficientChannelAttention, registered_block
-from attn_inject.graph.preserve import preserved
+from attn_inject.graph import shapes
+from attn_inject.graph.preserve import _CopyOnWrite, preserved
+from attn_inject.surgery import api as surgery_api
 from attn_inject.testing import look_trained
 from tests.helpers.tiny_models import BranchyNet, conv_bn
 
@@ -137,7 +139,15 @@ def test_a_forward_with_effects_fx_cannot_record_is_left_unpatched_and_named(eff
     assert_same_state(before, model)
 
 
-def test_plan_is_exactly_a_dry_run():
+@pytest.fixture(params=["real", "meta"])
+def analysis(request, monkeypatch):
+    """The analysis on real tensors (the forwards under the copy-on-write watch), or on the meta
+    device (the forwards with what it saw written copied up front, no watch)."""
+    monkeypatch.setattr(shapes, "MIN_WORK", float("inf") if request.param == "real" else 0)
+    return request.param
+
+
+def test_plan_is_exactly_a_dry_run(analysis):
     model = look_trained(Net(CountingBlock(8)))
     model.train()
     random.seed(3)
@@ -148,7 +158,7 @@ def test_plan_is_exactly_a_dry_run():
     assert model.block.seen.item() == 0 and model.training
 
 
-def test_a_successful_inject_leaves_the_original_state_and_rng_as_they_were():
+def test_a_successful_inject_leaves_the_original_state_and_rng_as_they_were(analysis):
     model = look_trained(Net(CountingBlock(8)))
     before = state(model)
     inject(model, "eca", after="residual", example_input=X)
@@ -162,7 +172,7 @@ def test_a_successful_inject_leaves_the_original_state_and_rng_as_they_were():
     assert torch.equal(torch.get_rng_state(), after)
 
 
-def test_a_failed_inject_leaves_every_value_attribute_and_rng_state(monkeypatch):
+def test_a_failed_inject_leaves_every_value_attribute_and_rng_state(monkeypatch, analysis):
     model = look_trained(Net(CountingBlock(8)))
     before = state(model)
     monkeypatch.setattr(EfficientChannelAttention, "forward", lambda self, x: x * 1.5)
@@ -259,6 +269,56 @@ def test_preserved_copies_only_what_is_written():
         assert len(copies.saved) == 2  # of the model's 40 tensors, the two written
     assert torch.equal(model.stem[0].weight, weight) and torch.equal(model.stem[1].running_mean, mean)
     assert model.answer == 42 and not hasattr(model, "extra") and not model.stem.training
+
+
+class WritesItsParameter(nn.Module):
+    """Writes into a parameter through ``.data`` and into a buffer in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, 8), nn.ReLU())
+        self.body = nn.Sequential(*conv_bn(8, 8))
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.scale.data.add_(0.5)  # a write through another tensor of the same storage
+        self.calls += 1
+        x = self.stem(x)
+        return x + self.body(x) * self.scale
+
+
+def test_what_the_analysis_saw_written_is_copied_up_front_and_the_forwards_run_unwatched(monkeypatch, analysis):
+    """The analysis sees every write of the forward (on the meta device, or under the copy-on-write
+    watch on real tensors); the reference and verification forwards then copy those tensors (and
+    every buffer) up front and run without the watch, and take the writes back all the same."""
+    model = look_trained(WritesItsParameter())
+    _, how = shapes.analyze_shapes_first(model, (X,), {})
+    assert how.shapes_only == (analysis == "meta")
+    assert {id(t) for t in how.writes} == {id(model.scale), id(model.calls)}
+    watched, dispatch = [], _CopyOnWrite.__torch_dispatch__
+    monkeypatch.setattr(_CopyOnWrite, "__torch_dispatch__", lambda *a, **k: watched.append(1) or dispatch(*a, **k))
+    forwards, run = [], surgery_api.run
+
+    def counted_run(*args, **kwargs):  # the reference and the verification forward
+        start = len(watched)
+        out = run(*args, **kwargs)
+        forwards.append(len(watched) - start)
+        return out
+
+    monkeypatch.setattr(surgery_api, "run", counted_run)
+    before = state(model)
+    with torch.no_grad():
+        expected = model(X)
+    for tensor in (model.scale, model.calls):
+        tensor.data.copy_(before["tensors"]["scale" if tensor is model.scale else "calls"])
+    inject(model, "eca", after="residual", example_input=X)
+    assert forwards == [0, 0]  # no op of either forward went through the copy-on-write mode
+    tensors = model.state_dict()
+    assert [k for k in tensors if k not in before["tensors"]] == ["eca.conv.weight"]
+    assert all(torch.equal(v, tensors[k]) for k, v in before["tensors"].items())  # written twice, taken back
+    with torch.no_grad():
+        assert torch.equal(model(X), expected)
 
 
 def test_a_lazy_model_is_refused_before_it_is_run():

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 _CONTAINERS = (dict, list, set)
 
 
-def _storage_key(tensor: torch.Tensor) -> int | None:
+def storage_key(tensor: torch.Tensor) -> int | None:
     if tensor.is_meta or (type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter)):
         return None
     try:
@@ -42,7 +44,7 @@ def _storage_key(tensor: torch.Tensor) -> int | None:
         return None
 
 
-def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
+def model_tensors(model: nn.Module) -> list[torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     for module in model.modules():
         values = [*module._parameters.values(), *module._buffers.values(), *module.__dict__.values()]
@@ -52,6 +54,29 @@ def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
     return list(seen.values())
 
 
+def written_tensors(func: Any, args: tuple, kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
+    """The tensors an aten op writes into (its mutable arguments)."""
+    if not (isinstance(func, torch._ops.OpOverload) and func._schema.is_mutable):
+        return
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
+        for tensor in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(tensor, torch.Tensor):
+                yield tensor
+
+
+def storage_keys(tensors: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
+    """The tensors by the storage they live in (tensors without one, meta ones included, left out)."""
+    by_storage: dict[int, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        key = storage_key(tensor)
+        if key is not None:
+            by_storage.setdefault(key, []).append(tensor)
+    return by_storage
+
+
 class _CopyOnWrite(TorchDispatchMode):
     """Clones a tracked tensor before the first op that writes into its storage."""
 
@@ -59,27 +84,18 @@ class _CopyOnWrite(TorchDispatchMode):
 
     def __init__(self, tensors: list[torch.Tensor]):
         super().__init__()
-        self.by_storage: dict[int, list[torch.Tensor]] = {}
-        for tensor in tensors:
-            key = _storage_key(tensor)
-            if key is not None:
-                self.by_storage.setdefault(key, []).append(tensor)
+        self.by_storage = storage_keys(tensors)
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, old value)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.by_storage and isinstance(func, torch._ops.OpOverload) and func._schema.is_mutable:
-            for i, arg in enumerate(func._schema.arguments):
-                if arg.alias_info is None or not arg.alias_info.is_write:
-                    continue
-                value = args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
-                for tensor in value if isinstance(value, (list, tuple)) else (value,):
-                    if isinstance(tensor, torch.Tensor):
-                        self._save(tensor)
+        if self.by_storage:
+            for tensor in written_tensors(func, args, kwargs):
+                self.save(tensor)
         return func(*args, **kwargs)
 
-    def _save(self, written: torch.Tensor) -> None:
-        key = _storage_key(written)
+    def save(self, written: torch.Tensor) -> None:
+        key = storage_key(written)
         for tensor in self.by_storage.pop(key, ()) if key is not None else ():
             self.saved[id(tensor)] = (tensor, tensor.detach().clone())
 
@@ -102,6 +118,11 @@ def same_rng(a: tuple, b: tuple) -> bool:
     return torch.equal(a[0], b[0]) and a[1] == b[1] and cuda_same
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's write counter (None for an inference tensor, which has none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
 class _Snapshot:
     def __init__(self, model: nn.Module):
         self.modules = list(model.modules())
@@ -115,15 +136,15 @@ class _Snapshot:
             }
             for d in self.dicts
         ]
-        self.tensors = _model_tensors(model)
-        self.versions = {id(t): t._version for t in self.tensors}
+        self.tensors = model_tensors(model)
+        self.versions = {id(t): _version(t) for t in self.tensors}
         self.rng = rng_states()
 
     def restore(self, copies: _CopyOnWrite) -> None:
         for tensor, old in copies.saved.values():
             with torch.inference_mode() if tensor.is_inference() else torch.no_grad():
                 tensor.copy_(old)
-        missed = [t for t in self.tensors if t._version != self.versions[id(t)] and id(t) not in copies.saved]
+        missed = [t for t in self.tensors if _version(t) != self.versions[id(t)] and id(t) not in copies.saved]
         if missed:
             log.warning("%d tensor(s) were changed in a way attn_inject could not undo", len(missed))
         for module, cls, saved, contents in zip(self.modules, self.classes, self.dicts, self.contents):
@@ -138,13 +159,38 @@ class _Snapshot:
         set_rng_states(self.rng)
 
 
+@dataclass
+class Seen:
+    """What ``preserved`` saw the body write: the model's tensors (under the copy-on-write watch;
+    None where the body ran without it)."""
+
+    writes: tuple[torch.Tensor, ...] | None = None
+
+
 @contextmanager
-def preserved(model: nn.Module) -> Iterator[None]:
-    """Run the body, then put ``model`` (and the RNG states) back exactly as they were."""
+def preserved(model: nn.Module, writes: Collection[torch.Tensor] | None = None) -> Iterator[Seen]:
+    """Run the body, then put ``model`` (and the RNG states) back exactly as they were.
+
+    ``writes``: the model's tensors the body is known to write into, when that is known (an earlier
+    run of the same forward saw every op: the analysis, on the meta device or under this watch).
+    Then those and every tensor that is not a parameter (buffers, tensor attributes: small) are
+    copied up front and the body runs without the copy-on-write dispatch mode, which costs a fifth
+    of a forward; a parameter written all the same would be reported as not taken back, as a write
+    the dispatch mode cannot see is. Without ``writes``, the yielded ``Seen`` tells on exit which
+    tensors the body wrote into.
+    """
     snapshot = _Snapshot(model)
-    copies = _CopyOnWrite(snapshot.tensors)
+    copies = _CopyOnWrite(snapshot.tensors if writes is None else [])
+    if writes is not None:
+        parameters = {id(p) for p in model.parameters()}
+        up_front = [t for t in snapshot.tensors if id(t) not in parameters]
+        for tensor in [*up_front, *writes]:
+            copies.saved[id(tensor)] = (tensor, tensor.detach().clone())
+    seen = Seen()
     try:
-        with copies:
-            yield
+        with copies if writes is None else nullcontext():
+            yield seen
     finally:
+        if writes is None:
+            seen.writes = tuple(tensor for tensor, _ in copies.saved.values())
         snapshot.restore(copies)

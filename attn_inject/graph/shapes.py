@@ -12,12 +12,18 @@ A forward may need real values: ``.item()`` or ``if tensor:`` (data-dependent co
 the meta device each of those raises; every op's exception is watched, even one the model or the
 analysis catches, and any one of them (or an example forward that fails) discards the meta run:
 the analysis runs again on the real tensors, and ``shapes_only`` says why (the op and its error).
-The meta device's shape functions cost more than a small model's real arithmetic, though (on one
-CPU thread at 224 px: MobileNetV3-Large's analysis 0.36 s on meta against 0.24 s real, ResNet-50's
-0.21 s against 0.29 s), so the meta run is tried only where the convolutions' work is large: their weights times the
-example's pixels at least ``MIN_WORK`` (ResNet-50 at 224 px is 1.2e12; ResNet-18 5.6e11, MobileNetV3-Large
-2.1e11 and torchvision's Faster R-CNN MobileNetV3-320, whose meta run fails at its region proposals
-and so costs a second analysis, 5.1e11 run on real tensors).
+An op that would write into a tensor of the model still on the real device is refused before it
+runs, so the meta run needs no copy-on-write watch; the writes into the stand-ins of parameters and
+buffers are noted (``ShapesOnly.writes``: what the real forwards then copy up front, see
+``preserved``).
+
+Many meta kernels are Python (a batch norm costs 1.6 ms on meta, more than the real op on a small
+map); ``meta_kernels`` replays the metadata of calls seen before. Even so, a failed meta run costs a
+second analysis, so the meta run is tried only where the convolutions' work is large: their weights
+times the example's pixels at least ``MIN_WORK`` (ResNet-50 at 224 px is 1.2e12; ResNet-18 5.6e11,
+MobileNetV3-Large 2.1e11 and torchvision's Faster R-CNN MobileNetV3-320, whose meta run fails at its
+region proposals, 5.1e11 run on real tensors: its plan takes 0.55-0.62 s with the failed meta run
+first against 0.35-0.38 s without, one thread).
 Models with modules that fold their branches (folding.py calls ``reparameterize()`` & co. on
 copies, and a fold that fails is taken for no fold) and models spread over several devices, or
 not on one real device, are analysed on real tensors from the start.
@@ -39,18 +45,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import AttnInjectError, one_line
 from .analyze import Analysis, analyze
 from .folding import has_fold_method
+from .meta_kernels import call_meta
 from .nodes import META_KEY, NodeFacts
-from .preserve import preserved
+from .preserve import model_tensors, preserved, storage_key, storage_keys, written_tensors
 
 META = torch.device("meta")
-MIN_WORK = 8e11  # conv weights x example pixels below which the real analysis is the faster one
+MIN_WORK = 8e11  # conv weights x example pixels below which a meta run is not worth the risk of a second run
 
 
 @dataclass(frozen=True)
 class ShapesOnly:
-    """How the analysis ran: on the meta device (``real_values`` None), or on real tensors and why."""
+    """How the analysis ran: on the meta device (``real_values`` None), or on real tensors and why.
+
+    ``writes``: the model's tensors the forward wrote into (usually none in eval mode), as the meta
+    run or the copy-on-write watch of the real run saw them, for ``preserved(model, writes=...)``.
+    """
 
     real_values: str | None = None
+    writes: tuple[torch.Tensor, ...] | None = None
 
     @property
     def shapes_only(self) -> bool:
@@ -61,18 +73,22 @@ def analyze_shapes_first(model: nn.Module, args: tuple, kwargs: dict[str, Any]) 
     """The analysis of ``analyze``, on the meta device where it needs no values, else on real tensors."""
     device, refusal = _meta_refusal(model, args, kwargs)
     if refusal is None and device is not None:
-        watch = _FirstError()
-        try:
-            with preserved(model), _parameters_on_meta(model), watch:  # no meta tensor left in a cache
-                analysis = analyze(model, *_to_meta((args, kwargs)))
+        watch = _MetaOps()
+        try:  # preserved: no meta tensor left in a cache; the watch refuses writes into real tensors
+            with preserved(model, writes=()), _parameters_on_meta(model) as stand_ins:
+                watch.watch(stand_ins, model_tensors(model))  # those still real: tensor attributes
+                with watch:
+                    analysis = analyze(model, *_to_meta((args, kwargs)))
         except AttnInjectError as exc:  # the example forward failed on the meta device
             refusal = watch.first or f"the example forward needs values ({one_line(exc)})"
         else:
             refusal = watch.first or _values_needed(analysis)
             if refusal is None:
                 _set_device(analysis, device)
-                return analysis, ShapesOnly()
-    return analyze(model, args, kwargs), ShapesOnly(refusal)
+                return analysis, ShapesOnly(None, tuple(watch.writes.values()))
+    with preserved(model) as seen:
+        analysis = analyze(model, args, kwargs)
+    return analysis, ShapesOnly(refusal, seen.writes)
 
 
 def _meta_refusal(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.device | None, str | None]:
@@ -102,15 +118,22 @@ def _is_map(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim >= 3 and value.is_floating_point()
 
 
+def _meta_storage(tensor: torch.Tensor) -> int:
+    """Which storage a meta tensor (or a view of it) lives in (meta storages have no data pointer)."""
+    return tensor.untyped_storage()._cdata
+
+
 def _to_meta(tree: Any) -> Any:
     return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().to(META), tree)
 
 
 @contextmanager
-def _parameters_on_meta(model: nn.Module) -> Iterator[None]:
-    """Every parameter and buffer swapped for a meta tensor like it (tied ones stay tied); put back on exit."""
+def _parameters_on_meta(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """Every parameter and buffer swapped for a meta tensor like it (tied ones stay tied); put back on
+    exit. Yields the original of each stand-in, by the stand-in's storage."""
     swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
     made: dict[int, torch.Tensor] = {}
+    originals: dict[int, torch.Tensor] = {}
     try:
         for module in model.modules():
             tables: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
@@ -123,26 +146,42 @@ def _parameters_on_meta(model: nn.Module) -> Iterator[None]:
                         made[id(value)] = (
                             nn.Parameter(meta, value.requires_grad) if table is module._parameters else meta
                         )
+                        originals[_meta_storage(meta)] = value
                     swapped.append((table, name, value))
                     table[name] = made[id(value)]
-        yield
+        yield originals
     finally:
         for table, name, value in reversed(swapped):
             table[name] = value
 
 
-class _FirstError(TorchDispatchMode):
-    """Remembers the first op that raised (on the meta device: one that needed values), caught or not."""
+class _MetaOps(TorchDispatchMode):
+    """Runs each op from the remembered meta kernels (``meta_kernels``) and remembers the first op
+    that raised (on the meta device: one that needed values), caught or not. An op that would write
+    into one of the model's real tensors raises before it runs (the meta run is then discarded)."""
 
     supports_higher_order_operators = True
 
     def __init__(self) -> None:
         super().__init__()
         self.first: str | None = None
+        self.real: dict[int, list[torch.Tensor]] = {}  # the model's tensors left real, by storage
+        self.stand_ins: dict[int, torch.Tensor] = {}  # the original of each meta stand-in, by storage
+        self.writes: dict[int, torch.Tensor] = {}  # the originals whose stand-ins were written into
+
+    def watch(self, stand_ins: dict[int, torch.Tensor], real: list[torch.Tensor]) -> None:
+        self.stand_ins, self.real = stand_ins, storage_keys(real)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for written in written_tensors(func, args, kwargs or {}):
+            if storage_key(written) in self.real:
+                self.first = self.first or f"{func} writes into a tensor of the model (taken back on real tensors only)"
+                raise RuntimeError(f"attn_inject's shapes-only analysis does not run {func}: it writes into the model")
+            original = self.stand_ins.get(_meta_storage(written)) if written.is_meta else None
+            if original is not None:
+                self.writes[id(original)] = original
         try:
-            return func(*args, **(kwargs or {}))
+            return call_meta(func, args, kwargs or {})
         except Exception as exc:
             if self.first is None:
                 self.first = f"{func} needs values ({one_line(exc)})"

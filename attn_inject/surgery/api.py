@@ -106,9 +106,8 @@ def plan(
     check_model(model)
     request = _Request.checked(model, block, after, include, exclude, position, stack, block_options)
     kwargs = example_kwargs_checked(example_kwargs)
-    with preserved(model):
-        args = example_args(model, _default_example(model, example_input), keywords=bool(kwargs))
-        return _analyse_and_plan(model, request, args, kwargs).plan
+    args = example_args(model, _default_example(model, example_input), keywords=bool(kwargs))
+    return _analyse_and_plan(model, request, args, kwargs).plan
 
 
 def inject(
@@ -172,10 +171,9 @@ def _inject(
     model: nn.Module, request: _Request, position: str | None, example_input: Any, kwargs: dict[str, Any], verify: bool
 ) -> None:
     args = example_args(model, example_input, keywords=bool(kwargs))
-    with preserved(model):  # the example forwards leave no trace
-        planned = _analyse_and_plan(
-            model, request, args, kwargs, reference=verify and request.options.get("init", "identity") == "identity"
-        )
+    planned = _analyse_and_plan(
+        model, request, args, kwargs, reference=verify and request.options.get("init", "identity") == "identity"
+    )
     the_plan = planned.plan
     injection = Injection.from_plan(the_plan, args, kwargs, request.include, request.exclude, position, request.stack)
     recipe = base_recipe(model).then(injection)
@@ -236,18 +234,21 @@ class _Planned(NamedTuple):
     kwargs: dict[str, Any]  # the example's keyword arguments
     reference: Any  # the original model's output on it (None: not verified)
     alternates: tuple[Alternate, ...]  # the sites in the alternate forwards (forward_fuse...)
+    writes: tuple[torch.Tensor, ...] | None  # what the forward writes into, if known (``preserved``)
 
 
 def _analyse_and_plan(
     model: nn.Module, request: _Request, args: tuple, kwargs: dict[str, Any], reference: bool = False
 ) -> _Planned:
-    """The example forward(s) and the plan, checked; changes nothing (callers preserve state)."""
+    """The example forward(s) and the plan, checked; leaves the model as it was (``preserved``: the
+    reference forward here, the analysis in ``analyze_shapes_first``)."""
     with _eval_mode(model):
+        analysis, how = analyze_shapes_first(model, args, kwargs)
         try:
-            expected = run(model, args, kwargs) if reference else None
+            with preserved(model, writes=how.writes):
+                expected = run(model, args, kwargs) if reference else None
         except Exception as exc:
             raise example_forward_failed(model, exc, args) from None
-        analysis, how = analyze_shapes_first(model, args, kwargs)
     the_plan = build_plan(
         analysis, request.block, request.options, request.rules, request.include, request.exclude, request.stack
     )
@@ -255,7 +256,8 @@ def _analyse_and_plan(
     check_block_sizes(the_plan)
     if not request.stack:
         check_not_stacked(the_plan)
-    return _Planned(the_plan, args, kwargs, expected, plan_alternates(the_plan.site_records, analysis.traces))
+    alternates = plan_alternates(the_plan.site_records, analysis.traces)
+    return _Planned(the_plan, args, kwargs, expected, alternates, how.writes)
 
 
 def _splice_and_verify(model: nn.Module, planned: _Planned, blocks: dict[str, nn.Module]) -> Undo:
@@ -264,7 +266,7 @@ def _splice_and_verify(model: nn.Module, planned: _Planned, blocks: dict[str, nn
     with _eval_mode(model) as modes:
         undo = splice(the_plan, blocks, planned.alternates)
         try:
-            with preserved(model):
+            with preserved(model, writes=planned.writes):
                 problem = None if reference is None else first_difference(reference, run(model, args, kwargs))
                 if reference is not None and problem is None:
                     problem = alternates_differ(planned.alternates)
