@@ -331,3 +331,17 @@ def test_a_lazy_model_is_refused_before_it_is_run():
     assert type(model[0]) is nn.LazyConv2d and model[0].has_uninitialized_params()
     model(X)
     assert [s.path for s in plan(model, "eca", after="conv", example_input=X)] == ["0"]
+
+
+def test_a_model_holding_inference_tensors_is_planned_and_patched(analysis):
+    """Inference tensors have no version counter; ``preserved`` copies them back as it would any."""
+    model = look_trained(BranchyNet()).eval()
+    with torch.inference_mode():
+        model.stem[1].running_mean = model.stem[1].running_mean.clone()
+    assert model.stem[1].running_mean.is_inference()
+    with torch.no_grad():
+        before = model(X)
+    assert len(plan(model, "eca", after="residual", example_input=X)) == 4
+    inject(model, "eca", after="residual", example_input=X)
+    with torch.no_grad():
+        assert torch.equal(model(X), before)
