@@ -91,10 +91,10 @@ class _CopyOnWrite(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.by_storage:
             for tensor in written_tensors(func, args, kwargs):
-                self.save(tensor)
+                self._save(tensor)
         return func(*args, **kwargs)
 
-    def save(self, written: torch.Tensor) -> None:
+    def _save(self, written: torch.Tensor) -> None:
         key = storage_key(written)
         for tensor in self.by_storage.pop(key, ()) if key is not None else ():
             self.saved[id(tensor)] = (tensor, tensor.detach().clone())

@@ -244,11 +244,13 @@ def _analyse_and_plan(
     reference forward here, the analysis in ``analyze_shapes_first``)."""
     with _eval_mode(model):
         analysis, how = analyze_shapes_first(model, args, kwargs)
-        try:
-            with preserved(model, writes=how.writes):
-                expected = run(model, args, kwargs) if reference else None
-        except Exception as exc:
-            raise example_forward_failed(model, exc, args) from None
+        expected = None
+        if reference:
+            try:
+                with preserved(model, writes=how.writes):
+                    expected = run(model, args, kwargs)
+            except Exception as exc:
+                raise example_forward_failed(model, exc, args) from None
     the_plan = build_plan(
         analysis, request.block, request.options, request.rules, request.include, request.exclude, request.stack
     )
