@@ -4,16 +4,15 @@ import json
 import os
 
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file
 
 from attn_inject import inject, load, save
 from attn_inject.cli.console import TrainingProgress
 from attn_inject.surgery.recipe import recipe_of
-from attn_inject.testing import look_trained, move_off_identity
+from attn_inject.testing import move_off_identity
 from tests.helpers.cli import last_json, run_cli
-from tests.helpers.finetune_data import tiny_model, write_image_folder
+from tests.helpers.finetune_data import tiny_model, write_image_folder, write_plain_checkpoint
 from tests.helpers.running import run_python
 
 ARCH = "resnet10t"
@@ -25,9 +24,7 @@ TRAIN = ("--epochs", "2", "--batch-size", "8", "--lr", "3e-3", "--attention-lr",
 def files(tmp_path_factory):
     """A plain .pth checkpoint with 3 classes, its ECA-patched file, and a 3-class ImageFolder."""
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    model = look_trained(timm.create_model(ARCH, num_classes=3))
-    torch.save(model.state_dict(), root / "plain.pth")
+    model = write_plain_checkpoint(root, ARCH)
     save(inject(model, "eca", after="basic"), root / "eca.safetensors")
     return {
         "plain": root / "plain.pth",

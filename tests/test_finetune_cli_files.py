@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 from attn_inject import load, save
 from attn_inject.cli.console import flag_words
 from attn_inject.surgery.recipe import recipe_of
-from attn_inject.testing import look_trained
 from tests.helpers.cli import last_json, one_line, run_cli
-from tests.helpers.finetune_data import tiny_model, write_image_folder
+from tests.helpers.finetune_data import tiny_model, write_image_folder, write_plain_checkpoint
 from tests.helpers.running import run_python
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,9 +26,7 @@ ARCH = "resnet10t"
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("daily")
-    torch.manual_seed(0)
-    model = look_trained(timm.create_model(ARCH, num_classes=3))
-    torch.save(model.state_dict(), root / "plain.pth")
+    write_plain_checkpoint(root, ARCH)
     return {"root": root, "plain": root / "plain.pth", "data": write_image_folder(root / "data", size=32)}
 
 

@@ -7,6 +7,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
 from torch import nn
@@ -71,6 +72,14 @@ def tiny_model(kind: str = "gn") -> nn.Module:
     """The tiny net with weights that look trained, ECA injected after both blocks."""
     torch.manual_seed(0)
     return inject(look_trained(TinyNet(kind=kind)), "eca", after="basic", example_input=torch.randn(1, 3, SIZE, SIZE))
+
+
+def write_plain_checkpoint(root: Path, arch: str, num_classes: int = 3) -> nn.Module:
+    """A timm model with weights that look trained (seed 0), saved as ``root/plain.pth``; returned."""
+    torch.manual_seed(0)
+    model = look_trained(timm.create_model(arch, num_classes=num_classes))
+    torch.save(model.state_dict(), root / "plain.pth")
+    return model
 
 
 def write_image_folder(
