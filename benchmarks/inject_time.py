@@ -115,7 +115,8 @@ class Phases:
         out = {
             "reference_forward": forwards[0],
             "tracing": spent("trace_module"),
-            "interpreter": spent("analyze_shapes_first") - spent("trace_module"),
+            # the analysis runs the reference forward too (graph/shapes.py)
+            "interpreter": spent("analyze_shapes_first") - spent("trace_module") - forwards[0],
             "plan": spent("build_plan"),
             "blocks": spent("_build_blocks"),
             "splice": spent("splice"),

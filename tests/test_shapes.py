@@ -130,7 +130,7 @@ class WithTensorAttribute(nn.Module):
 def test_a_tensor_that_stays_real_sends_the_analysis_to_real_tensors(small_is_large):
     model = WithTensorAttribute().eval()
     x = torch.randn(1, 3, 16, 16)
-    shaped, how = shapes.analyze_shapes_first(model, (x,), {})
+    shaped, how, _ = shapes.analyze_shapes_first(model, (x,), {})
     assert how.real_values is not None and "needs values" in how.real_values
     real = analyze(model, (x,))
     assert [r.path for r in shaped.records] == [r.path for r in real.records]

@@ -293,7 +293,7 @@ def test_what_the_analysis_saw_written_is_copied_up_front_and_the_forwards_run_u
     watch on real tensors); the reference and verification forwards then copy those tensors (and
     every buffer) up front and run without the watch, and take the writes back all the same."""
     model = look_trained(WritesItsParameter())
-    _, how = shapes.analyze_shapes_first(model, (X,), {})
+    _, how, _ = shapes.analyze_shapes_first(model, (X,), {})
     assert how.shapes_only == (analysis == "meta")
     assert {id(t) for t in how.writes} == {id(model.scale), id(model.calls)}
     watched, dispatch = [], _CopyOnWrite.__torch_dispatch__

@@ -33,6 +33,7 @@ from ..fx_compat import flat_inputs, pytree_info
 from ..patched import Absent, TensorSeq, patched_forward
 from .align import align
 from .bitsets import GraphBits
+from .call_trail import CallTrail
 from .example import example_forward_failed
 from .folding import Fold, find_fold
 from .nodes import (
@@ -50,6 +51,7 @@ from .nodes import (
     target_path,
 )
 from .opaque_calls import OpaqueUnit, PrimitiveCalls, conv_units
+from .replay import Replay
 from .trace import TraceFailure, TraceResult, bound_on_instance
 from .trace_cache import TraceCache
 
@@ -104,7 +106,8 @@ class ModuleRecord:
 class Analysis:
     model: nn.Module
     records: list[ModuleRecord] = field(default_factory=list)
-    called: set[int] = field(default_factory=set)  # id() of every module a traced graph called, leaves too
+    called: dict[int, None] = field(default_factory=dict)  # id() of every module a traced graph called, leaves
+    # too, in the order first called (call_trail.py takes what a call added)
     traces: TraceCache = field(default_factory=TraceCache, repr=False)  # shared by every trace of this analysis
 
     def traced(self) -> list[ModuleRecord]:
@@ -122,7 +125,7 @@ class Analysis:
         """Outermost modules holding convolutions that the analysis never saw called, directly or
         through a descendant (a ModuleList, or an nn.Sequential its parent iterates, is reached
         through its members)."""
-        seen = {id(r.module) for r in self.records} | self.called
+        seen = {id(r.module) for r in self.records} | self.called.keys()
         missed: list[str] = []
         for path, module in self.model.named_modules():
             if is_primitive(module) or any(path.startswith(p + ".") for p in missed):
@@ -172,12 +175,22 @@ def root_method(model: nn.Module) -> str:
     return "forward_features" if callable(getattr(type(model), "forward_features", None)) else "forward"
 
 
-def analyze(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Analysis:
-    """Run the example forward through the model, tracing and recording as it goes."""
+def analyze(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    trail: CallTrail | None = None,
+    replay: Replay | None = None,
+) -> Analysis:
+    """Run the example forward through the model, tracing and recording as it goes.
+
+    ``trail`` follows the calls (the meta run: call_trail.py); ``replay`` hands kept outputs of a
+    meta run's frontier to this run, with the meta run's records (replay.py)."""
     analysis = Analysis(model)
     try:
         with torch.no_grad():
-            _Analyzer(analysis).run_root(model, args, kwargs or {}, root_method(model))
+            _Analyzer(analysis, trail=trail, replay=replay).run_root(model, args, kwargs or {}, root_method(model))
     except Exception as exc:  # the user's model failed on the example input
         raise example_forward_failed(model, exc, args) from None
     return analysis
@@ -223,8 +236,15 @@ def forward_signature(module: nn.Module, method: str) -> inspect.Signature:
 
 
 class _Analyzer:
-    def __init__(self, analysis: Analysis, traces: TraceCache | None = None):
+    def __init__(
+        self,
+        analysis: Analysis,
+        traces: TraceCache | None = None,
+        trail: CallTrail | None = None,
+        replay: Replay | None = None,
+    ):
         self.analysis = analysis
+        self.trail, self.replay = trail, replay
         self.seen: dict[tuple, ModuleRecord] = {}
         self.folds: dict[int, str | None] = {}  # module structure -> the method that folds it, or None
         self.fold_of: dict[int, Fold | None] = {}  # id(module) -> how it folds
@@ -244,9 +264,10 @@ class _Analyzer:
             if isinstance(item, torch.Tensor):
                 scope[id(item)] = (weakref.ref(item), record, node)
 
-    def producer(self, value: Any) -> tuple[ModuleRecord, fx.Node] | None:
-        """The caller's node that produced this tensor argument, if the caller was traced."""
-        caller = self.scopes[-2] if len(self.scopes) > 1 else None
+    def producer(self, value: Any, depth: int = 2) -> tuple[ModuleRecord, fx.Node] | None:
+        """The caller's node that produced this tensor argument, if the caller was traced (its scope
+        is ``depth`` from the top: 2 inside the callee's own scope, 1 before it is entered)."""
+        caller = self.scopes[-depth] if len(self.scopes) >= depth else None
         entry = caller.get(id(value)) if caller is not None and isinstance(value, torch.Tensor) else None
         return entry[1:] if entry is not None and entry[0]() is value else None
 
@@ -263,7 +284,7 @@ class _Analyzer:
         if method == "forward":
             return self.run(model, "", args, kwargs)
         self.traces.structure(model)  # numbered before the stand-ins are put on the modules
-        start, called_before = len(self.analysis.records), set(self.analysis.called)
+        start, called_before = len(self.analysis.records), dict(self.analysis.called)
         out, refused = self._observed(model, "", "forward", args, kwargs, also=method)
         if refused is None and any(r.module is model and r.method == method for r in self.analysis.records[start:]):
             return out
@@ -273,7 +294,7 @@ class _Analyzer:
     def run_recorded(
         self, module, path, args, kwargs, method="forward", foldable=True
     ) -> tuple[Any, ModuleRecord | None]:
-        self.analysis.called.add(id(module))
+        self.analysis.called[id(module)] = None
         if is_primitive(module):
             return call_method(module, method, args, kwargs), None
         try:
@@ -284,9 +305,65 @@ class _Analyzer:
         fold = self._fold(module, path, method) if foldable else None
         fixed = frozenset() if fold is not None else _structural_arguments(bound)
         key = (id(module), method, fixed)
+        replayed = self._replayed(module, key, bound, args, kwargs)
+        if replayed is not None:
+            return replayed
+        if self.trail is None:
+            return self._run_key(module, path, args, kwargs, method, bound, fold, key)
+        self.trail.begin(self.analysis, self.seen)
+        try:
+            out = self._run_key(module, path, args, kwargs, method, bound, fold, key)
+        except BaseException:
+            self.trail.abandon()
+            raise
+        self.trail.end(self.analysis, self.seen, module, key)
+        return out
+
+    def _replayed(
+        self, module: nn.Module, key: tuple, bound: inspect.BoundArguments, args: tuple, kwargs: dict
+    ) -> tuple[Any, ModuleRecord] | None:
+        """The kept output of a frontier call and its record (the meta run's, adopted on first use)."""
+        unit = self.replay.units.get(key) if self.replay is not None else None
+        if unit is None or (key not in self.seen and not unit.analysed):
+            return None
+        kept = self.replay.take(module, unit, args, kwargs) if self.replay is not None else None
+        if kept is None:
+            return None
+        if key not in self.seen:
+            own = {id(r) for r in unit.records}
+            self.analysis.records.extend(unit.records)
+            self.analysis.called.update(dict.fromkeys(unit.called))
+            self.seen.update((k, r) for k, r in unit.seen if id(r) in own)
+            self._link_sources(unit.record, bound)
+        return kept[0], self.seen[key]
+
+    def _link_sources(self, record: ModuleRecord, bound: inspect.BoundArguments) -> None:
+        """An adopted record's placeholders linked to the nodes of this run's caller that produced them."""
+        record.sources = {}
+        if record.graph is None:
+            return
+        values = iter(_placeholder_values(record, record.graph, bound))
+        for node in record.graph.find_nodes(op="placeholder"):
+            if node.target.startswith("*"):
+                break  # *args: the rest is one list
+            source = self.producer(next(values, None), depth=1)
+            if source is not None:
+                record.sources[node] = source
+
+    def _run_key(
+        self,
+        module: nn.Module,
+        path: str,
+        args: tuple,
+        kwargs: dict,
+        method: str,
+        bound: inspect.BoundArguments,
+        fold: Fold | None,
+        key: tuple,
+    ) -> tuple[Any, ModuleRecord | None]:
         if key in self.seen:
             return call_method(module, method, args, kwargs), self.seen[key]
-        record = self.seen[key] = ModuleRecord(path, module, method, fixed)
+        record = self.seen[key] = ModuleRecord(path, module, method, key[2])
         self.analysis.records.append(record)
         if fold is not None:
             return self._run_folding(record, fold, args, kwargs), record
@@ -336,7 +413,7 @@ class _Analyzer:
         learned ops of its folded copy (analysed on the same arguments), the last conv named as
         the module itself: a block after that conv goes after the module."""
         record.folds = fold.method
-        self.analysis.called.update(id(m) for m in record.module.modules())
+        self.analysis.called.update(dict.fromkeys(id(m) for m in record.module.modules()))
         folded = Analysis(fold.folded)
         inner = _Analyzer(folded, self.traces)
         inner.folds = self.folds
@@ -386,7 +463,7 @@ class _Analyzer:
         """Run an untraceable module eagerly; the calls it makes to its descendants are analysed in
         place (one pass: a call's output is the analysis' output). Where that cannot be observed
         (children called inside torch.cond), the module runs unobserved instead."""
-        start, called_before = len(self.analysis.records), set(self.analysis.called)
+        start, called_before = len(self.analysis.records), dict(self.analysis.called)
         out, refused = self._observed(record.module, record.path, record.method, args, kwargs)
         if refused is not None:  # forget what was seen of it, run it unobserved
             self._forget(start, called_before)
@@ -430,7 +507,7 @@ class _Analyzer:
             self._unit_record(unit)
         return out, None
 
-    def _forget(self, start: int, called_before: set[int]) -> None:
+    def _forget(self, start: int, called_before: dict[int, None]) -> None:
         """Drop the records made since ``start`` and the calls seen since ``called_before``."""
         self.analysis.called = called_before
         dropped = {id(r) for r in self.analysis.records[start:]}
@@ -474,7 +551,7 @@ class _AnalysedCall:
         if analyzer.intercepting is not self.token or torch.compiler.is_compiling():
             return self._previous(*args, **kwargs)
         if is_primitive(self.module):  # nothing to analyse: run it as it is
-            analyzer.analysis.called.add(id(self.module))
+            analyzer.analysis.called[id(self.module)] = None
             return self._previous(*args, **kwargs)
         analyzer.intercepting = None
         self.remove()  # the analysis sees the module's own method

@@ -12,6 +12,10 @@ A forward may need real values: ``.item()`` or ``if tensor:`` (data-dependent co
 the meta device each of those raises; every op's exception is watched, even one the model or the
 analysis catches, and any one of them (or an example forward that fails) discards the meta run:
 the analysis runs again on the real tensors, and ``shapes_only`` says why (the op and its error).
+Where the reference forward runs anyway (inject with verification), it runs first and keeps the
+outputs of the calls the meta run had completed around the failing one (call_trail.py,
+replay.py): the re-run takes those, with the meta run's records, and computes only the rest (a
+detector's region proposals and heads, not its backbone); ``real_values`` names the calls kept.
 An op that would write into a tensor of the model still on the real device is refused before it
 runs, so the meta run needs no copy-on-write watch; the writes into the stand-ins of parameters and
 buffers are noted (``ShapesOnly.writes``: what the real forwards then copy up front, see
@@ -31,7 +35,7 @@ not on one real device, are analysed on real tensors from the start.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,10 +48,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import AttnInjectError, one_line
 from .analyze import Analysis, analyze
+from .call_trail import CallTrail, Unit
 from .folding import has_fold_method
 from .meta_kernels import call_meta
 from .nodes import META_KEY, NodeFacts
 from .preserve import model_tensors, preserved, storage_key, storage_keys, written_tensors
+from .replay import Replay
 
 META = torch.device("meta")
 MIN_WORK = 8e11  # conv weights x example pixels below which a meta run is not worth the risk of a second run
@@ -69,26 +75,74 @@ class ShapesOnly:
         return self.real_values is None
 
 
-def analyze_shapes_first(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[Analysis, ShapesOnly]:
-    """The analysis of ``analyze``, on the meta device where it needs no values, else on real tensors."""
+def analyze_shapes_first(
+    model: nn.Module, args: tuple, kwargs: dict[str, Any], reference: Callable[[], Any] | None = None
+) -> tuple[Analysis, ShapesOnly, Any]:
+    """The analysis of ``analyze``, on the meta device where it needs no values, else on real tensors;
+    and the output of ``reference()`` (the model's reference forward; None if not given), run after
+    the analysis with what it writes known, or first where it hands outputs to the analysis."""
     device, refusal = _meta_refusal(model, args, kwargs)
+    frontier: tuple[Unit, ...] = ()
     if refusal is None and device is not None:
-        watch = _MetaOps()
+        watch, trail = _MetaOps(), CallTrail()
         try:  # preserved: no meta tensor left in a cache; the watch refuses writes into real tensors
             with preserved(model, writes=()), _parameters_on_meta(model) as stand_ins:
-                watch.watch(stand_ins, model_tensors(model))  # those still real: tensor attributes
+                watch.watch(stand_ins, model_tensors(model), trail)  # those still real: tensor attributes
                 with watch:
-                    analysis = analyze(model, *_to_meta((args, kwargs)))
+                    analysis = analyze(model, *_to_meta((args, kwargs)), trail=trail)
         except AttnInjectError as exc:  # the example forward failed on the meta device
             refusal = watch.first or f"the example forward needs values ({one_line(exc)})"
         else:
             refusal = watch.first or _values_needed(analysis)
             if refusal is None:
                 _set_device(analysis, device)
-                return analysis, ShapesOnly(None, tuple(watch.writes.values()))
+                how = ShapesOnly(None, tuple(watch.writes.values()))
+                return analysis, how, _reference_run(model, reference, how.writes)
+        frontier = _standing(trail.frontier or ())
+    if reference is not None and frontier and device is not None:
+        return _analysis_replayed(model, args, kwargs, reference, refusal, frontier, device)
     with preserved(model) as seen:
         analysis = analyze(model, args, kwargs)
-    return analysis, ShapesOnly(refusal, seen.writes)
+    how = ShapesOnly(refusal, seen.writes)
+    return analysis, how, _reference_run(model, reference, how.writes)
+
+
+def _reference_run(model: nn.Module, reference: Callable[[], Any] | None, writes: Any) -> Any:
+    if reference is None:
+        return None
+    with preserved(model, writes=writes):
+        return reference()
+
+
+def _standing(frontier: tuple[Unit, ...]) -> tuple[Unit, ...]:
+    """The frontier's units whose analysis stands on the meta device (none whose graph failed there)."""
+    return tuple(
+        unit
+        for unit in frontier
+        if not any(r.reason and any(text in r.reason for text in _FAILED_ON_EXAMPLE) for r in unit.records)
+    )
+
+
+def _analysis_replayed(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict[str, Any],
+    reference: Callable[[], Any],
+    refusal: str | None,
+    frontier: tuple[Unit, ...],
+    device: torch.device,
+) -> tuple[Analysis, ShapesOnly, Any]:
+    """The reference forward first, keeping the frontier's outputs; then the analysis on real tensors
+    of what the meta run could not do, handed those outputs with the meta run's records."""
+    replay = Replay(frontier)
+    with preserved(model) as seen, replay.keeping():
+        expected = reference()
+    with preserved(model, writes=seen.writes):
+        analysis = analyze(model, args, kwargs, replay=replay)
+    _set_device(analysis, device)
+    kept = ", ".join(dict.fromkeys(unit.record.path or "<model>" for unit in replay.handed)) or "none"
+    how = ShapesOnly(f"{refusal}; analysed before it, outputs from the reference forward: {kept}", seen.writes)
+    return analysis, how, expected
 
 
 def _meta_refusal(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.device | None, str | None]:
@@ -168,14 +222,15 @@ class _MetaOps(TorchDispatchMode):
         self.real: dict[int, list[torch.Tensor]] = {}  # the model's tensors left real, by storage
         self.stand_ins: dict[int, torch.Tensor] = {}  # the original of each meta stand-in, by storage
         self.writes: dict[int, torch.Tensor] = {}  # the originals whose stand-ins were written into
+        self.trail = CallTrail()
 
-    def watch(self, stand_ins: dict[int, torch.Tensor], real: list[torch.Tensor]) -> None:
-        self.stand_ins, self.real = stand_ins, storage_keys(real)
+    def watch(self, stand_ins: dict[int, torch.Tensor], real: list[torch.Tensor], trail: CallTrail) -> None:
+        self.stand_ins, self.real, self.trail = stand_ins, storage_keys(real), trail
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         for written in written_tensors(func, args, kwargs or {}):
             if storage_key(written) in self.real:
-                self.first = self.first or f"{func} writes into a tensor of the model (taken back on real tensors only)"
+                self._failed(f"{func} writes into a tensor of the model (taken back on real tensors only)")
                 raise RuntimeError(f"attn_inject's shapes-only analysis does not run {func}: it writes into the model")
             original = self.stand_ins.get(_meta_storage(written)) if written.is_meta else None
             if original is not None:
@@ -183,9 +238,13 @@ class _MetaOps(TorchDispatchMode):
         try:
             return call_meta(func, args, kwargs or {})
         except Exception as exc:
-            if self.first is None:
-                self.first = f"{func} needs values ({one_line(exc)})"
+            self._failed(f"{func} needs values ({one_line(exc)})")
             raise
+
+    def _failed(self, why: str) -> None:
+        if self.first is None:
+            self.first = why
+            self.trail.freeze()  # the calls running now run again on real tensors
 
 
 # what analyze.py says of a module whose traced graph, or whose children's calls, failed on the example

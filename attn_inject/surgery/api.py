@@ -240,17 +240,17 @@ class _Planned(NamedTuple):
 def _analyse_and_plan(
     model: nn.Module, request: _Request, args: tuple, kwargs: dict[str, Any], reference: bool = False
 ) -> _Planned:
-    """The example forward(s) and the plan, checked; leaves the model as it was (``preserved``: the
-    reference forward here, the analysis in ``analyze_shapes_first``)."""
+    """The example forward(s) and the plan, checked; leaves the model as it was (``preserved``, in
+    ``analyze_shapes_first``, which runs the reference forward too)."""
+
+    def reference_forward() -> Any:
+        try:
+            return run(model, args, kwargs)
+        except Exception as exc:
+            raise example_forward_failed(model, exc, args) from None
+
     with _eval_mode(model):
-        analysis, how = analyze_shapes_first(model, args, kwargs)
-        expected = None
-        if reference:
-            try:
-                with preserved(model, writes=how.writes):
-                    expected = run(model, args, kwargs)
-            except Exception as exc:
-                raise example_forward_failed(model, exc, args) from None
+        analysis, how, expected = analyze_shapes_first(model, args, kwargs, reference_forward if reference else None)
     the_plan = build_plan(
         analysis, request.block, request.options, request.rules, request.include, request.exclude, request.stack
     )

@@ -1,0 +1,175 @@
+"""A meta run that needs values part-way (graph/call_trail.py, graph/replay.py): with a reference
+forward to run anyway (inject with verification), the calls the meta run completed before it needed
+values keep their records and take their outputs from the reference forward; only the rest is
+analysed again on real tensors. The plan is the one a whole analysis on real tensors makes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attn_inject import inject, plan
+from attn_inject.graph import shapes
+from attn_inject.graph.analyze import Analysis
+from attn_inject.graph.example import run
+from attn_inject.graph.nodes import META_KEY
+from attn_inject.matching.plan import build_plan
+from attn_inject.rules import resolve_rules
+from attn_inject.testing import look_trained, move_off_identity
+
+
+class ConvCalls(TorchDispatchMode):
+    """Counts 2-D convolutions computed on real tensors, by weight shape (each conv here has its own;
+    ECA's are 1-D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[tuple[int, ...], int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default and not args[0].is_meta and args[1].ndim == 4:
+            key = tuple(args[1].shape)
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+class Basic(nn.Module):
+    def __init__(self, c: int, k: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, k, padding=k // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, k, padding=k // 2, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.act(x + self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
+
+
+class Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(Basic(8, 3), Basic(8, 5))
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+class Head(nn.Module):
+    """A residual block, then a selection by value (``nonzero``: the meta device cannot run it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Basic(8, 7)
+
+    def forward(self, f):
+        y = self.block(f)
+        keep = torch.nonzero(y.mean((2, 3))[:, 0] > -1e9)[:, 0]
+        return y[keep]
+
+
+class Detector(nn.Module):
+    def __init__(self, touch: bool = False):
+        super().__init__()
+        self.backbone = Backbone()
+        self.head = Head()
+        self.touch = touch  # write into the backbone's output after it returned
+
+    def forward(self, x):
+        f = self.backbone(x)
+        if self.touch:
+            f.mul_(1.0)
+        return self.head(f)
+
+
+STEM, FIRST, SECOND, HEAD = (8, 3, 3, 3), (8, 8, 3, 3), (8, 8, 5, 5), (8, 8, 7, 7)
+X = torch.randn(2, 3, 16, 16)
+
+
+@pytest.fixture(autouse=True)
+def small_is_large(monkeypatch):
+    monkeypatch.setattr(shapes, "MIN_WORK", 0)
+
+
+def _detector(touch: bool = False) -> Detector:
+    return look_trained(Detector(touch)).eval()
+
+
+def _reference(model: nn.Module):
+    return lambda: run(model, (X,))
+
+
+def _facts(analysis: Analysis) -> list:
+    return [
+        (r.path, r.method, r.reason, [(n.name, n.meta.get(META_KEY)) for n in r.graph.nodes] if r.graph else None)
+        for r in analysis.records
+    ]
+
+
+def test_only_what_needs_values_runs_again_and_the_analysis_is_the_real_one(monkeypatch):
+    model = _detector()
+    with ConvCalls() as calls:
+        replayed, how, expected = shapes.analyze_shapes_first(model, (X,), {}, _reference(model))
+    # the reference forward computed every conv once; the re-run none: their outputs were kept
+    assert calls.counts == {STEM: 1, FIRST: 2, SECOND: 2, HEAD: 2}
+    assert how.real_values.startswith("aten.nonzero.default needs values")
+    assert how.real_values.endswith("outputs from the reference forward: backbone, head.block")
+    with torch.no_grad():
+        assert torch.equal(expected, model(X))
+    monkeypatch.setattr(shapes, "MIN_WORK", float("inf"))
+    real, real_how, _ = shapes.analyze_shapes_first(model, (X,), {})
+    assert real_how.real_values.startswith("the example is small")
+    assert _facts(replayed) == _facts(real)
+    assert replayed.called == real.called
+    rules = resolve_rules("residual")
+    same = [build_plan(a, "eca", {}, rules, (), (), False).summary() for a in (replayed, real)]
+    assert same[0] == same[1] and len(same[0]["sites"]) == 3
+
+
+def test_inject_runs_each_convolution_twice_and_is_bitwise():
+    model = _detector()
+    with torch.no_grad():
+        before = model(X)
+    with ConvCalls() as calls:
+        inject(model, "eca", after="residual", example_input=X)
+    assert calls.counts == {STEM: 2, FIRST: 4, SECOND: 4, HEAD: 4}  # the reference and the verification
+    with torch.no_grad():
+        assert torch.equal(model(X), before)
+        assert move_off_identity(model) == 3
+        assert not torch.equal(model(X), before)
+
+
+def test_an_output_written_into_after_it_was_kept_is_computed_again():
+    model = _detector(touch=True)
+    with ConvCalls() as calls:
+        _, how, _ = shapes.analyze_shapes_first(model, (X,), {}, _reference(model))
+    assert calls.counts == {STEM: 2, FIRST: 4, SECOND: 4, HEAD: 2}  # the backbone ran again; the head's block did not
+    assert how.real_values.endswith("outputs from the reference forward: head.block")
+
+
+def test_plan_has_no_reference_forward_so_it_analyses_everything_on_real_tensors():
+    model = _detector()
+    with ConvCalls() as calls:
+        p = plan(model, "eca", after="residual", example_input=X)
+    assert calls.counts == {STEM: 1, FIRST: 2, SECOND: 2, HEAD: 2}
+    assert "needs values" in p.real_values and "reference forward" not in p.real_values
+    assert len(p) == 3
+
+
+def test_a_torchvision_detector_keeps_its_backbone_and_is_patched_bitwise():
+    detector = look_trained(
+        torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)
+    ).eval()
+    images = ([torch.rand(3, 320, 320)],)
+    _, how, _ = shapes.analyze_shapes_first(detector, images, {}, lambda: run(detector, images))
+    assert "aten.nonzero" in how.real_values and "outputs from the reference forward: backbone" in how.real_values
+    with torch.no_grad():
+        before = detector(*images)
+    inject(detector, "eca", after="inverted_residual", example_input=images)
+    with torch.no_grad():
+        after = detector(*images)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, after) for k in a)
