@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attn_inject import inject, plan
-from attn_inject.graph import shapes
-from attn_inject.graph.analyze import Analysis
+from attn_inject.graph import replay, shapes
+from attn_inject.graph.analyze import Analysis, analyze
 from attn_inject.graph.example import run
 from attn_inject.graph.nodes import META_KEY
 from attn_inject.matching.plan import build_plan
@@ -117,7 +117,7 @@ def test_only_what_needs_values_runs_again_and_the_analysis_is_the_real_one(monk
     # the reference forward computed every conv once; the re-run none: their outputs were kept
     assert calls.counts == {STEM: 1, FIRST: 2, SECOND: 2, HEAD: 2}
     assert how.real_values.startswith("aten.nonzero.default needs values")
-    assert how.real_values.endswith("outputs from the reference forward: backbone, head.block")
+    assert how.real_values.endswith("on meta, outputs from the reference forward: backbone, head.block")
     with torch.no_grad():
         assert torch.equal(expected, model(X))
     monkeypatch.setattr(shapes, "MIN_WORK", float("inf"))
@@ -148,7 +148,7 @@ def test_an_output_written_into_after_it_was_kept_is_computed_again():
     with ConvCalls() as calls:
         _, how, _ = shapes.analyze_shapes_first(model, (X,), {}, _reference(model))
     assert calls.counts == {STEM: 2, FIRST: 4, SECOND: 4, HEAD: 2}  # the backbone ran again; the head's block did not
-    assert how.real_values.endswith("outputs from the reference forward: head.block")
+    assert how.real_values.endswith("on meta, outputs from the reference forward: head.block")
 
 
 def test_plan_has_no_reference_forward_so_it_analyses_everything_on_real_tensors():
@@ -166,10 +166,131 @@ def test_a_torchvision_detector_keeps_its_backbone_and_is_patched_bitwise():
     ).eval()
     images = ([torch.rand(3, 320, 320)],)
     _, how, _ = shapes.analyze_shapes_first(detector, images, {}, lambda: run(detector, images))
-    assert "aten.nonzero" in how.real_values and "outputs from the reference forward: backbone" in how.real_values
+    assert "aten.nonzero" in how.real_values
+    assert "on meta, outputs from the reference forward: backbone" in how.real_values
     with torch.no_grad():
         before = detector(*images)
     inject(detector, "eca", after="inverted_residual", example_input=images)
     with torch.no_grad():
         after = detector(*images)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, after) for k in a)
+
+
+class Select(nn.Module):
+    """Keeps the samples whose mean is above a threshold: a selection by value, no parameters."""
+
+    def forward(self, f):
+        return f[torch.nonzero(f.mean((1, 2, 3)) > -1e9)[:, 0]]
+
+
+class SelectsThenBlock(nn.Module):
+    """A block needing values, then one that does not: a selection with a residual block inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Basic(8, 9)
+        self.select = Select()
+
+    def forward(self, f):
+        return self.select(self.block(f))
+
+
+class Tail(nn.Module):
+    """The backbone, a selection by value, then more blocks: one plain, one that selects again."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = Backbone()
+        self.select = Select()
+        self.tail = Basic(8, 7)
+        self.again = SelectsThenBlock()
+
+    def forward(self, x):
+        return self.again(self.tail(self.select(self.backbone(x))))
+
+
+LAST = (8, 8, 9, 9)
+
+
+def test_calls_after_the_one_needing_values_are_analysed_on_meta_with_outputs_kept():
+    """The backbone (done before the selection) and the plain block after it are computed once, by
+    the reference forward; the block inside the second selection too: that selection needs values,
+    so it is analysed on real tensors, and its block on meta."""
+    model = look_trained(Tail()).eval()
+    with ConvCalls() as calls:
+        replayed, how, expected = shapes.analyze_shapes_first(model, (X,), {}, _reference(model))
+    assert calls.counts == {STEM: 1, FIRST: 2, SECOND: 2, HEAD: 2, LAST: 2}  # the reference forward only
+    assert how.real_values.endswith("on meta, outputs from the reference forward: backbone, tail, again.block")
+    real = analyze(model, (X,))
+    assert _facts(replayed) == _facts(real)
+    with torch.no_grad():
+        before = model(X)
+    assert torch.equal(expected, before)
+    with ConvCalls() as calls:
+        inject(model, "eca", after="residual", example_input=X)
+    assert calls.counts == {STEM: 2, FIRST: 4, SECOND: 4, HEAD: 4, LAST: 4}
+    with torch.no_grad():
+        assert torch.equal(model(X), before)
+        assert move_off_identity(model) == 4
+        assert not torch.equal(model(X), before)
+
+
+def test_outputs_beyond_the_budget_are_computed(monkeypatch):
+    """The budget is the model's size (here, MIN_BUDGET lowered to nothing): the maps of a 64 px
+    example are larger than this small model, so nothing after the selection is kept."""
+    monkeypatch.setattr(replay, "MIN_BUDGET", 0)
+    model = look_trained(Tail()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert size < 2 * 8 * 64 * 64 * 4  # one map of the tail's output
+    with ConvCalls() as calls:
+        _, how, _ = shapes.analyze_shapes_first(model, (x,), {}, lambda: run(model, (x,)))
+    assert calls.counts == {STEM: 1, FIRST: 2, SECOND: 2, HEAD: 4, LAST: 4}
+    assert how.real_values.endswith("on meta, outputs from the reference forward: backbone")
+
+
+class Extends(nn.Module):
+    """Extends a list of names it is given, as torchvision's LastLevelP6P7 does: its traced graph fails
+    on the example (on real tensors as on meta), so it runs as it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, maps, names):
+        names.extend(["extra"])
+        return self.conv(maps[-1])
+
+
+class WithExtra(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = Backbone()
+        self.extra = Extends()
+
+    def forward(self, x):
+        f = self.body(x)
+        return f + self.extra([f], ["body"])
+
+
+class ExtraThenSelect(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = WithExtra()
+        self.head = Head()
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_a_call_whose_graph_failed_is_not_kept_but_the_calls_inside_it_are():
+    """The meta run's record of ``backbone`` holds a graph that failed (it might have needed values):
+    the backbone is analysed again, its body (which stands) taken from the reference forward."""
+    model = look_trained(ExtraThenSelect()).eval()
+    with ConvCalls() as calls:
+        replayed, how, _ = shapes.analyze_shapes_first(model, (X,), {}, _reference(model))
+    assert how.real_values.endswith("on meta, outputs from the reference forward: backbone.body, head.block")
+    assert calls.counts == {STEM: 1, FIRST: 2, SECOND: 2, HEAD: 2, (8, 8, 1, 1): 2}
+    (extra,) = [r for r in replayed.records if r.path == "backbone.extra"]
+    assert extra.reason.startswith("traced, but its graph failed on the example: AttributeError")
+    assert _facts(replayed) == _facts(analyze(model, (X,)))

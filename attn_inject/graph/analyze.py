@@ -36,6 +36,7 @@ from .bitsets import GraphBits
 from .call_trail import CallTrail
 from .example import example_forward_failed
 from .folding import Fold, find_fold
+from .meta_run import on_meta, to_meta, values_needed
 from .nodes import (
     CONV_TYPES,
     META_KEY,
@@ -305,12 +306,12 @@ class _Analyzer:
         fold = self._fold(module, path, method) if foldable else None
         fixed = frozenset() if fold is not None else _structural_arguments(bound)
         key = (id(module), method, fixed)
-        replayed = self._replayed(module, key, bound, args, kwargs)
+        replayed = self._replayed(module, path, method, key, bound, (args, kwargs))
         if replayed is not None:
             return replayed
         if self.trail is None:
             return self._run_key(module, path, args, kwargs, method, bound, fold, key)
-        self.trail.begin(self.analysis, self.seen)
+        self.trail.begin(self.analysis, self.seen, module)
         try:
             out = self._run_key(module, path, args, kwargs, method, bound, fold, key)
         except BaseException:
@@ -320,22 +321,56 @@ class _Analyzer:
         return out
 
     def _replayed(
-        self, module: nn.Module, key: tuple, bound: inspect.BoundArguments, args: tuple, kwargs: dict
+        self,
+        module: nn.Module,
+        path: str,
+        method: str,
+        key: tuple,
+        bound: inspect.BoundArguments,
+        call: tuple[tuple, dict],
     ) -> tuple[Any, ModuleRecord] | None:
-        """The kept output of a frontier call and its record (the meta run's, adopted on first use)."""
-        unit = self.replay.units.get(key) if self.replay is not None else None
-        if unit is None or (key not in self.seen and not unit.analysed):
+        """A kept output of the reference forward for this call (replay.py), and its record: the meta
+        run's for a call of its frontier (adopted on first use), else one made on the meta device now."""
+        replay = self.replay
+        if replay is None or not replay.keeps(module):
             return None
-        kept = self.replay.take(module, unit, args, kwargs) if self.replay is not None else None
+        unit = replay.units.get(key)
+        if unit is not None and key not in self.seen and not unit.analysed:
+            return None  # a repeat whose first call is analysed on real tensors in this run, not yet met
+        kept = replay.take(module, *call)
         if kept is None:
             return None
         if key not in self.seen:
-            own = {id(r) for r in unit.records}
-            self.analysis.records.extend(unit.records)
-            self.analysis.called.update(dict.fromkeys(unit.called))
-            self.seen.update((k, r) for k, r in unit.seen if id(r) in own)
-            self._link_sources(unit.record, bound)
+            if unit is not None:
+                own = {id(r) for r in unit.records}
+                self.analysis.records.extend(unit.records)
+                self.analysis.called.update(dict.fromkeys(unit.called))
+                self.seen.update((k, r) for k, r in unit.seen if id(r) in own)
+            elif self._analysed_on_meta(module, path, method, key, call) is None:
+                return None  # it needs values: analysed on real tensors (the kept output unused)
+            self._link_sources(self.seen[key], bound)
+        replay.handed.append(path or "<model>")
         return kept[0], self.seen[key]
+
+    def _analysed_on_meta(
+        self, module: nn.Module, path: str, method: str, key: tuple, call: tuple[tuple, dict]
+    ) -> ModuleRecord | None:
+        """The call analysed on the meta device (a copy of its arguments there); None, with nothing
+        recorded, if it needs values."""
+        start, called_before = len(self.analysis.records), dict(self.analysis.called)
+        args, kwargs = to_meta(call)
+        record, watch = None, None
+        try:
+            with on_meta(module) as watch:
+                meta_bound = forward_signature(module, method).bind(*args, **kwargs)
+                meta_bound.apply_defaults()
+                _, record = self._run_key(module, path, args, kwargs, method, meta_bound, None, key)
+        except Exception:
+            record = None
+        if record is None or watch is None or watch.first or values_needed(self.analysis.records[start:]):
+            self._forget(start, called_before)
+            return None
+        return record
 
     def _link_sources(self, record: ModuleRecord, bound: inspect.BoundArguments) -> None:
         """An adopted record's placeholders linked to the nodes of this run's caller that produced them."""

@@ -9,8 +9,8 @@ computing them again.
 
 While the meta run goes, every module call the analysis handles is pushed while it runs and, once
 done, becomes a ``Unit`` of its caller (of the top level for calls outside any: the model's own
-code). ``freeze()``, called at the first op that fails, keeps the units of every call then running:
-the frontier.
+code). ``freeze()``, called at the first op that fails, keeps the units of every call then running
+(the frontier) and those calls' modules (``failing``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Unit:
     records: tuple[ModuleRecord, ...]
     called: frozenset[int]
     seen: tuple[tuple[tuple, ModuleRecord], ...]
+    children: tuple[Unit, ...]  # the calls it completed itself, in order
 
     @property
     def analysed(self) -> bool:
@@ -51,6 +52,7 @@ class Unit:
 
 @dataclass
 class _Frame:
+    module: nn.Module | None  # None: the top level
     records: int  # len(analysis.records) when the call began
     seen: int  # len(seen) then (both keep their order: what a call adds comes last)
     called: int  # len(analysis.called) then
@@ -61,11 +63,12 @@ class CallTrail:
     """The calls of one analysis, as a stack of running calls with the units each completed."""
 
     def __init__(self) -> None:
-        self._stack: list[_Frame] = [_Frame(0, 0, 0)]  # the top level: the model's own code
+        self._stack: list[_Frame] = [_Frame(None, 0, 0, 0)]  # the top level: the model's own code
         self.frontier: tuple[Unit, ...] | None = None  # set by freeze()
+        self.failing: tuple[nn.Module, ...] = ()  # the modules whose calls were running then, outermost first
 
-    def begin(self, analysis: Analysis, seen: dict[tuple, ModuleRecord]) -> None:
-        self._stack.append(_Frame(len(analysis.records), len(seen), len(analysis.called)))
+    def begin(self, analysis: Analysis, seen: dict[tuple, ModuleRecord], module: nn.Module) -> None:
+        self._stack.append(_Frame(module, len(analysis.records), len(seen), len(analysis.called)))
 
     def end(self, analysis: Analysis, seen: dict[tuple, ModuleRecord], module: nn.Module, key: tuple) -> None:
         """The call begun last completed (``seen[key]`` answers it)."""
@@ -81,6 +84,7 @@ class CallTrail:
                 tuple(analysis.records[frame.records :]),
                 frozenset(islice(analysis.called, frame.called, None)),
                 tuple(islice(seen.items(), frame.seen, None)),
+                tuple(frame.units),
             )
         )
 
@@ -92,3 +96,4 @@ class CallTrail:
         """Keep the units of the calls running now (the first time only)."""
         if self.frontier is None:
             self.frontier = tuple(unit for frame in self._stack for unit in frame.units)
+            self.failing = tuple(frame.module for frame in self._stack if frame.module is not None)

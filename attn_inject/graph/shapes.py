@@ -35,8 +35,7 @@ not on one real device, are analysed on real tensors from the start.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,18 +43,16 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import AttnInjectError, one_line
 from .analyze import Analysis, analyze
 from .call_trail import CallTrail, Unit
 from .folding import has_fold_method
-from .meta_kernels import call_meta
+from .meta_run import META, on_meta, to_meta, values_needed
 from .nodes import META_KEY, NodeFacts
-from .preserve import model_tensors, preserved, storage_key, storage_keys, written_tensors
+from .preserve import preserved
 from .replay import Replay
 
-META = torch.device("meta")
 MIN_WORK = 8e11  # conv weights x example pixels below which a meta run is not worth the risk of a second run
 
 
@@ -82,25 +79,22 @@ def analyze_shapes_first(
     and the output of ``reference()`` (the model's reference forward; None if not given), run after
     the analysis with what it writes known, or first where it hands outputs to the analysis."""
     device, refusal = _meta_refusal(model, args, kwargs)
-    frontier: tuple[Unit, ...] = ()
     if refusal is None and device is not None:
-        watch, trail = _MetaOps(), CallTrail()
-        try:  # preserved: no meta tensor left in a cache; the watch refuses writes into real tensors
-            with preserved(model, writes=()), _parameters_on_meta(model) as stand_ins:
-                watch.watch(stand_ins, model_tensors(model), trail)  # those still real: tensor attributes
-                with watch:
-                    analysis = analyze(model, *_to_meta((args, kwargs)), trail=trail)
+        trail = CallTrail()
+        watch = None
+        try:
+            with on_meta(model, trail) as watch:
+                analysis = analyze(model, *to_meta((args, kwargs)), trail=trail)
         except AttnInjectError as exc:  # the example forward failed on the meta device
-            refusal = watch.first or f"the example forward needs values ({one_line(exc)})"
+            refusal = (watch and watch.first) or f"the example forward needs values ({one_line(exc)})"
         else:
-            refusal = watch.first or _values_needed(analysis)
+            refusal = watch.first or values_needed(analysis.records)
             if refusal is None:
                 _set_device(analysis, device)
                 how = ShapesOnly(None, tuple(watch.writes.values()))
                 return analysis, how, _reference_run(model, reference, how.writes)
-        frontier = _standing(trail.frontier or ())
-    if reference is not None and frontier and device is not None:
-        return _analysis_replayed(model, args, kwargs, reference, refusal, frontier, device)
+        if watch is not None and watch.first is not None and reference is not None:
+            return _analysis_replayed(model, args, kwargs, reference, refusal, trail, device)
     with preserved(model) as seen:
         analysis = analyze(model, args, kwargs)
     how = ShapesOnly(refusal, seen.writes)
@@ -114,12 +108,13 @@ def _reference_run(model: nn.Module, reference: Callable[[], Any] | None, writes
         return reference()
 
 
-def _standing(frontier: tuple[Unit, ...]) -> tuple[Unit, ...]:
-    """The frontier's units whose analysis stands on the meta device (none whose graph failed there)."""
+def _standing(units: tuple[Unit, ...]) -> tuple[Unit, ...]:
+    """The units whose analysis stands on the meta device: those where no graph failed (it may have
+    needed values), else, in their place, their own calls that stand."""
     return tuple(
-        unit
-        for unit in frontier
-        if not any(r.reason and any(text in r.reason for text in _FAILED_ON_EXAMPLE) for r in unit.records)
+        kept
+        for unit in units
+        for kept in ((unit,) if values_needed(unit.records) is None else _standing(unit.children))
     )
 
 
@@ -129,19 +124,19 @@ def _analysis_replayed(
     kwargs: dict[str, Any],
     reference: Callable[[], Any],
     refusal: str | None,
-    frontier: tuple[Unit, ...],
+    trail: CallTrail,
     device: torch.device,
 ) -> tuple[Analysis, ShapesOnly, Any]:
-    """The reference forward first, keeping the frontier's outputs; then the analysis on real tensors
-    of what the meta run could not do, handed those outputs with the meta run's records."""
-    replay = Replay(frontier)
+    """The reference forward first, keeping outputs (replay.py); then the analysis on real tensors of
+    what needs values, handed those outputs with records made on the meta device."""
+    replay = Replay(model, _standing(trail.frontier or ()), trail.failing)
     with preserved(model) as seen, replay.keeping():
         expected = reference()
     with preserved(model, writes=seen.writes):
         analysis = analyze(model, args, kwargs, replay=replay)
     _set_device(analysis, device)
-    kept = ", ".join(dict.fromkeys(unit.record.path or "<model>" for unit in replay.handed)) or "none"
-    how = ShapesOnly(f"{refusal}; analysed before it, outputs from the reference forward: {kept}", seen.writes)
+    kept = ", ".join(dict.fromkeys(replay.handed)) or "none"
+    how = ShapesOnly(f"{refusal}; on meta, outputs from the reference forward: {kept}", seen.writes)
     return analysis, how, expected
 
 
@@ -170,93 +165,6 @@ def _meta_refusal(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tupl
 def _is_map(value: Any) -> bool:
     """A floating point map: (C, H, W) (a list of images, as torchvision's detectors take) or (N, C, ...)."""
     return isinstance(value, torch.Tensor) and value.ndim >= 3 and value.is_floating_point()
-
-
-def _meta_storage(tensor: torch.Tensor) -> int:
-    """Which storage a meta tensor (or a view of it) lives in (meta storages have no data pointer)."""
-    return tensor.untyped_storage()._cdata
-
-
-def _to_meta(tree: Any) -> Any:
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().to(META), tree)
-
-
-@contextmanager
-def _parameters_on_meta(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
-    """Every parameter and buffer swapped for a meta tensor like it (tied ones stay tied); put back on
-    exit. Yields the original of each stand-in, by the stand-in's storage."""
-    swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
-    made: dict[int, torch.Tensor] = {}
-    originals: dict[int, torch.Tensor] = {}
-    try:
-        for module in model.modules():
-            tables: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
-            for table in tables:
-                for name, value in table.items():
-                    if value is None:
-                        continue
-                    if id(value) not in made:
-                        meta = value.detach().to(META)
-                        made[id(value)] = (
-                            nn.Parameter(meta, value.requires_grad) if table is module._parameters else meta
-                        )
-                        originals[_meta_storage(meta)] = value
-                    swapped.append((table, name, value))
-                    table[name] = made[id(value)]
-        yield originals
-    finally:
-        for table, name, value in reversed(swapped):
-            table[name] = value
-
-
-class _MetaOps(TorchDispatchMode):
-    """Runs each op from the remembered meta kernels (``meta_kernels``) and remembers the first op
-    that raised (on the meta device: one that needed values), caught or not. An op that would write
-    into one of the model's real tensors raises before it runs (the meta run is then discarded)."""
-
-    supports_higher_order_operators = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first: str | None = None
-        self.real: dict[int, list[torch.Tensor]] = {}  # the model's tensors left real, by storage
-        self.stand_ins: dict[int, torch.Tensor] = {}  # the original of each meta stand-in, by storage
-        self.writes: dict[int, torch.Tensor] = {}  # the originals whose stand-ins were written into
-        self.trail = CallTrail()
-
-    def watch(self, stand_ins: dict[int, torch.Tensor], real: list[torch.Tensor], trail: CallTrail) -> None:
-        self.stand_ins, self.real, self.trail = stand_ins, storage_keys(real), trail
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for written in written_tensors(func, args, kwargs or {}):
-            if storage_key(written) in self.real:
-                self._failed(f"{func} writes into a tensor of the model (taken back on real tensors only)")
-                raise RuntimeError(f"attn_inject's shapes-only analysis does not run {func}: it writes into the model")
-            original = self.stand_ins.get(_meta_storage(written)) if written.is_meta else None
-            if original is not None:
-                self.writes[id(original)] = original
-        try:
-            return call_meta(func, args, kwargs or {})
-        except Exception as exc:
-            self._failed(f"{func} needs values ({one_line(exc)})")
-            raise
-
-    def _failed(self, why: str) -> None:
-        if self.first is None:
-            self.first = why
-            self.trail.freeze()  # the calls running now run again on real tensors
-
-
-# what analyze.py says of a module whose traced graph, or whose children's calls, failed on the example
-_FAILED_ON_EXAMPLE = ("failed on the example", "cannot be observed")
-
-
-def _values_needed(analysis: Analysis) -> str | None:
-    """A module that ran eagerly because its graph failed on the meta example may need values."""
-    for record in analysis.records:
-        if record.reason and any(text in record.reason for text in _FAILED_ON_EXAMPLE):
-            return f"{record.path or '<model>'}: {record.reason}"
-    return None
 
 
 def _set_device(analysis: Analysis, device: torch.device) -> None:
