@@ -66,7 +66,9 @@ class Replay:
         self._failing = {id(m) for m in failing}
         self._last_failing = failing[-1] if failing else None
         self._after = not failing  # the failure was in the model's own code: everything is after it
-        self._inside = 0  # frontier calls running (the calls inside them are not kept: theirs is)
+        # frontier calls running (the calls inside them are not kept: theirs is); one that raised
+        # (and the model caught) is never left: nothing more is kept, as nothing it did is known
+        self._inside = 0
         tensors = [*model.parameters(), *model.buffers()]
         self.budget = max(MIN_BUDGET, sum(t.numel() * t.element_size() for t in tensors))
         self._modules = {
@@ -81,7 +83,7 @@ class Replay:
     def keeping(self) -> Iterator[None]:
         """Keep the calls made in the body (the reference forward)."""
         handles = [
-            module.register_forward_hook(partial(self._keep, key), with_kwargs=True, always_call=True)
+            module.register_forward_hook(partial(self._keep, key), with_kwargs=True)
             for key, module in self._modules.items()
         ]
         handles += [self._modules[key].register_forward_pre_hook(self._entered) for key in self._frontier]
