@@ -294,3 +294,12 @@ def test_a_call_whose_graph_failed_is_not_kept_but_the_calls_inside_it_are():
     (extra,) = [r for r in replayed.records if r.path == "backbone.extra"]
     assert extra.reason.startswith("traced, but its graph failed on the example: AttributeError")
     assert _facts(replayed) == _facts(analyze(model, (X,)))
+
+
+def test_inject_logs_what_ran_on_real_tensors(caplog):
+    model = _detector()
+    with caplog.at_level("INFO", logger="attn_inject.surgery.api"):
+        inject(model, "eca", after="residual", example_input=X)
+    (message,) = [r.getMessage() for r in caplog.records if "analysed on real tensors" in r.getMessage()]
+    assert message.startswith("Detector was analysed on real tensors: aten.nonzero.default needs values")
+    assert message.endswith("on meta, outputs from the reference forward: backbone, head.block")

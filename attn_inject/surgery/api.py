@@ -255,6 +255,8 @@ def _analyse_and_plan(
         analysis, request.block, request.options, request.rules, request.include, request.exclude, request.stack
     )
     the_plan = dataclasses.replace(the_plan, real_values=how.real_values)
+    if how.real_values is not None:
+        log.info("%s was analysed on real tensors: %s", type(model).__name__, how.real_values)
     check_block_sizes(the_plan)
     if not request.stack:
         check_not_stacked(the_plan)
