@@ -7,9 +7,10 @@ times, per run:
   of the state_dict + one eager ``no_grad`` eval forward of the model (built outside the timing) on
   the example input (batch 1 at the model's configured size);
 - **patch**: ``patch_checkpoint`` (what ``attn-inject patch`` runs) with ECA at the model's rule and
-  ``--verify fast`` (the default), split into its phases (read, build, reference forward, inject,
-  write, verify); and the same with ``--verify full`` (which also rebuilds the model from the
-  written file with ``load()``).
+  ``--verify fast`` (the default), split into its phases (read, build, inject: the analysis, the
+  reference forward, the splice and the verification forward; write; verify: the file read back);
+  and the same with ``--verify full`` (which also rebuilds the model from the written file with
+  ``load()`` and runs it and the patched model).
 
 The goal is patch ≤ 2 × baseline. One untimed patch runs first (one-time process costs).
 
@@ -45,7 +46,7 @@ MODELS = {
 }
 DEFAULT_MODELS = ["resnet50"]
 QUICK_MODELS = ["resnet18"]
-PHASES = ["read", "build", "reference_forward", "inject", "write", "verify"]
+PHASES = ["read", "build", "inject", "write", "verify"]
 DEFAULT_JSON = Path(__file__).parent / "results" / "patch_time.json"
 _CLOCK = {"now": time.perf_counter}  # --clock: wall, or this process's CPU time (totals; phases are wall)
 

@@ -7,9 +7,10 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from attn_inject import eject, load
+from attn_inject.errors import AttnInjectError
 from attn_inject.files.arch import create_model
 from attn_inject.files.patch import patch_checkpoint
 from attn_inject.surgery.recipe import recipe_of
@@ -17,6 +18,7 @@ from attn_inject.testing import look_trained, move_off_identity
 from tests.helpers.cli import last_json, run_cli_one_line
 from tests.helpers.inductor import compile_and_run, graph_gates
 from tests.helpers.running import run_python
+from tests.helpers.tiny_models import counting_net
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
 
@@ -235,25 +237,21 @@ def test_the_output_never_overwrites_the_input_or_an_existing_file(tmp_path, r18
 
 
 def test_a_failed_verification_leaves_no_file_behind(tmp_path, r18, monkeypatch):
-    import attn_inject.files.patch as patch
+    """inject verifies the patched model before anything is written (its second forward differs here)."""
+    import attn_inject.surgery.api as api
 
     state, _ = r18
     torch.save(state, tmp_path / "in.pth")
     (tmp_path / "out.safetensors").write_bytes(b"old")
+    real_run, calls = api.run, []
 
-    def wrong(*args):
-        return torch.zeros(1)
+    def run(model, args, kwargs=None):
+        calls.append(1)
+        out = real_run(model, args, kwargs)
+        return out if len(calls) == 1 else out + 1
 
-    monkeypatch.setattr(
-        patch, "run", lambda model, args, calls=[]: calls.append(1) or (X if len(calls) == 1 else wrong())
-    )
-    with pytest.raises(
-        Exception,
-        match=(
-            r"the patched model does not compute the original's outputs: the output structure changed|output 0"
-            r" changed type or shape"
-        ),
-    ):
+    monkeypatch.setattr(api, "run", run)
+    with pytest.raises(AttnInjectError, match=r"^after injecting eca into ResNet: output 0 differs"):
         patch_checkpoint(
             tmp_path / "in.pth", "resnet18", "eca", "basic", tmp_path / "out.safetensors", img_size=64, force=True
         )
@@ -399,3 +397,16 @@ def test_console_script_patch_error_has_no_traceback(tmp_path):
     assert (
         proc.returncode == 1 and "none.pth: no such checkpoint file" in proc.stderr and "Traceback" not in proc.stderr
     )
+
+
+def test_the_file_holds_the_checkpoint_buffers_not_what_the_forwards_wrote(tmp_path):
+    """A forward that counts its calls in a buffer: patch's forwards (the reference and the
+    verification, inside inject) are taken back, so the file holds the checkpoint's count."""
+    state = counting_net().state_dict()
+    state["calls"] = torch.tensor(7)
+    torch.save(state, tmp_path / "in.pth")
+    report = patch_checkpoint(
+        tmp_path / "in.pth", "tests.helpers.tiny_models:counting_net", "se", "basic", tmp_path / "out.safetensors"
+    )
+    assert report.sites == ["block.se"]
+    assert load_file(tmp_path / "out.safetensors")["calls"].item() == 7

@@ -216,3 +216,21 @@ class KeywordOnlyNet(nn.Module):
 def keyword_only_net() -> nn.Module:
     """A factory for ``load(path, arch="tests.helpers.tiny_models:keyword_only_net")``."""
     return KeywordOnlyNet()
+
+
+class CountingNet(nn.Module):
+    """A residual net whose forward counts its calls in a buffer, in eval mode too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, 8))
+        self.block = InplaceBasic(8)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.block(self.stem(x))
+
+
+def counting_net() -> nn.Module:
+    return CountingNet()
