@@ -186,8 +186,9 @@ def analyze(
 ) -> Analysis:
     """Run the example forward through the model, tracing and recording as it goes.
 
-    ``trail`` follows the calls (the meta run: call_trail.py); ``replay`` hands kept outputs of a
-    meta run's frontier to this run, with the meta run's records (replay.py)."""
+    ``trail`` follows the calls (the meta run: call_trail.py); ``replay`` hands this run outputs the
+    reference forward kept (replay.py): with the meta run's records for the calls it completed, and
+    for later calls with records made on the meta device then, where that needs no values."""
     analysis = Analysis(model)
     try:
         with torch.no_grad():
