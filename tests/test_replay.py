@@ -303,3 +303,17 @@ def test_inject_logs_what_ran_on_real_tensors(caplog):
     (message,) = [r.getMessage() for r in caplog.records if "analysed on real tensors" in r.getMessage()]
     assert message.startswith("Detector was analysed on real tensors: aten.nonzero.default needs values")
     assert message.endswith("on meta, outputs from the reference forward: backbone, head.block")
+
+
+def test_the_meta_run_stops_at_the_first_op_that_needs_values():
+    """Its result is discarded then: the head's graph is not retried eagerly on meta, nor the model's
+    (each module of the model is called once on the meta device; before, the stem three times)."""
+    model = _detector()
+    meta_calls = {"backbone.stem": 0, "head.block.conv1": 0}
+    for name in meta_calls:
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, name=name: meta_calls.__setitem__(name, meta_calls[name] + args[0].is_meta)
+        )
+    _, how, _ = shapes.analyze_shapes_first(model, (X,), {})
+    assert meta_calls == {"backbone.stem": 1, "head.block.conv1": 1}
+    assert how.real_values.startswith("aten.nonzero.default needs values (NotImplementedError: ")

@@ -36,7 +36,7 @@ from .bitsets import GraphBits
 from .call_trail import CallTrail
 from .example import example_forward_failed
 from .folding import Fold, find_fold
-from .meta_run import on_meta, to_meta, values_needed
+from .meta_run import ValuesNeeded, on_meta, to_meta, values_needed
 from .nodes import (
     CONV_TYPES,
     META_KEY,
@@ -366,7 +366,7 @@ class _Analyzer:
                 meta_bound = forward_signature(module, method).bind(*args, **kwargs)
                 meta_bound.apply_defaults()
                 _, record = self._run_key(module, path, args, kwargs, method, meta_bound, None, key)
-        except Exception:
+        except (Exception, ValuesNeeded):
             record = None
         if record is None or watch is None or watch.first or values_needed(self.analysis.records[start:]):
             self._forget(start, called_before)

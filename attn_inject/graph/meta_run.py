@@ -4,10 +4,10 @@ watched (graph/shapes.py runs the whole model so; analyze.py, in a run on real t
 handed a kept output (replay.py), one module call).
 
 ``on_meta(module)`` swaps the tensors and puts the same objects back on exit, and takes back what
-the run leaves on the module (a cache of meta tensors: ``preserved``); the ``MetaOps`` watch notes
-the first op that needed values (on meta: raised), caught or not, and refuses before it runs an op
-that would write into one of the module's tensors still on the real device (a plain tensor
-attribute), noting the writes into the stand-ins instead.
+the run leaves on the module (a cache of meta tensors: ``preserved``); the ``MetaOps`` watch stops
+the run (``ValuesNeeded``) at the first op that needs values (on meta: raises), or that would write
+into one of the module's tensors still on the real device (a plain tensor attribute), noting the
+writes into the stand-ins instead.
 """
 
 from __future__ import annotations
@@ -87,22 +87,28 @@ class MetaOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         for written in written_tensors(func, args, kwargs or {}):
             if storage_key(written) in self.real:
-                self._failed(f"{func} writes into a tensor of the model (taken back on real tensors only)")
-                raise RuntimeError(f"attn_inject's shapes-only analysis does not run {func}: it writes into the model")
+                raise self._failed(f"{func} writes into a tensor of the model (taken back on real tensors only)")
             original = self.stand_ins.get(meta_storage(written)) if written.is_meta else None
             if original is not None:
                 self.writes[id(original)] = original
         try:
             return call_meta(func, args, kwargs or {})
         except Exception as exc:
-            self._failed(f"{func} needs values ({one_line(exc)})")
-            raise
+            raise self._failed(f"{func} needs values ({one_line(exc)})") from None
 
-    def _failed(self, why: str) -> None:
+    def _failed(self, why: str) -> ValuesNeeded:
         if self.first is None:
             self.first = why
             if self.trail is not None:
                 self.trail.freeze()  # the calls running now run again on real tensors
+        return ValuesNeeded(why)
+
+
+class ValuesNeeded(BaseException):
+    """Stops a meta run at the first op that needs values (or would write into a real tensor): its
+    result is discarded then, so nothing after it is worth running. A BaseException, so that the
+    analysis' and the model's ``except Exception`` (a graph that failed is retried eagerly) let it
+    through; ``on_meta``'s callers catch it."""
 
 
 # what analyze.py says of a module whose traced graph, or whose children's calls, failed on the example

@@ -48,7 +48,7 @@ from ..errors import AttnInjectError, one_line
 from .analyze import Analysis, analyze
 from .call_trail import CallTrail, Unit
 from .folding import has_fold_method
-from .meta_run import META, on_meta, to_meta, values_needed
+from .meta_run import META, ValuesNeeded, on_meta, to_meta, values_needed
 from .nodes import META_KEY, NodeFacts
 from .preserve import preserved
 from .replay import Replay
@@ -85,6 +85,8 @@ def analyze_shapes_first(
         try:
             with on_meta(model, trail) as watch:
                 analysis = analyze(model, *to_meta((args, kwargs)), trail=trail)
+        except ValuesNeeded as stop:
+            refusal = str(stop)
         except AttnInjectError as exc:  # the example forward failed on the meta device
             refusal = (watch and watch.first) or f"the example forward needs values ({one_line(exc)})"
         else:
