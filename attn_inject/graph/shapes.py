@@ -9,13 +9,14 @@ forward leaves in the model (a cache of anchors computed on the meta device) is 
 
 A forward may need real values: ``.item()`` or ``if tensor:`` (data-dependent control flow),
 ``.tolist()``, numpy, a tensor attribute that is not a buffer (it stays on the real device). On
-the meta device each of those raises; every op's exception is watched, even one the model or the
-analysis catches, and any one of them (or an example forward that fails) discards the meta run:
-the analysis runs again on the real tensors, and ``shapes_only`` says why (the op and its error).
-Where the reference forward runs anyway (inject with verification), it runs first and keeps the
-outputs of the calls the meta run had completed around the failing one (call_trail.py,
-replay.py): the re-run takes those, with the meta run's records, and computes only the rest (a
-detector's region proposals and heads, not its backbone); ``real_values`` names the calls kept.
+the meta device each of those raises; the first op that raises stops the meta run (``ValuesNeeded``,
+which the model's and the analysis' ``except Exception`` let through), as does an example forward
+that fails: the analysis runs again on the real tensors, and ``shapes_only`` says why (the op and
+its error). Where the reference forward runs anyway (inject with verification), it runs first and
+keeps the outputs of the calls the meta run had completed around the failing one and of those
+after it (call_trail.py, replay.py): the re-run takes those, with the meta run's records or records
+made on meta, and computes only what needs values (a detector's region proposals and box
+selection, not its backbone or heads); ``real_values`` names the calls kept.
 An op that would write into a tensor of the model still on the real device is refused before it
 runs, so the meta run needs no copy-on-write watch; the writes into the stand-ins of parameters and
 buffers are noted (``ShapesOnly.writes``: what the real forwards then copy up front, see
