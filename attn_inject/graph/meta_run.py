@@ -67,9 +67,9 @@ def parameters_on_meta(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
 
 
 class MetaOps(TorchDispatchMode):
-    """Runs each op from the remembered meta kernels (``meta_kernels``) and remembers the first op
-    that raised (on the meta device: one that needed values), caught or not. An op that would write
-    into one of the model's real tensors raises before it runs (the meta run is then discarded)."""
+    """Runs each op from the remembered meta kernels (``meta_kernels``). The first op that raises (on
+    the meta device: one that needs values), or that would write into one of the model's real
+    tensors (refused before it runs), is remembered (``first``) and stops the run (``ValuesNeeded``)."""
 
     supports_higher_order_operators = True
 

@@ -86,8 +86,8 @@ def analyze_shapes_first(
         try:
             with on_meta(model, trail) as watch:
                 analysis = analyze(model, *to_meta((args, kwargs)), trail=trail)
-        except ValuesNeeded as stop:
-            refusal = str(stop)
+        except ValuesNeeded as stop:  # the first op that needed values (a model may have swallowed it)
+            refusal = (watch and watch.first) or str(stop)
         except AttnInjectError as exc:  # the example forward failed on the meta device
             refusal = (watch and watch.first) or f"the example forward needs values ({one_line(exc)})"
         else:
