@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from ..errors import one_line
-from ..fx_compat import flat_inputs, pytree_info
+from ..fx_compat import flat_inputs, module_slots_held, pytree_info
 from ..patched import Absent, TensorSeq, patched_forward
 from .align import align
 from .bitsets import GraphBits
@@ -191,7 +191,7 @@ def analyze(
     for later calls with records made on the meta device then, where that needs no values."""
     analysis = Analysis(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), module_slots_held():  # one class patch for all the traces (fx_compat)
             _Analyzer(analysis, trail=trail, replay=replay).run_root(model, args, kwargs or {}, root_method(model))
     except Exception as exc:  # the user's model failed on the example input
         raise example_forward_failed(model, exc, args) from None

@@ -18,6 +18,7 @@ from typing import Any
 from torch import fx
 
 from ..errors import AttnInjectError
+from ..fx_compat import module_slots_held
 from ..graph.align import align
 from ..graph.alternates import ALTERNATE_FORWARDS, alternate_methods, trace_alternate
 from ..graph.analyze import ModuleRecord
@@ -51,17 +52,18 @@ def plan_alternates(
             if record.method == "forward":
                 by_record[record].append(site)
     alternates, problems = [], []
-    for record, sites in by_record.items():
-        for method in alternate_methods(record.module):
-            try:
-                traced = trace_alternate(record.module, method, record.fixed, traces)
-                names = {v: k for k, v in align(traced.graph, record.traced_graph).items()}
-                mapped = tuple(_mapped(site, record, traced.graph, names) for site in sites)
-            except (TraceFailure, _NoCounterpart) as exc:
-                problems.append((record, method, str(exc), sites))
-                continue
-            graph, constants = _constants_apart(traced.graph, traced.constants, method)
-            alternates.append(Alternate(record, method, graph, constants, mapped))
+    with module_slots_held():  # one class patch for all the traces (fx_compat)
+        for record, sites in by_record.items():
+            for method in alternate_methods(record.module):
+                try:
+                    traced = trace_alternate(record.module, method, record.fixed, traces)
+                    names = {v: k for k, v in align(traced.graph, record.traced_graph).items()}
+                    mapped = tuple(_mapped(site, record, traced.graph, names) for site in sites)
+                except (TraceFailure, _NoCounterpart) as exc:
+                    problems.append((record, method, str(exc), sites))
+                    continue
+                graph, constants = _constants_apart(traced.graph, traced.constants, method)
+                alternates.append(Alternate(record, method, graph, constants, mapped))
     if problems:
         raise _refused(problems)
     return tuple(alternates)
