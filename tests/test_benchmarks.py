@@ -175,3 +175,14 @@ def test_gate_cost_quick(tmp_path):
     rows = {r["form"]: r for r in json.loads(out.read_text())["rows"]}
     assert len(rows) == 5 and rows["timm x * sigmoid(z): forward + backward"]["vs_timm"] == 1.0
     assert all(0 < r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in rows.values())
+
+
+def test_gate_cost_se_stages_quick(tmp_path):
+    out = tmp_path / "se_stages.json"
+    args = ("-m", "benchmarks.gate_cost", "--quick", "--se-stages", "--threads", "1", "--json", str(out))
+    proc = run_python(*args, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["se_stages"]
+    assert [r["shape"] for r in rows] == [[2, 256, 8, 8], [2, 512, 4, 4], [2, 1024, 2, 2], [2, 2048, 1, 1]]
+    assert [r["blocks"] for r in rows] == [3, 4, 6, 3] and all(r["timm_ms"] > 0 and r["paired"] > 0 for r in rows)
+    assert "| per step (16 blocks) |" in proc.stdout
