@@ -78,7 +78,7 @@ def se_stage_rows(batch: int, size: int, warmup: int, reps: int, clock: Callable
     """SE forward + backward, the library's block vs timm's, on each stage's map (interleaved)."""
     rows = []
     for channels, stride, blocks in STAGES:
-        side = max(1, size // stride)
+        side = -(-size // stride)  # the stride-2 convs round up: 112 px gives 28, 14, 7 and 4
         shape = (batch, channels, side, side)
         g = torch.Generator().manual_seed(0)
         x0, grad = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
