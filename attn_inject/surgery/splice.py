@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from ..blocks import spec_of
 from ..graph.analyze import ModuleRecord
+from ..graph.code_key import code_key
 from ..graph.nodes import is_add
 from ..matching.alternates import Alternate
 from ..matching.plan import Plan, Site
@@ -61,6 +62,7 @@ def splice(plan: Plan, blocks: dict[str, nn.Module], alternates: tuple[Alternate
         by_target[(id(record.module), record.method)].append(record)
 
     fresh = {s.name for s, _ in plan.site_records if (spec := spec_of(blocks[s.module_name])) and spec.fresh_output}
+    compiled = _Compiled(fresh)
     undo = Undo()
     try:
         for owner_records in by_target.values():
@@ -69,11 +71,11 @@ def splice(plan: Plan, blocks: dict[str, nn.Module], alternates: tuple[Alternate
             for record in owner_records:
                 sites = by_record[record]
                 if record.train_graph is None:
-                    variants[(record.fixed, None)] = _compiled(record.traced_graph, sites, fresh)
+                    variants[(record.fixed, None)] = compiled(record.traced_graph, sites)
                 else:
-                    variants[(record.fixed, False)] = _compiled(record.traced_graph, sites, fresh)
+                    variants[(record.fixed, False)] = compiled(record.traced_graph, sites)
                     train_sites = [_in_train_graph(s, record.train_names) for s in sites]
-                    variants[(record.fixed, True)] = _compiled(record.train_graph, train_sites, fresh)
+                    variants[(record.fixed, True)] = compiled(record.train_graph, train_sites)
             for site in {s.name: s for r in owner_records for s in by_record[r]}.values():
                 if site.name in module.__dict__:  # an empty attention slot (timm's ``self.se = None``)
                     undo.slots.append((module, site.name, module.__dict__.pop(site.name)))
@@ -85,7 +87,7 @@ def splice(plan: Plan, blocks: dict[str, nn.Module], alternates: tuple[Alternate
         for alternate in alternates:
             by_method[(id(alternate.record.module), alternate.method)].append(alternate)
         for same in by_method.values():  # fused forwards serve inference: one graph for both modes
-            variants = {(a.record.fixed, None): _compiled(a.graph, list(a.sites), fresh) for a in same}
+            variants = {(a.record.fixed, None): compiled(a.graph, list(a.sites)) for a in same}
             constants = {k: v for a in same for k, v in a.constants.items()}
             _install(same[0].record.module, same[0].method, variants, constants, undo)
     except BaseException:
@@ -94,8 +96,23 @@ def splice(plan: Plan, blocks: dict[str, nn.Module], alternates: tuple[Alternate
     return undo
 
 
-def _compiled(graph: fx.Graph, sites: list[Site], fresh: set[str]) -> GraphCode:
-    return GraphCode.from_graph(_edited(graph, sites, fresh))
+class _Compiled:
+    """The edited graphs' code, compiled once per code key and edit (graph/code_key.py): modules
+    whose edited forwards read the same share one GraphCode."""
+
+    def __init__(self, fresh: set[str]):
+        self.fresh = fresh
+        self.codes: dict[tuple, GraphCode] = {}
+
+    def __call__(self, graph: fx.Graph, sites: list[Site]) -> GraphCode:
+        key = code_key(graph)
+        if key is None:
+            return GraphCode.from_graph(_edited(graph, sites, self.fresh))
+        edits = tuple((s.name, s.anchor, s.consumer, s.consumer_arg, s.name in self.fresh) for s in sites)
+        code = self.codes.get((key, edits))
+        if code is None:
+            code = self.codes[(key, edits)] = GraphCode.from_graph(_edited(graph, sites, self.fresh))
+        return code
 
 
 def _install(
