@@ -410,3 +410,22 @@ def test_the_file_holds_the_checkpoint_buffers_not_what_the_forwards_wrote(tmp_p
     )
     assert report.sites == ["block.se"]
     assert load_file(tmp_path / "out.safetensors")["calls"].item() == 7
+
+
+def test_img_size_and_input_size_together_are_refused_before_anything_is_read(tmp_path, r18):
+    """The library says what the CLI says (``--img-size`` or ``--input-size``): one size, not two."""
+    state, _ = r18
+    torch.save(state, tmp_path / "in.pth")
+    before = (tmp_path / "in.pth").read_bytes()
+    with pytest.raises(AttnInjectError, match=r"^give img_size or input_size, not both") as info:
+        patch_checkpoint(
+            tmp_path / "in.pth",
+            "resnet18",
+            "eca",
+            "basic",
+            tmp_path / "out.safetensors",
+            img_size=64,
+            input_size=(3, 64, 64),
+        )
+    assert "input_size=(3, 64, 64) is img_size=64." in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["in.pth"] and (tmp_path / "in.pth").read_bytes() == before

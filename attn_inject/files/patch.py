@@ -112,6 +112,12 @@ class PatchSettings:
     stack: bool = False
 
     def __post_init__(self) -> None:
+        if self.img_size is not None and self.input_size is not None:
+            raise AttnInjectError(
+                "give img_size or input_size, not both",
+                hint=f"input_size=(3, {self.img_size}, {self.img_size}) is img_size={self.img_size}.",
+                field="input_size",
+            )
         if self.verify not in VERIFY_MODES:
             raise AttnInjectError(
                 f"unknown verify mode {self.verify!r}", hint=f"Use one of: {', '.join(VERIFY_MODES)}."
