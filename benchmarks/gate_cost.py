@@ -31,7 +31,7 @@ from timm.layers import SEModule
 
 from attn_inject.blocks.gate import CENTRED, apply_gate
 from attn_inject.blocks.se import SqueezeExcite
-from benchmarks.overhead import CLOCKS, time_calls
+from benchmarks.overhead import CLOCKS, paired_ratio, time_calls
 from benchmarks.results_file import loadavg, write_results
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "gate_cost.json"
@@ -89,13 +89,15 @@ def se_stage_rows(batch: int, size: int, warmup: int, reps: int, clock: Callable
             return lambda: block(x0.detach().requires_grad_()).backward(grad)
 
         times = time_calls({"timm": step(timm_se), "attn_inject": step(ours)}, warmup, reps, clock)
+        paired = paired_ratio(times["attn_inject"], times["timm"])
         rows.append(
             {
                 "shape": list(shape),
                 "blocks": blocks,
                 "timm_ms": 1e3 * statistics.median(times["timm"]),
                 "attn_inject_ms": 1e3 * statistics.median(times["attn_inject"]),
-                "paired": statistics.median(a / b for a, b in zip(times["attn_inject"], times["timm"])),
+                "paired": paired["median"],
+                "paired_ci95": paired["ci95"],
             }
         )
     return rows

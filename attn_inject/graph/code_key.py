@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import fx
 
 from ..fx_compat import pytree_info
-
-_PLAIN = (bool, int, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+from .trace_cache import value_key
 
 
 def code_key(graph: fx.Graph) -> tuple | None:
@@ -33,16 +31,14 @@ def code_key(graph: fx.Graph) -> tuple | None:
 
 
 def _value(value: Any) -> Any:
+    """Nodes by name, containers item by item, anything else as the trace cache keys a module's
+    attributes (plain values by type and value, floats by their hex; other objects by identity)."""
     if isinstance(value, fx.Node):
         return "node", value.name
-    if type(value) is float:
-        return float, value.hex()  # 0.0 and -0.0 generate different code
-    if type(value) in _PLAIN:
-        return type(value), value
     if isinstance(value, (tuple, list)):
         return type(value), tuple(_value(v) for v in value)
     if isinstance(value, dict):
         return type(value), tuple((_value(k), _value(v)) for k, v in value.items())
     if type(value) is slice:
         return slice, _value(value.start), _value(value.stop), _value(value.step)
-    return id, id(value)  # functions, modules' names aside: the very object (the graph keeps it alive)
+    return value_key(value)  # functions and the graph's other objects: the very object (kept alive by it)

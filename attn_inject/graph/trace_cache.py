@@ -63,7 +63,7 @@ class TraceCache:
         number = self._structures.get(id(module))
         if number is None:
             attributes = tuple(
-                (name, _value_key(value)) for name, value in module.__dict__.items() if name not in _MODULE_INTERNALS
+                (name, value_key(value)) for name, value in module.__dict__.items() if name not in _MODULE_INTERNALS
             )
             tensors = tuple(
                 (name, _tensor_key(t)) for name, t in (*module._parameters.items(), *module._buffers.items())
@@ -88,14 +88,14 @@ def _tensor_key(t: torch.Tensor | None) -> tuple | None:
     return type(t), tuple(t.shape), t.dtype, t.device, t.requires_grad
 
 
-def _value_key(value: Any) -> tuple:
+def value_key(value: Any) -> tuple:
     """Simple values (and tuples/lists of them) by type and value; anything else by identity."""
     if type(value) is float:
         return float, value.hex()  # 0.0 and -0.0 are equal, yet a forward may tell them apart
     if type(value) in _SIMPLE:
         return type(value), value
     if type(value) in (tuple, list, frozenset):
-        items = tuple(_value_key(v) for v in value)
+        items = tuple(value_key(v) for v in value)
         if all(item[0] is not id for item in items):
             return type(value), items
     return id, id(value)
