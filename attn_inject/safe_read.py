@@ -5,17 +5,28 @@ are read than a bound, whatever the file's size claims.
 without end) or a FIFO (a read that never returns) through. Files are opened non-blocking (opening a
 FIFO returns at once), checked to be regular on the open descriptor (no race with a rename), and
 read with an explicit limit.
+
+A torch checkpoint is a zip archive that torch unpacks in full: ``torch.save`` stores its entries
+as they are, but a zip may deflate them, and a file of 300 KB then asks for 256 MB (a few MB for
+all the memory there is). ``check_unpacks_within`` refuses an archive whose entries add up to more
+than ``MAX_UNPACKED`` times the file's size, from the zip's directory alone (the sizes torch
+allocates), before torch reads it; weights deflate by a few percent, so a checkpoint re-packed by a
+zip tool still reads.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
 from .errors import AttnInjectError
+
+ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first local header
+MAX_UNPACKED = 2  # what a zip archive may unpack to, in multiples of the file's size
 
 
 def open_regular(path: str | os.PathLike, what: str) -> BinaryIO:
@@ -59,6 +70,37 @@ def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
     if len(data) > limit:  # it grew while being read
         raise AttnInjectError(f"{what} is more than {limit:,} bytes; {what}s are at most {limit:,}", where=str(path))
     return data
+
+
+def check_unpacks_within(path: str | os.PathLike, what: str) -> None:
+    """Refuse a zip archive whose entries unpack to more than ``MAX_UNPACKED`` times the file's size
+    (see above), or one whose directory cannot be read; a file that is not a zip is left to its reader."""
+    with open_regular(path, what) as handle, read_errors(path, what):
+        size = os.fstat(handle.fileno()).st_size
+        zipped = handle.read(4) == ZIP_MAGIC  # what torch takes for an archive
+        handle.seek(0)
+        try:
+            with zipfile.ZipFile(handle) as archive:
+                entries = archive.infolist()
+        except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+            if not zipped:
+                return
+            raise AttnInjectError(
+                f"{what} is a zip archive whose directory cannot be read ({exc})",
+                where=str(path),
+                hint="The file is truncated or damaged; get it again.",
+            ) from None
+    unpacked = sum(entry.file_size for entry in entries)
+    if unpacked > MAX_UNPACKED * size:
+        largest = max(entries, key=lambda entry: entry.file_size)
+        raise AttnInjectError(
+            f"{what} unpacks to {unpacked:,} bytes from a file of {size:,} (compressed zip entries: "
+            f"{largest.filename} is {largest.compress_size:,} bytes unpacking to {largest.file_size:,}); "
+            f"attn_inject unpacks at most {MAX_UNPACKED} times a file's size",
+            where=str(path),
+            hint="torch.save writes archives that unpack to their own size: save the weights again with "
+            "torch.save, or as .safetensors.",
+        )
 
 
 def read_exactly_at_most(handle: BinaryIO, limit: int) -> bytes:

@@ -19,6 +19,7 @@ from tests.helpers.cli import last_json, run_cli_one_line
 from tests.helpers.inductor import compile_and_run, graph_gates
 from tests.helpers.running import run_python
 from tests.helpers.tiny_models import counting_net
+from tests.helpers.zip_bomb import deflated
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
 
@@ -274,6 +275,8 @@ def bad_inputs(tmp_path, state):
     torch.save({"state_dict": state, "hook": Evil(str(tmp_path / "PWNED"))}, tmp_path / "evil.pth")
     torch.save(state, tmp_path / "good.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "good.pth").read_bytes()[:20000])
+    torch.save({"weight": torch.zeros(8 << 20)}, tmp_path / "zeros.pth")
+    deflated(tmp_path / "zeros.pth", tmp_path / "bomb.pth")  # 32 MiB in 33 KB
     save_file(state, str(tmp_path / "good.safetensors"))
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "good.safetensors").read_bytes()[:5000])
     (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}xx")
@@ -286,7 +289,8 @@ def bad_inputs(tmp_path, state):
         locked = "/proc"
     return [
         ("evil.pth", [], "evil.pth: this file holds code; attn_inject never runs it (the pickle calls io.open)"),
-        ("cut.pth", [], "cut.pth: not a valid checkpoint: torch.load cannot parse it ("),
+        ("cut.pth", [], "cut.pth: the checkpoint is a zip archive whose directory cannot be read ("),
+        ("bomb.pth", [], "bomb.pth: the checkpoint unpacks to 33,554,"),
         ("cut.safetensors", [], "cut.safetensors: not a valid .safetensors file (SafetensorError: "),
         ("garbage.safetensors", [], "garbage.safetensors: not a valid .safetensors file (SafetensorError: "),
         ("empty.pth", [], "empty.pth: the checkpoint file is empty. The file was not written completely"),

@@ -19,7 +19,7 @@ from timm.models import load_state_dict, remap_state_dict
 from torch import nn
 
 from ..errors import AttnInjectError, one_line
-from ..safe_read import open_regular
+from ..safe_read import check_unpacks_within, open_regular
 from .arch import BuildFailed, create_model
 from .data_config import remember_data
 from .format import Header, file_header
@@ -50,6 +50,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             where=str(path),
             hint=f"Use one of: {', '.join(WEIGHT_SUFFIXES)}.",
         )
+    if path.suffix != ".safetensors":
+        check_unpacks_within(path, "the checkpoint")  # torch unpacks the whole archive
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's business
             warnings.simplefilter("ignore", UserWarning)

@@ -25,6 +25,7 @@ import torch
 import torch.serialization
 
 from ..errors import AttnInjectError, one_line
+from ..safe_read import check_unpacks_within
 
 
 class Inert:
@@ -70,6 +71,7 @@ def globals_named(path: str | os.PathLike) -> list[str]:
 def read_inert(path: str | os.PathLike) -> Any:
     """The checkpoint's content with every named class or function an Inert stand-in (see above)."""
     path = Path(path)
+    check_unpacks_within(path, "the checkpoint")  # torch unpacks the whole archive, the pickle first
     stand_ins: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
         (type(name.rpartition(".")[2], (Inert,), {"name": name}), name) for name in globals_named(path)
     ]

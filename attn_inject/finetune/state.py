@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import AttnInjectError
 from ..files.container import create
 from ..files.output import atomic_write
+from ..safe_read import check_unpacks_within
 
 SUFFIX = ".train-state.pt"
 NEEDED = ("model", "optimizer", "epochs_done", "step", "summary", "settings", "torch_rng")
@@ -54,6 +55,7 @@ def read_state(path: Path) -> dict[str, Any]:
             hint="It is written after each epoch of a run with the same output; run without resume to start.",
             field="resume",
         )
+    check_unpacks_within(path, "the training state")  # torch unpacks the whole archive
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
