@@ -21,8 +21,9 @@ from torch import nn
 
 from ..errors import AttnInjectError
 from .gate import apply_gate, gate_gain
-from .parts import BATCH_NORMS, CONVS, activation, check_spatial_dims, reduced_width, spatial_axes, zero_
+from .parts import BATCH_NORMS, activation, check_spatial_dims, reduced_width, zero_
 from .registry import register_block
+from .spatial import CONVS, spatial_axes
 
 
 class ChannelGate(nn.Module):

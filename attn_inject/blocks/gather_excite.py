@@ -29,8 +29,9 @@ from torch import nn
 from ..errors import AttnInjectError
 from .gate import apply_gate, gate_gain
 from .gated import gated_residual
-from .parts import BATCH_NORMS, CONVS, activation, check_spatial_dims, reduced_width, spatial_axes, zero_
+from .parts import BATCH_NORMS, activation, check_spatial_dims, reduced_width, zero_
 from .registry import register_block
+from .spatial import CONVS, spatial_axes
 
 _AVG_POOLS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _MAX_POOLS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}

@@ -24,8 +24,9 @@ from torch import nn
 
 from ..errors import AttnInjectError
 from .gate import gate_gain
-from .parts import check_spatial_dims, spatial_axes
+from .parts import check_spatial_dims
 from .registry import register_block
+from .spatial import spatial_axes
 
 MODES = ("l2", "l1")
 

@@ -23,8 +23,9 @@ from torch import nn
 
 from ..errors import AttnInjectError
 from .gate import apply_gate, gate_gain
-from .parts import CONVS, ChannelLayerNorm, activation, check_spatial_dims, reduced_width, zero_
+from .parts import ChannelLayerNorm, activation, check_spatial_dims, reduced_width, zero_
 from .registry import register_block
+from .spatial import CONVS
 
 
 class ContextMlp(nn.Module):
@@ -68,7 +69,7 @@ class GlobalContext(nn.Module):
         self.mlp_add = ContextMlp(channels, rd, act, spatial_dims) if fuse_add else None
         self.mlp_scale = ContextMlp(channels, rd, act, spatial_dims) if fuse_scale else None
         if self.conv_attn is not None and init == "paper":
-            nn.init.kaiming_normal_(self.conv_attn.weight, mode="fan_in", nonlinearity="relu")  # type: ignore[arg-type]
+            nn.init.kaiming_normal_(self.conv_attn.weight, mode="fan_in", nonlinearity="relu")
         last = [m.fc2 for m in (self.mlp_add, self.mlp_scale if init == "identity" else None) if m is not None]
         zero_(*last)
 

@@ -1,7 +1,7 @@
-"""Pieces the blocks share: N-D layers by ``spatial_dims``, the spatial axes of a map, reduced widths.
+"""Pieces the blocks share: N-D norms by ``spatial_dims``, activations, reduced widths, the zero init.
 
-A block that takes ``spatial_dims: int = 2`` (1, 2 or 3) builds its layers with ``CONVS`` and
-``BATCH_NORMS`` and pools over ``spatial_axes(x)``, so it runs on ``[N, C, *S]`` maps of that many
+A block that takes ``spatial_dims: int = 2`` (1, 2 or 3) builds its layers with ``spatial.CONVS`` and
+``BATCH_NORMS`` and pools over ``spatial.spatial_axes(x)``, so it runs on ``[N, C, *S]`` maps of that many
 spatial dims and never assumes a 4-D input.
 """
 
@@ -15,7 +15,6 @@ from torch import nn
 from ..errors import AttnInjectError
 from .se import ACTIVATIONS as SE_ACTIVATIONS
 
-CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BATCH_NORMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 ACTIVATIONS: dict[str, type[nn.Module]] = {**SE_ACTIVATIONS, "hard_swish": nn.Hardswish}
 
@@ -35,11 +34,6 @@ def activation(block: str, name: str, inplace: bool = True) -> nn.Module:
     if name not in ACTIVATIONS:
         raise AttnInjectError(f"unknown {block} act {name!r}", hint=f"Valid activations: {', '.join(ACTIVATIONS)}.")
     return ACTIVATIONS[name](inplace=inplace)
-
-
-def spatial_axes(x: torch.Tensor) -> tuple[int, ...]:
-    """The spatial axes of an ``[N, C, *S]`` map."""
-    return tuple(range(2, x.ndim))
 
 
 def reduced_width(block: str, channels: int, rd_ratio: float, rd_channels: int | None, rd_divisor: int) -> int:

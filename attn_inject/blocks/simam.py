@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..errors import AttnInjectError
-from .parts import check_spatial_dims, spatial_axes
+from .parts import check_spatial_dims
 from .registry import register_block
+from .spatial import spatial_axes
 
 
 @register_block("simam", fresh_output=True, identity="gate")
