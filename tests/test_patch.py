@@ -16,10 +16,10 @@ from attn_inject.files.patch import patch_checkpoint
 from attn_inject.surgery.recipe import recipe_of
 from attn_inject.testing import look_trained, move_off_identity
 from tests.helpers.cli import last_json, run_cli_one_line
+from tests.helpers.hostile_checkpoints import deflated
 from tests.helpers.inductor import compile_and_run, graph_gates
 from tests.helpers.running import run_python
 from tests.helpers.tiny_models import counting_net
-from tests.helpers.zip_bomb import deflated
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
 

@@ -11,6 +11,14 @@ turns it into the ``state_dict`` the module had.
 
 What the weights-only unpickler cannot read even so (it fills only plain dicts and lists, so an
 object of a dict or list subclass fails) is refused as unreadable.
+
+A pickle stores an object once and refers to it wherever it appears again, so a few KB can describe
+a module holding its child twice, which holds its own twice, 40 levels down: 2**40 paths to the
+bottom, or a module that holds itself. ``module_state`` follows every path (a module shared by two
+parents is in the state_dict under both names, as ``state_dict()`` has it), so it bounds what it
+walks and builds: at most ``MAX_MODULE_PATHS`` module visits (timm's largest models have a few
+thousand modules, a YOLO a few hundred), keys of at most ``MAX_KEY_CHARS`` and ``MAX_TENSORS``
+tensors (the bound of the .safetensors reader).
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ import torch.serialization
 
 from ..errors import AttnInjectError, one_line
 from ..safe_read import check_unpacks_within
+from .container import MAX_TENSORS
+
+MAX_MODULE_PATHS = 100_000  # modules of a pickled model counted once per path to them (see above)
+MAX_KEY_CHARS = 1_024  # a state_dict key's module path (timm's longest are about 100)
 
 
 class Inert:
@@ -88,18 +100,37 @@ def read_inert(path: str | os.PathLike) -> Any:
         ) from None
 
 
-def module_state(module: Inert, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a pickled ``nn.Module`` read inertly: parameters and persistent buffers."""
-    attributes = module.attributes()
+def module_state(module: Inert, where: str | os.PathLike = "") -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a pickled ``nn.Module`` read inertly: parameters and persistent buffers,
+    under every path to them, within the bounds above (module paths, key length, tensors)."""
     state: dict[str, torch.Tensor] = {}
-    for name, value in (attributes.get("_parameters") or {}).items():
-        if isinstance(value, torch.Tensor):
-            state[prefix + name] = value.detach()
-    transient = attributes.get("_non_persistent_buffers_set") or set()
-    for name, value in (attributes.get("_buffers") or {}).items():
-        if isinstance(value, torch.Tensor) and name not in transient:
-            state[prefix + name] = value
-    for name, child in (attributes.get("_modules") or {}).items():
-        if isinstance(child, Inert):
-            state.update(module_state(child, f"{prefix}{name}."))
+    stack, visits = [(module, "")], 0
+    while stack:
+        current, prefix = stack.pop()
+        visits += 1
+        if visits > MAX_MODULE_PATHS:
+            raise _too_large(f"more than {MAX_MODULE_PATHS:,} modules counted once per path to them", where)
+        if len(prefix) > MAX_KEY_CHARS:
+            raise _too_large(f"a module path of more than {MAX_KEY_CHARS:,} characters", where)
+        attributes = current.attributes()
+        for name, value in (attributes.get("_parameters") or {}).items():
+            if isinstance(value, torch.Tensor):
+                state[prefix + name] = value.detach()
+        transient = attributes.get("_non_persistent_buffers_set") or set()
+        for name, value in (attributes.get("_buffers") or {}).items():
+            if isinstance(value, torch.Tensor) and name not in transient:
+                state[prefix + name] = value
+        if len(state) > MAX_TENSORS:
+            raise _too_large(f"more than {MAX_TENSORS:,} tensors", where)
+        children = [(c, f"{prefix}{n}.") for n, c in (attributes.get("_modules") or {}).items() if isinstance(c, Inert)]
+        stack += reversed(children)  # depth first, in order: state_dict's key order
     return state
+
+
+def _too_large(what: str, where: str | os.PathLike) -> AttnInjectError:
+    return AttnInjectError(
+        f"the pickled model has {what} (its modules may hold the same children along very many paths, "
+        "or themselves); attn_inject reads no more",
+        where=str(where) or None,
+        hint="Save the model's state_dict() (tensors only) and pass that file with --arch.",
+    )

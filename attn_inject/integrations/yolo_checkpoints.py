@@ -40,6 +40,7 @@ _RECIPE_READER = "attn_inject.surgery.recipe.recipe_from_json"  # what a pickled
 _KEPT_ENTRIES = ("license", "docs", "train_args", "train_metrics", "train_results", "git", "best_fitness")
 _MODEL_ATTRIBUTES = ("names", "args", "task")  # copied onto the rebuilt model when they are plain data
 _PLAIN = (str, int, float, bool, type(None))
+MAX_PLAIN_ITEMS = 100_000  # values of one piece of plain data (a model's YAML has a few hundred)
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,10 @@ def read_yolo_checkpoint(path: str | os.PathLike) -> YoloCheckpoint:
     attributes = model.attributes()
     config = attributes.get("yaml")
     if not isinstance(config, dict) or not _plain(config):
-        raise AttnInjectError("the checkpoint's model has no YAML", where=str(path))
+        raise AttnInjectError("the checkpoint's model has no YAML as plain data", where=str(path))
     assert isinstance(content, dict)
     return YoloCheckpoint(
-        path, content, model, module_state(model), config, _recipe(attributes.get("_attn_inject_recipe"), path)
+        path, content, model, module_state(model, path), config, _recipe(attributes.get("_attn_inject_recipe"), path)
     )
 
 
@@ -223,9 +224,21 @@ class UltralyticsPt(PatchWriter):
 
 
 def _plain(value: Any) -> bool:
-    """Data a checkpoint can carry over: JSON-like values only (no object of any class)."""
-    if isinstance(value, dict):
-        return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    return isinstance(value, _PLAIN)
+    """Data a checkpoint can carry over: JSON-like values only (no object of any class), of at most
+    MAX_PLAIN_ITEMS values counted once per path (a pickle can refer to one list along 2**40 paths,
+    or let a list hold itself: too much for the comparisons and copies that follow)."""
+    stack, count = [value], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_PLAIN_ITEMS:
+            return False
+        if isinstance(item, dict):
+            if not all(isinstance(k, (str, int)) for k in item):
+                return False
+            stack += item.values()
+        elif isinstance(item, (list, tuple)):
+            stack += item
+        elif not isinstance(item, _PLAIN):
+            return False
+    return True
