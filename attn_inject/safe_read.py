@@ -21,12 +21,14 @@ import stat
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import AttnInjectError
 
 ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first local header
 MAX_UNPACKED = 2  # what a zip archive may unpack to, in multiples of the file's size
+MAX_PLAIN_ITEMS = 100_000  # values of one piece of plain data read from a file (a YOLO's YAML: a few hundred)
+_PLAIN = (str, int, float, bool, type(None))
 
 
 def open_regular(path: str | os.PathLike, what: str) -> BinaryIO:
@@ -101,6 +103,28 @@ def check_unpacks_within(path: str | os.PathLike, what: str) -> None:
             hint="torch.save writes archives that unpack to their own size: save the weights again with "
             "torch.save, or as .safetensors.",
         )
+
+
+def is_plain_data(value: Any, max_items: int = MAX_PLAIN_ITEMS) -> bool:
+    """JSON-like data read from a file (dicts with str or int keys, lists, tuples, str, int, float, bool,
+    None; no object of any class) of at most ``max_items`` values counted once per path: a pickle can
+    refer to one list along 2**40 paths, or let a list hold itself, too much for any comparison, copy
+    or message that walks it."""
+    stack, count = [value], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > max_items:
+            return False
+        if isinstance(item, dict):
+            if not all(isinstance(k, (str, int)) for k in item):
+                return False
+            stack += item.values()
+        elif isinstance(item, (list, tuple)):
+            stack += item
+        elif not isinstance(item, _PLAIN):
+            return False
+    return True
 
 
 def read_exactly_at_most(handle: BinaryIO, limit: int) -> bytes:

@@ -15,6 +15,7 @@ from attn_inject import AttnInjectError
 from attn_inject.files.checkpoints import read_state_dict
 from attn_inject.files.inert_pickle import module_state, read_inert
 from attn_inject.finetune.state import read_state
+from attn_inject.safe_read import is_plain_data
 from tests.helpers.cli import run_cli_one_line
 from tests.helpers.hostile_checkpoints import deflated, shared_list, shared_module_tree
 
@@ -125,3 +126,24 @@ def test_patch_refuses_an_ultralytics_pt_that_refers_to_objects_along_2_to_the_4
     code, stdout, err = run_cli_one_line(capsys, "patch", path, "--block", "eca", "--after", "residual", "-o", out)
     assert code == 1 and stdout == "" and "Traceback" not in err and message in err, err
     assert time.perf_counter() - start < 10 and not out.exists()
+
+
+def test_plain_data_is_counted_once_per_path_and_a_list_holding_itself_is_not_plain():
+    loop: list = []
+    loop.append(loop)
+    assert is_plain_data({"nc": 80, "backbone": shared_list(15)})  # 2**16 values with the dict and "nc"
+    assert not is_plain_data({"backbone": shared_list(16)})  # 2**17: over 100,000
+    assert not is_plain_data(loop)
+    assert not is_plain_data({"a": torch.zeros(1)}) and not is_plain_data({(1, 2): 3})
+
+
+def test_a_training_state_whose_settings_take_2_to_the_40_paths_is_refused(tmp_path):
+    state = dict.fromkeys(("model", "optimizer", "epochs_done", "step", "torch_rng"), 0)
+    state.update(summary={}, settings={"lr": 1e-4, "scale": shared_list(40)})
+    torch.save(state, tmp_path / "run.train-state.pt")
+    message = (
+        r"run\.train-state\.pt: not a training state written by attn-inject finetune \(its settings or summary "
+        r"are not plain data\)$"
+    )
+    with pytest.raises(AttnInjectError, match=message):
+        read_state(tmp_path / "run.train-state.pt")

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import AttnInjectError
 from ..files.container import create
 from ..files.output import atomic_write
-from ..safe_read import check_unpacks_within
+from ..safe_read import check_unpacks_within, is_plain_data
 
 SUFFIX = ".train-state.pt"
 NEEDED = ("model", "optimizer", "epochs_done", "step", "summary", "settings", "torch_rng")
@@ -69,6 +69,11 @@ def read_state(path: Path) -> dict[str, Any]:
         )
     if not isinstance(state, dict) or not set(NEEDED) <= set(state):
         raise AttnInjectError("not a training state written by attn-inject finetune", where=str(path))
+    if not all(isinstance(state[k], dict) and is_plain_data(state[k]) for k in ("settings", "summary")):
+        raise AttnInjectError(  # compared, shown and merged below: plain data of bounded size only
+            "not a training state written by attn-inject finetune (its settings or summary are not plain data)",
+            where=str(path),
+        )
     return state
 
 

@@ -33,14 +33,13 @@ from ..files.inert_pickle import Inert, globals_named, module_state, read_inert
 from ..files.output import atomic_write, check_output
 from ..files.patch import SAFETENSORS, PatchReport, PatchSettings, PatchWriter, PhaseClock, patch_state
 from ..files.saving import rebuild
+from ..safe_read import is_plain_data
 from ..surgery.recipe import Recipe
 from .yolo import EXAMPLE_SIDE, yaml_difference
 
 _RECIPE_READER = "attn_inject.surgery.recipe.recipe_from_json"  # what a pickled recipe names
 _KEPT_ENTRIES = ("license", "docs", "train_args", "train_metrics", "train_results", "git", "best_fitness")
 _MODEL_ATTRIBUTES = ("names", "args", "task")  # copied onto the rebuilt model when they are plain data
-_PLAIN = (str, int, float, bool, type(None))
-MAX_PLAIN_ITEMS = 100_000  # values of one piece of plain data (a model's YAML has a few hundred)
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class YoloCheckpoint:
     def attributes(self) -> dict[str, Any]:
         """The model's class names, train arguments and task, where they are plain data."""
         found = self.model.attributes()
-        return {k: found[k] for k in _MODEL_ATTRIBUTES if k in found and _plain(found[k])}
+        return {k: found[k] for k in _MODEL_ATTRIBUTES if k in found and is_plain_data(found[k])}
 
 
 def is_yolo_checkpoint(path: str | os.PathLike) -> bool:
@@ -102,7 +101,7 @@ def read_yolo_checkpoint(path: str | os.PathLike) -> YoloCheckpoint:
         )
     attributes = model.attributes()
     config = attributes.get("yaml")
-    if not isinstance(config, dict) or not _plain(config):
+    if not isinstance(config, dict) or not is_plain_data(config):
         raise AttnInjectError("the checkpoint's model has no YAML as plain data", where=str(path))
     assert isinstance(content, dict)
     return YoloCheckpoint(
@@ -193,7 +192,7 @@ class UltralyticsPt(PatchWriter):
         import ultralytics
 
         content = self.found.content
-        kept = {k: content[k] for k in _KEPT_ENTRIES if k in content and _plain(content[k])}
+        kept = {k: content[k] for k in _KEPT_ENTRIES if k in content and is_plain_data(content[k])}
         checkpoint = {
             **kept,
             "date": datetime.now().astimezone().isoformat(),
@@ -221,24 +220,3 @@ class UltralyticsPt(PatchWriter):
         model = load_yolo_checkpoint(path, torch.device("cpu"), None)
         assert model is not None  # it was just written as one
         return model
-
-
-def _plain(value: Any) -> bool:
-    """Data a checkpoint can carry over: JSON-like values only (no object of any class), of at most
-    MAX_PLAIN_ITEMS values counted once per path (a pickle can refer to one list along 2**40 paths,
-    or let a list hold itself: too much for the comparisons and copies that follow)."""
-    stack, count = [value], 0
-    while stack:
-        item = stack.pop()
-        count += 1
-        if count > MAX_PLAIN_ITEMS:
-            return False
-        if isinstance(item, dict):
-            if not all(isinstance(k, (str, int)) for k in item):
-                return False
-            stack += item.values()
-        elif isinstance(item, (list, tuple)):
-            stack += item
-        elif not isinstance(item, _PLAIN):
-            return False
-    return True
