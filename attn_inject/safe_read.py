@@ -7,11 +7,15 @@ FIFO returns at once), checked to be regular on the open descriptor (no race wit
 read with an explicit limit.
 
 A torch checkpoint is a zip archive that torch unpacks in full: ``torch.save`` stores its entries
-as they are, but a zip may deflate them, and a file of 300 KB then asks for 256 MB (a few MB for
+as they are, but a zip may deflate them, and a file of 260 KB then asks for 256 MB (a few MB for
 all the memory there is). ``check_unpacks_within`` refuses an archive whose entries add up to more
 than ``MAX_UNPACKED`` times the file's size, from the zip's directory alone (the sizes torch
 allocates), before torch reads it; weights deflate by a few percent, so a checkpoint re-packed by a
 zip tool still reads.
+
+Data a pickle hands back is a graph, not a tree: it refers to one object wherever it appears again,
+so a few KB can hold a list reached along 2**40 paths, or a list that holds itself. What is kept of
+it as plain data (``is_plain_data``) is walked once, counted per path, within a bound.
 """
 
 from __future__ import annotations
