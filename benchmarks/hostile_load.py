@@ -31,10 +31,11 @@ from typing import Any
 import timm
 import torch
 
-from attn_inject import AttnInjectError, inject, load, save
+from attn_inject import inject, load, save
 from attn_inject.files.arch import create_model
 from attn_inject.files.describe import describe_file
 from attn_inject.testing import look_trained, move_off_identity
+from benchmarks.peak_memory import measured
 from benchmarks.results_file import loadavg, write_results
 from tests.helpers.safetensors_edit import (
     join,
@@ -158,26 +159,10 @@ def measure_here(path: Path, threads: int) -> dict[str, Any]:
     """``describe_file`` then ``load`` of ``path`` in this process: seconds, outcome, and the peak
     resident memory from just before each (Linux: /proc/self/clear_refs resets the peak)."""
     torch.set_num_threads(threads)
-    out = {}
-    for name, run in (("inspect", describe_file), ("load", load)):
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _status("VmRSS")
-        start = time.perf_counter()
-        try:
-            run(path)
-            outcome = "works"
-        except AttnInjectError as exc:
-            outcome = "refused: " + str(exc).split(str(path))[-1].lstrip(": ")[:120]
-        seconds = time.perf_counter() - start
-        out[name] = {"seconds": seconds, "outcome": outcome, "rss_before": before, "peak_rss": _status("VmHWM")}
-    return out
-
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    return {
+        name: measured(lambda run=run: run(path), str(path))
+        for name, run in (("inspect", describe_file), ("load", load))
+    }
 
 
 def measure(path: Path, threads: int, fresh: bool) -> dict[str, Any]:

@@ -122,6 +122,20 @@ def test_hostile_load_quick(tmp_path):
     assert all(row[op]["peak_rss"] >= row[op]["rss_before"] > 0 for row in rows.values() for op in ("inspect", "load"))
 
 
+def test_hostile_checkpoints_quick(tmp_path):
+    out = tmp_path / "hostile_checkpoints.json"
+    proc = run_python("-m", "benchmarks.hostile_checkpoints", "--quick", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| case | reader | file KB | seconds | peak above start MB | outcome |" in proc.stdout
+    rows = json.loads(out.read_text())["cases"]
+    honest, bomb, paths = rows
+    assert honest == "plain .pth, timm resnet18 (honest)" and rows[honest]["outcome"] == "works"
+    assert rows[bomb]["outcome"].startswith("refused: the checkpoint unpacks to 268,435,")
+    assert rows[paths]["outcome"].startswith("refused: the pickled model has more than 50,000 tensors")
+    assert rows[bomb]["bytes"] < 300_000 and rows[paths]["bytes"] < 12_000
+    assert all(row["peak_rss"] >= row["rss_before"] > 0 for row in rows.values())
+
+
 def test_yolo_quick(tmp_path):
     pytest.importorskip("ultralytics")
     result = run_script("yolo", tmp_path, timeout=300)
