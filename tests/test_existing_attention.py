@@ -1,6 +1,6 @@
 """A place that already holds channel attention (timm's SE / ECA modules, MONAI's Linear SE, a gate
-written by hand in either operand order, an SE on a 1x1 map) gets no second block unless
-``stack=True``; plan lists it in ``misses`` and counts it."""
+written by hand in either operand order, an SE on a 1x1 map, selective-kernel, split and coordinate
+attention) gets no second block unless ``stack=True``; plan lists it in ``misses`` and counts it."""
 
 import pytest
 import timm
@@ -113,6 +113,66 @@ def test_structural_gates_whatever_their_class():
     move_off_identity(model)
     with torch.no_grad():
         assert not torch.equal(model(X), before)
+
+
+@pytest.mark.parametrize(
+    "name,places,own",
+    [("skresnet18", 8, "layer1.0.conv1: SelectiveKernel"), ("resnest14d", 4, "layer1.0.conv2: SplitAttn")],
+)
+def test_selective_kernel_and_split_attention_are_attention(name, places, own):
+    """SKNet and ResNeSt weigh [N, paths, C, H, W] by [N, paths, C, 1, 1]: a gate over three leading axes."""
+    model = look_trained(timm.create_model(name, num_classes=10))
+    with pytest.raises(AttnInjectError, match=rf"{places} place\(s\) already hold channel attention \(e\.g\. "):
+        plan(model, "se", after="residual", example_input=X)
+    stacked = plan(model, "se", after="residual", example_input=X, stack=True)
+    assert len(stacked) == places and stacked.attended[0] == ("layer1.0", own) and len(stacked.attended) == places
+
+
+class RadixGate(nn.Module):
+    """Split attention written by hand: two paths, one softmax over them per channel."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.paths = nn.Conv2d(c, 2 * c, 3, padding=1)
+        self.fc = nn.Conv2d(c, 2 * c, 1)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        paths = self.paths(x).view(n, 2, c, h, w)
+        weights = torch.softmax(self.fc(paths.sum(1).mean((2, 3), keepdim=True)).view(n, 2, c, 1, 1), dim=1)
+        return (paths * weights).sum(1)
+
+
+class CoordGate(nn.Module):
+    """Coordinate attention written by hand: the map weighed by [N, C, H, 1] and [N, C, 1, W]."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.squeeze, self.rows, self.cols = nn.Conv2d(c, 8, 1), nn.Conv2d(8, c, 1), nn.Conv2d(8, c, 1)
+
+    def forward(self, x):
+        h, w = x.shape[2:]
+        pooled = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], 2)
+        rows, cols = torch.split(torch.relu(self.squeeze(pooled)), [h, w], 2)
+        return x * torch.sigmoid(self.rows(rows)) * torch.sigmoid(self.cols(cols.transpose(2, 3)))
+
+
+class MapProduct(nn.Module):
+    """A map times a map of its own shape computed through a conv: no vector, no gate."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.conv(x))
+
+
+def test_gates_over_more_leading_axes():
+    model = look_trained(net(RadixGate(16), CoordGate(16), MapProduct(16)))
+    report = plan(model, "eca", after="residual", example_input=X)
+    assert [s.path for s in report] == ["4"]
+    assert [(m.path, m.attention) for m in report.misses] == [("2", "2.extra: RadixGate"), ("3", "3.extra: CoordGate")]
 
 
 def test_an_se_on_a_1x1_map_is_a_gate():

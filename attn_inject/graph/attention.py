@@ -7,8 +7,12 @@ gate is the first operand), or add (global context). In a graph that is a produc
 ``[N, C, *S]`` and a vector ``[N, C, 1, ...]`` that shares an input with it and passes through a conv
 or linear layer on its own path; a layer scale (a parameter) and a normalisation (no learned layer)
 are not gates. The vector's shape is what tells it, not a size difference, so an SE on a 1x1 map is
-a gate too. timm's attention modules named by ``timm.layers.get_attn`` count by class as well (a
-GatherExcite with an extent resizes its gate back to the map's size).
+a gate too. The vector may keep more leading axes than two, as long as it is 1 on the map's last
+ones: selective-kernel and split attention (SKNet, ResNeSt) weigh ``[N, paths, C, *S]`` by
+``[N, paths, C, 1, ...]``, coordinate attention weighs ``[N, C, H, W]`` by ``[N, C, H, 1]`` (its
+other factor, ``[N, C, 1, W]``, keeps the last axis and is not counted); a product of two maps of one
+shape is not a gate. timm's attention modules named by ``timm.layers.get_attn`` count by class as
+well (a GatherExcite with an extent resizes its gate back to the map's size).
 
 Injected blocks of this library are not counted here: stacking the same block is refused
 separately, and different blocks compose.
@@ -97,9 +101,12 @@ def is_channel_gate(record: ModuleRecord, node: fx.Node) -> bool:
 
 def _gates(record: ModuleRecord, bits: GraphBits, vector: fx.Node, map_: fx.Node, add: bool) -> bool:
     v, m = unexpanded_shape(vector), facts(map_).shape
-    if v is None or m is None or len(v) != len(m) or len(m) < 3 or v[:2] != m[:2] or any(s != 1 for s in v[2:]):
+    if v is None or m is None or len(v) != len(m) or len(m) < 3:
         return False
-    if add and all(s == 1 for s in m[2:]):
+    kept = max(2, next((i + 1 for i in reversed(range(len(v))) if v[i] != 1), 0))  # leading axes it weighs
+    if kept == len(m) or v[:kept] != m[:kept]:
+        return False
+    if add and all(s == 1 for s in m[kept:]):
         return False  # on a 1x1 map a residual add looks the same: only a product counts there
     shared = bits.upto(vector) & bits.upto(map_) & bits.from_inputs
     own = bits.upto(vector) & ~bits.upto(map_)
