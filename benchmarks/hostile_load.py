@@ -34,7 +34,8 @@ import torch
 from attn_inject import inject, load, save
 from attn_inject.files.arch import create_model
 from attn_inject.files.describe import describe_file
-from attn_inject.surgery.recipe import MAX_INJECTIONS, MAX_RECIPE_CHARS, Recipe
+from attn_inject.surgery.recipe import MAX_INJECTIONS, MAX_RECIPE_CHARS
+from attn_inject.surgery.recipe import recipe_of as model_recipe
 from attn_inject.testing import look_trained, move_off_identity
 from benchmarks.peak_memory import measured
 from benchmarks.results_file import loadavg, write_results
@@ -51,7 +52,12 @@ from tests.helpers.safetensors_edit import (
 
 DEFAULT_JSON = Path("benchmarks/results/hostile_load.json")
 MODELS = {"resnet18": "basic", "test_resnet": "residual"}
-BIG_RULE = "name: big{}\nmatch: {{kind: residual}}\ninclude: [" + ", ".join(f'"g{i}*"' for i in range(6000)) + "]\n"
+
+
+def big_rule(index: int, patterns: int = 6000) -> str:
+    """A rule named ``big{index}`` with ``patterns`` include patterns, none of which matches."""
+    include = ", ".join(f'"g{i}*"' for i in range(patterns))
+    return f"name: big{index}\nmatch: {{kind: residual}}\ninclude: [{include}]\n"
 
 
 def first(change: Callable[[dict], Any]) -> Callable[[dict], Any]:
@@ -104,8 +110,7 @@ def largest_recipe(raw: bytes) -> bytes:
     """Four rules of include patterns, as many as keep the recipe within MAX_RECIPE_CHARS."""
 
     def rules(patterns: int) -> list[str]:
-        body = ", ".join(f'"g{i}*"' for i in range(patterns))
-        return [f"name: big{r}\nmatch: {{kind: residual}}\ninclude: [{body}]\n" for r in range(4)]
+        return [big_rule(r, patterns) for r in range(4)]
 
     def recipe(patterns: int) -> str:
         edited = recipe_of(raw)
@@ -127,7 +132,7 @@ def eight_injections(raw: bytes) -> bytes:
         source = Path(folder) / "honest.safetensors"
         source.write_bytes(raw)
         model = load(source)
-        injection = Recipe.from_json(json.dumps(recipe_of(raw))).injections[0]
+        injection = model_recipe(model).injections[0]  # the recipe load() gave the model
         for _ in range(MAX_INJECTIONS - 1):
             inject(model, injection.block, list(injection.rules), stack=True, **dict(injection.options))
         move_off_identity(model)
@@ -148,7 +153,7 @@ def cases(configured: tuple[int, ...]) -> dict[str, Callable[[bytes], bytes]]:
         f"largest example allowed: 1x{c}x{2 * h}x{2 * w}": shapes(1, c, 2 * h, 2 * w),
         f"largest batch allowed: 4x{c}x{h}x{w}": shapes(4, c, h, w),
         "300 maximal rules (issue: 12 s inspect, 14 s load)": lambda raw: with_recipe(
-            raw, first(lambda inj: inj.update(rules=[BIG_RULE.format(i) for i in range(300)]))
+            raw, first(lambda inj: inj.update(rules=[big_rule(i) for i in range(300)]))
         ),
         "largest recipe allowed: 4 rules, 262,144 characters in all": largest_recipe,
         "8 injections, stacked (the most allowed)": eight_injections,
